@@ -1,0 +1,226 @@
+"""The Python API: LoraHub learning and evaluation on one machine. The CLI is a thin layer over it.
+
+>>> from lorahub_ray import lorahub_learning, evaluate
+>>> result = lorahub_learning("google/flan-t5-large", ["lorahub/flan_t5_large-coqa", ...],
+...                           "fewshot.jsonl", output="runs/mytask")
+>>> evaluate("runs/mytask", "test.jsonl")["accuracy"]
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from . import storage
+from .compose import LoraComposer
+from .data import Examples, read_examples
+from .errors import LoraHubError
+from .inference import accuracy, exact_match, generate
+from .model import load_base_model
+from .modules import LoraModule, check_compatible, load_module, load_modules
+from .objective import LOSSES, FewShotObjective, LossFn, l1_regularization
+from .progress import progress_bar
+from .recipe import HISTORY_FILE, MODEL_DIR, RECIPE_FILE, Recipe
+from .search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, SearchResult, check_optimizer, minimize
+
+
+@dataclass
+class LoraHubResult:
+    recipe: Recipe
+    search: SearchResult
+    model: torch.nn.Module  # the base model with the composed LoRA merged in
+    tokenizer: object
+    output: Path | None = None
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return self.recipe.module_weights
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def as_examples(examples, *, input_field: str = "input", output_field: str = "output") -> Examples:
+    """A path/URI to JSONL/Parquet/CSV, an :class:`Examples`, or a pair ``(inputs, outputs)``."""
+    if isinstance(examples, Examples):
+        return examples
+    if isinstance(examples, (str, Path)):
+        return read_examples(str(examples), input_field=input_field, output_field=output_field)
+    inputs, outputs = examples
+    return Examples(list(inputs), list(outputs), "<in memory>")
+
+
+def _load_modules(modules: Sequence[str | LoraModule], progress: bool) -> list[LoraModule]:
+    if all(isinstance(m, LoraModule) for m in modules):
+        check_compatible(list(modules))
+        return list(modules)
+    uris = [str(m) for m in modules]
+    with progress_bar("loading modules", None, enabled=progress) as advance:
+        return load_modules(uris, progress=lambda m: advance(info=m.name))
+
+
+def write_output(output: str | Path, recipe: Recipe, model, tokenizer, history: SearchResult | None = None) -> Path:
+    """Write ``recipe.json``, ``model/`` (merged, ``save_pretrained``) and ``history.parquet`` atomically."""
+    with storage.atomic_directory(output, marker=RECIPE_FILE) as tmp:
+        model.save_pretrained(tmp / MODEL_DIR)
+        tokenizer.save_pretrained(tmp / MODEL_DIR)
+        if history is not None:
+            write_history(tmp / HISTORY_FILE, history)
+        recipe.save(tmp)  # last: a directory with recipe.json is complete
+    return Path(output)
+
+
+def write_history(path: Path, search: SearchResult) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = search.history
+    table = pa.table({
+        "trial": [e.trial for e in rows],
+        "step": [e.step for e in rows],
+        "weights": [e.weights for e in rows],
+        "objective": [e.objective for e in rows],
+        "seconds": [e.seconds for e in rows],
+        "algorithm": [search.algorithm] * len(rows),
+    })
+    pq.write_table(table, path)
+
+
+def lorahub_learning(
+    model: str,
+    modules: Sequence[str | LoraModule],
+    examples,
+    *,
+    output: str | Path | None = None,
+    budget: int = DEFAULT_BUDGET,
+    optimizer: str = DEFAULT_OPTIMIZER,
+    seed: int = 42,
+    loss: str | LossFn = "reference",
+    batch_size: int | None = None,
+    regularizer: Callable[[Sequence[float]], float] = l1_regularization,
+    input_field: str = "input",
+    output_field: str = "output",
+    device: str | None = None,
+    progress: bool = True,
+) -> LoraHubResult:
+    """LoraHub learning: find weights for ``modules`` on the few-shot ``examples``, merge them into
+    ``model`` and (with ``output``) save ``recipe.json``, ``model/`` and ``history.parquet``.
+
+    ``model`` and each of ``modules`` is a Hub id, a local directory or an ``s3://`` URI; a
+    module entry may also be a folder of adapter directories. ``loss`` is ``"reference"`` (the
+    reference's batch-size-dependent loss, see :mod:`lorahub_ray.objective`), ``"mean"`` or a
+    callable; ``batch_size=None`` puts all examples in one batch, as the reference does.
+    """
+    started = _now()
+    # cheap checks first: bad input fails before any model is loaded
+    data = as_examples(examples, input_field=input_field, output_field=output_field)
+    check_optimizer(optimizer)
+    if budget < 1:
+        raise LoraHubError(f"budget must be at least 1, got {budget}")
+    if isinstance(loss, str) and loss not in LOSSES:
+        raise LoraHubError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)}")
+    if output is not None and Path(output).exists() and any(Path(output).iterdir()) \
+            and not (Path(output) / RECIPE_FILE).exists():
+        raise LoraHubError(f"output directory '{output}' is not empty and holds no {RECIPE_FILE}: refusing to overwrite it")
+    loaded = _load_modules(modules, progress)
+    base, tokenizer, base_path = load_base_model(model, device=device)
+    composer = LoraComposer(base, loaded)
+    objective = FewShotObjective(composer, tokenizer, data.inputs, data.outputs, loss=loss, batch_size=batch_size,
+                                 regularizer=regularizer)
+    with progress_bar(f"search ({optimizer})", budget, enabled=progress) as advance:
+        result = minimize(objective, len(loaded), budget=budget, optimizer=optimizer, seed=seed,
+                          callback=lambda e, best: advance(info=f"best {best:.4f}"))
+    recipe = Recipe(
+        base_model=str(model), base_model_sha256=storage.sha256_dir(base_path),
+        modules=[{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in loaded],
+        weights=result.weights, objective=result.objective, optimizer=optimizer, algorithm=result.algorithm,
+        budget=budget, seed=seed, loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),
+        batch_size=batch_size,
+        regularizer="l1(0.05)" if regularizer is l1_regularization else getattr(regularizer, "__name__", "custom"),
+        merge_method=composer.merge_method, num_examples=len(data), started=started, finished=_now(),
+    )
+    merged = composer.merge_and_unload(result.weights)
+    saved = write_output(output, recipe, merged, tokenizer, result) if output is not None else None
+    return LoraHubResult(recipe=recipe, search=result, model=merged, tokenizer=tokenizer, output=saved)
+
+
+def build_model(recipe: Recipe | str | Path, *, device: str | None = None, verify: bool = True):
+    """Rebuild the merged model of a recipe from its base model and modules: ``(model, tokenizer)``.
+
+    With ``verify`` the content hashes recorded in the recipe are checked, so a changed module
+    or base model is a clear error instead of a silently different model.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.load(recipe)
+    modules = [load_module(m["uri"], m["name"], expected_sha256=m["sha256"] if verify else None)
+               for m in recipe.modules]
+    check_compatible(modules)
+    base, tokenizer, base_path = load_base_model(recipe.base_model, device=device)
+    if verify and storage.sha256_dir(base_path) != recipe.base_model_sha256:
+        from .errors import IntegrityError
+
+        raise IntegrityError(f"base model '{recipe.base_model}' differs from the one the recipe was made with")
+    return LoraComposer(base, modules, merge_method=recipe.merge_method).merge_and_unload(recipe.weights), tokenizer
+
+
+def load_model(uri: str | Path, *, device: str | None = None):
+    """A model to evaluate: a lorahub-ray output directory (its ``model/``) or any seq2seq model."""
+    uri = str(uri)
+    local = Path(uri)
+    if local.is_dir() and (local / RECIPE_FILE).exists() and (local / MODEL_DIR).is_dir():
+        uri = str(local / MODEL_DIR)
+    elif storage.is_remote(uri):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(uri)
+        if fs.exists(f"{root.rstrip('/')}/{RECIPE_FILE}"):
+            uri = uri.rstrip("/") + "/" + MODEL_DIR
+    model, tokenizer, _ = load_base_model(uri, device=device)
+    return model, tokenizer
+
+
+def evaluate(
+    model,
+    data,
+    *,
+    output: str | Path | None = None,
+    tokenizer=None,
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    input_field: str = "input",
+    output_field: str = "output",
+    device: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Exact-match accuracy (percent) of ``model`` (a path/URI or a loaded model with ``tokenizer``)
+    on ``data``; with ``output``, writes ``metrics.json`` with the predictions."""
+    examples = as_examples(data, input_field=input_field, output_field=output_field)
+    if tokenizer is None:
+        model, tokenizer = load_model(model, device=device)
+    start = time.perf_counter()
+    with progress_bar("generating", len(examples), enabled=progress) as advance:
+        predictions = generate(model, tokenizer, examples.inputs, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, progress=advance)
+    seconds = time.perf_counter() - start
+    metrics = {
+        "accuracy": accuracy(predictions, examples.outputs),
+        "examples": len(examples),
+        "seconds": seconds,
+        "examples_per_second": len(examples) / seconds if seconds else None,
+        "data": examples.source,
+        "predictions": [
+            {"input": i, "target": t, "prediction": p, "correct": exact_match(p, t)}
+            for i, t, p in zip(examples.inputs, examples.outputs, predictions)
+        ],
+    }
+    if output is not None:
+        with storage.atomic_directory(output, marker="metrics.json") as tmp:
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

@@ -1,0 +1,138 @@
+"""Composition of K LoRA modules into one LoRA slot of a model.
+
+Merge methods are small functions chosen by name (``MERGE_METHODS``), mergekit style. The
+default, ``linear``, is the reference ``lorahub`` 0.1.0 rule: composed ``A = Σ wᵢ·Aᵢ`` and
+``B = Σ wᵢ·Bᵢ``, with A and B summed separately.
+
+:class:`LoraComposer` wraps the base model with PEFT once, stacks the K modules' tensors once
+into a ``[K, n]`` matrix, and makes every LoRA parameter of the model a view into one flat
+buffer of length ``n``. A search step is then one matrix-vector product written in place:
+no re-wrapping of the model and no copies of state dicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .errors import IncompatibleModulesError
+from .modules import LoraModule
+
+ADAPTER_NAME = "lorahub"
+
+
+def linear(weights: torch.Tensor, stacked: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The reference rule: every LoRA tensor (A and B alike) is the weighted sum of the modules' tensors."""
+    return torch.mv(stacked.T, weights, out=out)
+
+
+MERGE_METHODS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {"linear": linear}
+
+
+def lora_config(module: LoraModule, *, base_model_name_or_path: str | None = None):
+    """The PEFT ``LoraConfig`` of a module, for inference (no dropout)."""
+    from peft import LoraConfig
+
+    known = set(LoraConfig.__dataclass_fields__)
+    kwargs = {k: v for k, v in module.config.items() if k in known and k not in ("peft_type", "revision")}
+    kwargs["inference_mode"] = True
+    kwargs["lora_dropout"] = 0.0
+    if base_model_name_or_path is not None:
+        kwargs["base_model_name_or_path"] = base_model_name_or_path
+    return LoraConfig(**kwargs)
+
+
+class LoraComposer:
+    """Holds a base model wrapped with one LoRA slot and the K modules stacked, and writes
+    ``compose(weights)`` into that slot in place.
+
+    ``model`` must already be on its final device and dtype; it is wrapped in place.
+    """
+
+    def __init__(self, model, modules: Sequence[LoraModule], *, merge_method: str = "linear"):
+        from peft import get_peft_model
+
+        if merge_method not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method {merge_method!r}; choose from {sorted(MERGE_METHODS)}")
+        self.modules = list(modules)
+        self.merge_method = merge_method
+        self._merge = MERGE_METHODS[merge_method]
+        config = lora_config(self.modules[0], base_model_name_or_path=getattr(model, "name_or_path", None))
+        self.peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+        self.peft_model.eval()
+        self._bind()
+
+    def _bind(self) -> None:
+        """Stack the modules' tensors as ``[K, n]`` and make the LoRA parameters views of one buffer."""
+        marker = f".{ADAPTER_NAME}."
+        params = {
+            name.replace(marker, "."): p
+            for name, p in self.peft_model.named_parameters()
+            if marker in name and (".lora_A." in name or ".lora_B." in name)
+        }
+        first = self.modules[0]
+        keys = list(first.state_dict)
+        for key in keys:
+            if key not in params:
+                raise IncompatibleModulesError(
+                    f"module '{first.name}' has tensor '{key}' that matches no LoRA layer of the base model"
+                )
+            if tuple(params[key].shape) != tuple(first.state_dict[key].shape):
+                raise IncompatibleModulesError(
+                    f"module '{first.name}' has {key} of shape {tuple(first.state_dict[key].shape)} "
+                    f"but the base model needs {tuple(params[key].shape)}"
+                )
+        unmatched = sorted(set(params) - set(keys))
+        if unmatched:
+            raise IncompatibleModulesError(f"module '{first.name}' lacks tensor '{unmatched[0]}' for the base model")
+        # PEFT keeps adapters in float32 even on half-precision models: follow the LoRA parameters
+        self.device, self.dtype = params[keys[0]].device, params[keys[0]].dtype
+        sizes = [first.state_dict[k].numel() for k in keys]
+        total = sum(sizes)
+        self.stacked = torch.empty(len(self.modules), total, dtype=self.dtype, device=self.device)
+        for i, module in enumerate(self.modules):
+            torch.cat([module.state_dict[k].reshape(-1).to(self.dtype) for k in keys], out=self.stacked[i])
+        self.buffer = torch.zeros(total, dtype=self.dtype, device=self.device)
+        offset = 0
+        for key, size in zip(keys, sizes):
+            p = params[key]
+            p.requires_grad_(False)
+            p.data = self.buffer[offset : offset + size].view(p.shape)
+            offset += size
+        self.keys = keys
+
+    @property
+    def num_modules(self) -> int:
+        return len(self.modules)
+
+    @property
+    def model(self):
+        """The wrapped model, whose forward uses the composed LoRA."""
+        return self.peft_model
+
+    def compose(self, weights: Sequence[float]) -> None:
+        """Write the composition of the modules with ``weights`` into the model's LoRA slot."""
+        w = torch.as_tensor(list(map(float, weights)), dtype=self.dtype, device=self.device)
+        if w.shape != (self.num_modules,):
+            raise ValueError(f"expected {self.num_modules} weights, got {w.numel()}")
+        self._merge(w, self.stacked, self.buffer)
+
+    def composed_state_dict(self) -> dict[str, torch.Tensor]:
+        """The composed LoRA as a PEFT state dict (keys as in ``adapter_model.safetensors``)."""
+        out, offset = {}, 0
+        for key in self.keys:
+            shape = self.modules[0].state_dict[key].shape
+            out[key] = self.buffer[offset : offset + shape.numel()].view(shape).clone()
+            offset += shape.numel()
+        return out
+
+    def merge_and_unload(self, weights: Sequence[float]):
+        """Compose with ``weights``, merge into the base weights and return the plain base model.
+
+        The composer is spent afterwards: the returned model no longer has a LoRA slot.
+        """
+        self.compose(weights)
+        merged = self.peft_model.merge_and_unload()
+        self.peft_model = None
+        return merged

@@ -1,0 +1,194 @@
+"""Where things live: local paths, fsspec URIs (``s3://...``) and Hugging Face Hub ids.
+
+Remote directories are copied once into a local cache (``$LORAHUB_RAY_CACHE`` or
+``~/.cache/lorahub-ray``) and reused while their listing (names, sizes, ETags) is unchanged.
+Outputs are written atomically: a crash leaves the old output or none, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import fsspec
+
+from .errors import LoraHubError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORAHUB_RAY_CACHE", Path.home() / ".cache" / "lorahub-ray")).expanduser()
+
+
+def is_remote(uri: str) -> bool:
+    """True for fsspec URLs such as ``s3://bucket/key`` (``file://`` counts as local)."""
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def _local_path(uri: str) -> Path:
+    return Path(str(uri).removeprefix("file://")).expanduser()
+
+
+def _looks_like_hub_id(uri: str) -> bool:
+    parts = uri.split("/")
+    return (
+        0 < len(parts) <= 2
+        and all(parts)
+        and not uri.startswith((".", "~", "/"))
+        and not uri.endswith((".json", ".jsonl", ".parquet", ".csv"))
+    )
+
+
+def resolve(uri: str, *, what: str = "path") -> Path:
+    """Return a local directory holding the files at ``uri``.
+
+    ``uri`` is a local directory, an fsspec URL (``s3://bucket/prefix``) copied to the cache,
+    or a Hugging Face Hub id (``google/flan-t5-large``) fetched with ``snapshot_download``.
+    ``what`` names the thing in error messages ("base model", "module 'x'").
+    """
+    uri = str(uri)
+    if is_remote(uri):
+        return _download_dir(uri, what=what)
+    path = _local_path(uri)
+    if path.exists():
+        if not path.is_dir():
+            raise LoraHubError(f"{what} '{uri}' is a file, expected a directory")
+        return path
+    if _looks_like_hub_id(uri):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(uri))
+        except Exception as exc:  # offline, unknown repo, auth: all the same to the user
+            raise LoraHubError(
+                f"{what} '{uri}' is not a local directory and could not be fetched from the "
+                f"Hugging Face Hub ({type(exc).__name__}: {exc})"
+            ) from None
+    raise LoraHubError(f"{what} '{uri}' does not exist")
+
+
+def _remote_listing(fs, root: str, uri: str, what: str) -> dict[str, dict]:
+    try:
+        found = fs.find(root, detail=True)
+    except Exception as exc:
+        raise LoraHubError(f"{what} '{uri}' could not be listed ({type(exc).__name__}: {exc})") from None
+    files = {}
+    for path, info in found.items():
+        if info.get("type") == "directory":
+            continue
+        rel = path[len(root) :].lstrip("/")
+        files[rel or Path(path).name] = {
+            "size": info.get("size"),
+            "etag": str(info.get("ETag") or info.get("etag") or info.get("mtime") or ""),
+        }
+    if not files:
+        raise LoraHubError(f"{what} '{uri}' does not exist or is empty")
+    return files
+
+
+def _download_dir(uri: str, *, what: str) -> Path:
+    fs, root = fsspec.core.url_to_fs(uri)
+    root = root.rstrip("/")
+    listing = _remote_listing(fs, root, uri, what)
+    fingerprint = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+    target = cache_root() / "remote" / hashlib.sha256(uri.encode()).hexdigest()[:24]
+    stamp = target / ".lorahub-ray-source.json"
+    if stamp.exists():
+        with contextlib.suppress(ValueError, OSError):
+            if json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
+                return target
+    with atomic_directory(target, overwrite=True) as tmp:
+        for rel in sorted(listing):
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f"{root}/{rel}", str(dest))
+        (tmp / stamp.name).write_text(json.dumps({"uri": uri, "fingerprint": fingerprint}))
+    return target
+
+
+def list_adapter_uris(uri: str) -> list[str]:
+    """Expand ``uri`` into adapter directories: itself if it holds ``adapter_config.json``,
+    else its immediate subdirectories that do (sorted). Hub ids are returned as they are."""
+    uri = str(uri)
+    if is_remote(uri):
+        fs, root = fsspec.core.url_to_fs(uri)
+        root = root.rstrip("/")
+        if fs.exists(f"{root}/{ADAPTER_CONFIG}"):
+            return [uri]
+        protocol = uri.split("://", 1)[0]
+        found = sorted(
+            p.rstrip("/")
+            for p in fs.ls(root, detail=False)
+            if fs.exists(f"{p.rstrip('/')}/{ADAPTER_CONFIG}")
+        )
+        if not found:
+            raise LoraHubError(f"no LoRA module (no {ADAPTER_CONFIG}) at or under '{uri}'")
+        return [f"{protocol}://{p}" for p in found]
+    path = _local_path(uri)
+    if not path.exists():
+        if _looks_like_hub_id(uri):
+            return [uri]
+        raise LoraHubError(f"module path '{uri}' does not exist")
+    if (path / ADAPTER_CONFIG).exists():
+        return [uri]
+    found = sorted(str(p) for p in path.iterdir() if (p / ADAPTER_CONFIG).is_file())
+    if not found:
+        raise LoraHubError(f"no LoRA module (no {ADAPTER_CONFIG}) at or under '{uri}'")
+    return found
+
+
+def sha256_dir(path: Path, *, skip: tuple[str, ...] = (".lorahub-ray-source.json",)) -> str:
+    """Content hash of a directory: relative names and bytes of every file, in sorted order."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name not in skip):
+        rel = file.relative_to(path).as_posix()
+        if rel.startswith(".cache/"):  # huggingface_hub's own bookkeeping
+            continue
+        digest.update(rel.encode() + b"\0")
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path, *, overwrite: bool = False, marker: str | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``target`` in one rename.
+
+    An existing non-empty ``target`` is replaced only when ``overwrite`` is true or when it
+    holds ``marker`` (a file that shows it is an earlier output of ours); anything else is
+    refused, so a user's unrelated files are never deleted.
+    """
+    target = Path(target).expanduser()
+    if target.exists():
+        if not target.is_dir():
+            raise LoraHubError(f"output '{target}' exists and is not a directory")
+        ours = overwrite or (marker is not None and (target / marker).exists())
+        if any(target.iterdir()) and not ours:
+            raise LoraHubError(
+                f"output directory '{target}' is not empty and holds no {marker}: refusing to overwrite it"
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
