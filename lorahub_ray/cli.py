@@ -1,0 +1,167 @@
+"""The ``lorahub-ray`` command line: a thin layer over :mod:`lorahub_ray.api`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="lorahub-ray",
+    help="LoraHub on Ray: adapt a seq2seq model to a new task from a few examples by composing LoRA modules "
+    "with a gradient-free search, then evaluate, compare and serve the result.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Base seq2seq model: a Hugging Face Hub id, a local directory or an s3:// URI.")]
+ModulesOpt = Annotated[list[str], typer.Option("--modules", help="LoRA modules: PEFT adapter directories, folders of them, Hub ids or s3:// prefixes. Repeat the option or list several after it.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the optimizer (the reference's default is 42).")]
+BudgetOpt = Annotated[int, typer.Option(help="Number of objective evaluations (the paper uses 40).")]
+OptimizerOpt = Annotated[str, typer.Option(help="nevergrad optimizer by name: NGOpt (default, picks an algorithm from dimension and budget), CMA, OnePlusOne, RandomSearch, Cobyla, ...")]
+InputFieldOpt = Annotated[str, typer.Option(help="Name of the input column/field in the data files.")]
+OutputFieldOpt = Annotated[str, typer.Option(help="Name of the target column/field in the data files.")]
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _fail_cleanly(fn):
+    """Bad input ends in one clear line (exit 2), not a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .errors import LoraHubError
+
+        try:
+            return fn(*args, **kwargs)
+        except LoraHubError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _expand_modules(modules: list[str]) -> list[str]:
+    # `--modules a b c` arrives as one option followed by stray arguments; typer collects them in ctx.args
+    return [m for item in modules for m in item.split(",") if m]
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+@_fail_cleanly
+def search(
+    ctx: typer.Context,
+    model: ModelOpt,
+    modules: ModulesOpt,
+    examples: Annotated[str, typer.Option("--examples", "-e", help="Few-shot examples: JSON Lines, Parquet or CSV with input/output fields, local or s3://.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write recipe.json, model/ (merged, loadable with from_pretrained) and history.parquet.")],
+    budget: BudgetOpt = 40,
+    optimizer: OptimizerOpt = "NGOpt",
+    seed: SeedOpt = 42,
+    loss: Annotated[str, typer.Option(help="'reference': the reference's loss (sum of batch-mean CE / number of examples, so it depends on --batch-size); 'mean': mean per-example CE.")] = "reference",
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size of the loss; default: all examples in one batch, as the reference.")] = None,
+    input_field: InputFieldOpt = "input",
+    output_field: OutputFieldOpt = "output",
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
+):
+    """Find module weights on a few examples (LoraHub learning) and save the merged model and its recipe.
+
+    Example:
+
+        lorahub-ray search --model google/flan-t5-large --modules hub/ --examples fewshot.jsonl --output runs/task
+    """
+    _quiet_libraries()
+    from .api import lorahub_learning
+
+    all_modules = _expand_modules(list(modules) + list(ctx.args))
+    result = lorahub_learning(model, all_modules, examples, output=output, budget=budget, optimizer=optimizer,
+                              seed=seed, loss=loss, batch_size=batch_size, input_field=input_field,
+                              output_field=output_field, device=device)
+    _print_weights(result.recipe)
+    console.print(f"objective {result.recipe.objective:.4f} ({result.recipe.algorithm}); wrote {output}/recipe.json and {output}/model/")
+
+
+def _print_weights(recipe, top: int = 10) -> None:
+    from rich.table import Table
+
+    table = Table(title="module weights", show_header=True)
+    table.add_column("module")
+    table.add_column("weight", justify="right")
+    for name, weight in sorted(recipe.module_weights.items(), key=lambda kv: -abs(kv[1]))[:top]:
+        table.add_row(name, f"{weight:+.3f}")
+    console.print(table)
+
+
+@app.command()
+@_fail_cleanly
+def evaluate(
+    model: Annotated[str, typer.Option("--model", "-m", help="A lorahub-ray output directory (its model/), or any seq2seq model: Hub id, local directory or s3:// URI.")],
+    data: Annotated[str, typer.Option("--data", "-d", help="Test set: JSON Lines, Parquet or CSV with input/output fields, local or s3://.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Directory to write metrics.json (accuracy in percent, predictions).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest generated answer, in tokens.")] = 64,
+    input_field: InputFieldOpt = "input",
+    output_field: OutputFieldOpt = "output",
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
+):
+    """Exact-match accuracy (strip, lower-case, drop '.', as the reference) of a model on a test set.
+
+    Example:
+
+        lorahub-ray evaluate --model runs/task --data test.jsonl --output runs/task/eval
+    """
+    _quiet_libraries()
+    from .api import evaluate as run_evaluate
+
+    metrics = run_evaluate(model, data, output=output, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           input_field=input_field, output_field=output_field, device=device)
+    typer.echo(f"accuracy {metrics['accuracy']:.2f}% on {metrics['examples']} examples")
+    if output is not None:
+        console.print(f"wrote {output}/metrics.json")
+
+
+@app.command()
+@_fail_cleanly
+def demo(
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Where the embedded default hub is built and cached (default: $LORAHUB_RAY_CACHE or ~/.cache/lorahub-ray).")] = None,
+    budget: BudgetOpt = 40,
+    optimizer: OptimizerOpt = "NGOpt",
+    seed: SeedOpt = 42,
+    output: Annotated[Optional[Path], typer.Option(help="Also write the results as JSON here.")] = None,
+):
+    """Run LoraHub on the embedded default: a small byte-level T5 and a hub of LoRA modules trained on
+    synthetic text tasks, built on first use (a few minutes) and cached.
+
+    For each unseen task it prints the zero-shot accuracy of the base model, the LoraHub accuracy,
+    the top module weights and the time taken.
+    """
+    _quiet_libraries()
+    from .demo import print_report, run_demo
+
+    report = run_demo(cache_dir=cache_dir, budget=budget, optimizer=optimizer, seed=seed)
+    print_report(report)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
