@@ -123,11 +123,11 @@ def list_adapter_uris(uri: str) -> list[str]:
         if fs.exists(f"{root}/{ADAPTER_CONFIG}"):
             return [uri]
         protocol = uri.split("://", 1)[0]
-        found = sorted(
-            p.rstrip("/")
-            for p in fs.ls(root, detail=False)
-            if fs.exists(f"{p.rstrip('/')}/{ADAPTER_CONFIG}")
-        )
+        try:
+            children = fs.ls(root, detail=False)
+        except FileNotFoundError:
+            children = []
+        found = sorted(p.rstrip("/") for p in children if fs.exists(f"{p.rstrip('/')}/{ADAPTER_CONFIG}"))
         if not found:
             raise LoraHubError(f"no LoRA module (no {ADAPTER_CONFIG}) at or under '{uri}'")
         return [f"{protocol}://{p}" for p in found]
