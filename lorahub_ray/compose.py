@@ -93,6 +93,12 @@ class LoraComposer:
         self.stacked = torch.empty(len(self.modules), total, dtype=self.dtype, device=self.device)
         for i, module in enumerate(self.modules):
             torch.cat([module.state_dict[k].reshape(-1).to(self.dtype) for k in keys], out=self.stacked[i])
+            if module.state_dict[keys[0]].dtype == self.dtype and module.state_dict[keys[0]].device == self.device:
+                # the module's tensors become views of its row: same values, stored once
+                offset = 0
+                for key, size in zip(keys, sizes):
+                    module.state_dict[key] = self.stacked[i, offset : offset + size].view(module.state_dict[key].shape)
+                    offset += size
         self.buffer = torch.zeros(total, dtype=self.dtype, device=self.device)
         offset = 0
         for key, size in zip(keys, sizes):

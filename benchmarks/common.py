@@ -1,0 +1,66 @@
+"""Shared set-up for the benchmarks: a randomly initialised model shaped like Flan-T5-base and
+K random rank-r LoRA modules on q and v, written to a directory once and reused."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+FLAN_T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12,
+                    num_heads=12, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+EXAMPLES = [
+    {"input": "Question: which is larger, 37 or 73? Answer with the number.", "output": "73"},
+    {"input": "Reverse the word 'lantern' letter by letter.", "output": "nretnal"},
+    {"input": "Is the sentence 'the cat sat on the mat' grammatical? yes or no", "output": "yes"},
+    {"input": "Sort these letters alphabetically: d b c a", "output": "a b c d"},
+    {"input": "What is the capital of France? Answer in one word.", "output": "Paris"},
+]
+
+
+def build_world(root: Path, *, k: int = 20, r: int = 16, seed: int = 0) -> dict:
+    """Write the base model, K modules and the examples under ``root`` (skipped when already there)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+
+    root = Path(root)
+    base, hub, examples = root / "base", root / "hub", root / "examples.jsonl"
+    if not (root / "done").exists():
+        torch.manual_seed(seed)
+        model = T5ForConditionalGeneration(T5Config(**FLAN_T5_BASE))
+        model.save_pretrained(base)
+        ByT5Tokenizer().save_pretrained(base)
+        config = LoraConfig(r=r, lora_alpha=32, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM",
+                            init_lora_weights=False)
+        peft_model = get_peft_model(model, config)
+        for i in range(k):
+            with torch.no_grad():
+                for name, p in peft_model.named_parameters():
+                    if "lora_" in name:
+                        p.copy_(torch.randn_like(p) * 0.02)
+            peft_model.save_pretrained(hub / f"module-{i:02d}")
+        examples.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
+        (root / "done").touch()
+    return {"base": base, "modules": sorted(str(p) for p in hub.iterdir()), "examples": examples}
+
+
+def timeit(fn, *, repeat: int, warmup: int = 1) -> float:
+    """Median seconds of ``repeat`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("LORAHUB_RAY_BENCH_DIR", Path.home() / ".cache" / "lorahub-ray" / "bench-flan-t5-base"))

@@ -1,0 +1,184 @@
+"""Core engine against the reference ``lorahub`` 0.1.0, on a Flan-T5-base-shaped random model with
+K=20 rank-16 LoRA modules on q and v and 5 examples. Prints ratios measured in this one run:
+
+(a) one search step (compose + forward) / one bare forward pass of the base model   goal <= 1.05
+(b) our load of the 20 modules / the reference's load                               goal <= 0.2
+(c) peak memory of ours / the reference's, each in a fresh process that loads the base model,
+    then loads the modules and runs 10 search steps: the peak RSS in all, and the peak above
+    the RSS of the loaded base model (what the modules and the search add)
+
+Needs the reference in the environment: pip install lorahub==0.1.0 datasets
+Usage: python benchmarks/core.py [--root DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+warnings.filterwarnings("ignore")
+
+from common import EXAMPLES, build_world, default_root, timeit  # noqa: E402
+
+INPUTS = [e["input"] for e in EXAMPLES]
+OUTPUTS = [e["output"] for e in EXAMPLES]
+STEPS = 10
+
+
+def _quiet():
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def ours(world, steps=STEPS):
+    import lorahub_ray as lr
+    from lorahub_ray.compose import LoraComposer
+    from lorahub_ray.model import load_base_model
+    from lorahub_ray.objective import FewShotObjective
+
+    t0 = time.perf_counter()
+    base, tok, _ = load_base_model(str(world["base"]), device="cpu")
+    t1 = time.perf_counter()
+    modules = lr.load_modules(world["modules"])
+    composer = LoraComposer(base, modules)
+    t2 = time.perf_counter()
+    objective = FewShotObjective(composer, tok, INPUTS, OUTPUTS, batch_size=5)
+    for i in range(steps):
+        objective([0.1 * ((i + j) % 5 - 2) for j in range(len(modules))])
+    return {"base_load": t1 - t0, "module_load": t2 - t1, "objective": objective, "tokenizer": tok}
+
+
+def reference(world, steps=STEPS):
+    from lorahub.algorithm import (default_get_loss, default_l1_regularization, get_score,
+                                   load_base_model_and_lora_modules, load_dataset)
+
+    t0 = time.perf_counter()
+    model, tok, cache = load_base_model_and_lora_modules(world["modules"], str(world["base"]))
+    t1 = time.perf_counter()
+    dataset = load_dataset(INPUTS, OUTPUTS, tok)
+    score = lambda w: get_score(w, model, cache, dataset, 5, default_get_loss, default_l1_regularization)  # noqa: E731
+    for i in range(steps):
+        score([0.1 * ((i + j) % 5 - 2) for j in range(len(cache))])
+    return {"load": t1 - t0, "score": score}
+
+
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def peak_rss_child(which: str, root: str) -> None:
+    """Run in a fresh process: load the base model, then modules + STEPS steps; print peaks in MiB."""
+    import torch
+
+    _quiet()
+    world = build_world(Path(root))
+    from transformers import AutoModelForSeq2SeqLM
+
+    from lorahub_ray.objective import tokenize_examples
+    from transformers import AutoTokenizer
+
+    base = AutoModelForSeq2SeqLM.from_pretrained(world["base"]).eval()
+    with torch.inference_mode():  # touch every weight: from_pretrained may map the file lazily
+        base(**tokenize_examples(AutoTokenizer.from_pretrained(world["base"]), INPUTS, OUTPUTS, batch_size=5)[0])
+    total_peak = _status_mib("VmHWM")
+    # both sides get this loaded base model instead of loading their own
+    loader = type("Preloaded", (), {"from_pretrained": staticmethod(lambda *a, **k: base)})
+    if which == "ours":
+        import transformers  # lorahub_ray.model imports it from transformers when called
+
+        transformers.AutoModelForSeq2SeqLM = loader
+    else:
+        import lorahub.algorithm
+
+        lorahub.algorithm.AutoModelForSeq2SeqLM = loader
+    after_base = _status_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
+    (ours if which == "ours" else reference)(world)
+    peak = _status_mib("VmHWM")
+    print(json.dumps({"peak": max(peak, total_peak), "above_base": peak - after_base}))
+
+
+def peak_rss(which: str, root: Path) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", which, "--root", str(root)], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=default_root())
+    parser.add_argument("--child", choices=["ours", "reference"])
+    parser.add_argument("--repeat", type=int, default=15)
+    args = parser.parse_args()
+    if args.child:
+        return peak_rss_child(args.child, str(args.root))
+    import torch
+
+    _quiet()
+    print(f"torch threads: {torch.get_num_threads()}; building/reusing the model under {args.root} ...", flush=True)
+    world = build_world(args.root)
+
+    # (b) loading, each side measured in this process (ours first, then the reference's)
+    mine = ours(world, steps=0)
+    theirs = reference(world, steps=0)
+    base_only = timeit(lambda: __import__("lorahub_ray.model", fromlist=["x"]).load_base_model(str(world["base"]), device="cpu"),
+                       repeat=1, warmup=0)
+    ref_modules = max(theirs["load"] - base_only, 1e-9)
+
+    # (a) search step against a bare forward of the base model, interleaved
+    from transformers import AutoModelForSeq2SeqLM
+
+    from lorahub_ray.objective import tokenize_examples
+
+    objective, tok = mine["objective"], mine["tokenizer"]
+    bare = AutoModelForSeq2SeqLM.from_pretrained(world["base"]).eval()
+    batches = tokenize_examples(tok, INPUTS, OUTPUTS, batch_size=5)
+    weights = [0.05 * (j % 7 - 3) for j in range(20)]
+
+    def bare_forward():
+        with torch.inference_mode():
+            return float(bare(**batches[0]).loss)
+
+    step_times, bare_times, compose_times, ref_times = [], [], [], []
+    for _ in range(args.repeat):  # interleaved so drift hits both sides alike
+        bare_times.append(timeit(bare_forward, repeat=1, warmup=0))
+        step_times.append(timeit(lambda: objective(weights), repeat=1, warmup=0))
+        compose_times.append(timeit(lambda: objective.composer.compose(weights), repeat=1, warmup=0))
+        ref_times.append(timeit(lambda: theirs["score"](weights), repeat=1, warmup=0))
+    import statistics
+
+    step, fwd, comp, ref_step = (statistics.median(x) for x in (step_times, bare_times, compose_times, ref_times))
+
+    print("\n(b) loading 20 rank-16 modules")
+    print(f"    ours: base {mine['base_load']:.2f}s + modules {mine['module_load']:.3f}s (load, check, stack)")
+    print(f"    reference: {theirs['load']:.2f}s in all, of which ~{ref_modules:.2f}s modules (all minus a bare base load of {base_only:.2f}s)")
+    print(f"    ratio modules ours/reference: {mine['module_load'] / ref_modules:.3f}   (goal <= 0.2)")
+    print(f"    ratio base+modules ours/reference: {(mine['base_load'] + mine['module_load']) / theirs['load']:.3f}")
+    print("\n(a) one search step vs one bare forward pass (median of %d, interleaved)" % args.repeat)
+    print(f"    bare forward {fwd * 1e3:.1f} ms; our step {step * 1e3:.1f} ms (compose alone {comp * 1e3:.2f} ms); "
+          f"reference step {ref_step * 1e3:.1f} ms")
+    print(f"    ratio step/bare forward: {step / fwd:.3f}   (goal <= 1.05)")
+    print(f"    ratio reference step/bare forward: {ref_step / fwd:.3f}")
+    del mine, theirs, objective, bare
+    print("\n(c) peak memory, fresh process each, load + %d steps" % STEPS)
+    rss_ours, rss_ref = peak_rss("ours", args.root), peak_rss("reference", args.root)
+    print(f"    peak in all: ours {rss_ours['peak']:.0f} MiB, reference {rss_ref['peak']:.0f} MiB, "
+          f"ratio {rss_ours['peak'] / rss_ref['peak']:.3f}")
+    print(f"    peak above the loaded base: ours {rss_ours['above_base']:.0f} MiB, reference "
+          f"{rss_ref['above_base']:.0f} MiB, ratio {rss_ours['above_base'] / rss_ref['above_base']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
