@@ -49,6 +49,10 @@ def ray_cluster(tmp_path_factory):
 
     port, dash = _free_port(), _free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
+    # Ray 2.60 turns token auth on for `ray start` when ~/.ray/auth_token exists (any local
+    # ray.init() writes one), but a driver connecting by address does not send it: this
+    # loopback-only test cluster runs without auth, for the head and this driver alike
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
     head = subprocess.Popen(
