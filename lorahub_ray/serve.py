@@ -38,6 +38,8 @@ MODEL = "LoraHubModel"
 # every replica hosts every registered recipe (the stacked modules are small), so the
 # multiplexing cache never has to evict
 MAX_RECIPES_PER_REPLICA = 4096
+# batches Serve may hand over while the model is busy (they wait in LoraHubModel's queue)
+BATCHES_IN_FLIGHT = 64
 
 
 # --- configuration -------------------------------------------------------------------------------
@@ -215,6 +217,8 @@ class LoraHubIngress:
         self.default = config.get("default_recipe") or specs[0].id
         self.catalog = {s.id: {**describe(s, recipes[s.id], mode), "default": s.id == self.default} for s in specs}
         self.limits = {k: config[k] for k in ("max_inputs", "max_input_chars", "max_new_tokens_limit")}
+        # one handle per recipe, made once: the recipe id travels as the multiplexed model id
+        self.handles = {rid: model.options(multiplexed_model_id=rid) for rid in self.catalog}
 
     @api.post("/generate", response_model=GenerateResponse, responses=_ERRORS,
               summary="Generate with a served recipe's composed model")
@@ -223,8 +227,7 @@ class LoraHubIngress:
         lookup_recipe(self.catalog, recipe_id)
         check_limits(body, self.limits)
         try:
-            outputs = await self.model.options(multiplexed_model_id=recipe_id).generate.remote(
-                body.inputs, body.max_new_tokens)
+            outputs = await self.handles[recipe_id].generate.remote(body.inputs, body.max_new_tokens)
         except Exception as exc:  # noqa: BLE001 - no traceback reaches a client
             raise HTTPException(500, _log_internal(exc)) from None
         return GenerateResponse(recipe=recipe_id, outputs=outputs)
@@ -256,6 +259,8 @@ class LoraHubModel:
     def __init__(self, config: dict):
         self.host = ModelHost(config["recipes"], mode=config["mode"], device=config.get("device"),
                               verify=config.get("verify", True), generate_batch_size=config["max_batch_size"])
+        self._pending: list = []  # batches formed by Serve, waiting for the model
+        self._worker = None
         self.reconfigure({k: config[k] for k in ("max_batch_size", "batch_wait_timeout_s")})
 
     def reconfigure(self, user_config: dict) -> None:
@@ -280,10 +285,44 @@ class LoraHubModel:
             return await asyncio.to_thread(self.host.generate, recipe_id, inputs, max_new_tokens=max_new_tokens)
         return await self._generate_batch((recipe_id, list(inputs), int(max_new_tokens)))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=count_inputs)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=count_inputs,
+                 max_concurrent_batches=BATCHES_IN_FLIGHT)
     async def _generate_batch(self, items: list[tuple[str, list[str], int]]) -> list[list[str]]:
-        # off the event loop, so requests keep queueing for the next batch meanwhile
-        return await asyncio.to_thread(self._run_batch, items)
+        # Serve forms a batch as soon as requests arrive, even while the model is busy with the
+        # previous one; the model queue below merges the batches that waited meanwhile
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((items, future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        """Run the waiting batches one model call at a time, merging those of one recipe up to max_batch_size inputs."""
+        while self._pending:
+            recipe_id = self._pending[0][0][0][0]
+            taken, rest, size = [], [], 0
+            for entry in self._pending:
+                n = count_inputs(entry[0])
+                if entry[0][0][0] == recipe_id and (not taken or size + n <= self.max_batch_size):
+                    taken.append(entry)
+                    size += n
+                else:
+                    rest.append(entry)
+            self._pending = rest
+            flat = [item for items, _ in taken for item in items]
+            try:
+                # off the event loop, so requests keep arriving meanwhile
+                results = await asyncio.to_thread(self._run_batch, flat)
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting requests
+                for _, future in taken:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            pos = 0
+            for items, future in taken:
+                if not future.done():
+                    future.set_result(results[pos : pos + len(items)])
+                pos += len(items)
 
     def _run_batch(self, items):
         # Serve splits batches by multiplexed id; group anyway, and by max_new_tokens
@@ -323,7 +362,7 @@ def app(args: dict) -> serve.Application:
         ray_actor_options={"num_cpus": parsed.num_cpus, "num_gpus": num_gpus},
         autoscaling_config={"min_replicas": parsed.min_replicas, "max_replicas": parsed.max_replicas,
                             "target_ongoing_requests": parsed.target_ongoing_requests},
-        max_ongoing_requests=max(64, 2 * parsed.max_batch_size),
+        max_ongoing_requests=max(64, 4 * parsed.max_batch_size),
         user_config={"max_batch_size": parsed.max_batch_size, "batch_wait_timeout_s": parsed.batch_wait_timeout_s},
     ).bind(config)
     return LoraHubIngress.bind(model, config)

@@ -157,6 +157,8 @@ class ModelHost:
         self._lock = threading.Lock()
         self._merged: dict[str, tuple[object, object]] = {}
         self._groups: dict[str, _Group] = {}  # recipe id -> its group (shared between recipes)
+        self.calls = 0
+        self.inputs_generated = 0
         self.switches = 0
         self.switch_seconds = 0.0
         self.last_switch_seconds: float | None = None
@@ -250,6 +252,8 @@ class ModelHost:
 
         with self._lock:
             model, tokenizer = self._select(recipe_id)
+            self.calls += 1
+            self.inputs_generated += len(inputs)
             return generate(model, tokenizer, list(inputs), batch_size=self.generate_batch_size,
                             max_new_tokens=max_new_tokens)
 
@@ -261,7 +265,10 @@ class ModelHost:
             return self.last_switch_seconds if self.switches > before else 0.0
 
     def stats(self) -> dict:
-        return {"mode": self.mode, "recipes": len(self.specs), "switches": self.switches,
+        import torch
+
+        return {"mode": self.mode, "recipes": len(self.specs), "torch_threads": torch.get_num_threads(),
+                "generate_calls": self.calls, "inputs": self.inputs_generated, "switches": self.switches,
                 "mean_switch_ms": 1000 * self.switch_seconds / self.switches if self.switches else None}
 
 
