@@ -49,6 +49,10 @@ def ray_cluster(tmp_path_factory):
 
     port, dash = _free_port(), _free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
+    # Ray 2.60 turns token auth on for `ray start` when ~/.ray/auth_token exists (any local
+    # ray.init() writes one), but a driver connecting by address does not send it: this
+    # loopback-only test cluster runs without auth, for the head and this driver alike
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
     head = subprocess.Popen(
@@ -59,16 +63,16 @@ def ray_cluster(tmp_path_factory):
     deadline = time.monotonic() + 180
     import socket
 
-    while True:  # wait for the dashboard (the last thing the head starts), then connect
-        try:
-            socket.create_connection(("127.0.0.1", dash), timeout=1).close()
-            break
-        except OSError:
-            if head.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray head did not start; see {log.name}") from None
-            time.sleep(0.5)
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    try:
+    try:  # the head is ended even when connecting fails
+        while True:  # wait for the dashboard (the last thing the head starts), then connect
+            try:
+                socket.create_connection(("127.0.0.1", dash), timeout=1).close()
+                break
+            except OSError:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ray head did not start; see {log.name}") from None
+                time.sleep(0.5)
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}"}
     finally:
         ray.shutdown()

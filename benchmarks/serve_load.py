@@ -1,0 +1,226 @@
+"""Load benchmark of the Serve endpoint on loopback: ``python benchmarks/serve_load.py``.
+
+Builds a T5 (random weights, t5-small-like by default; no download) with K LoRA modules and two
+recipes, then in one run:
+
+1. in-process batched generation of recipe A's merged model (the baseline, same thread count as
+   a replica: ``ceil(--num-cpus)``);
+2. Serve on 127.0.0.1 with recipe A merged (one replica): a bounded load generator sends
+   ``--requests`` requests (one input each) at ``--concurrency``; prints errors, p50/p99 latency,
+   requests/s and throughput ÷ the baseline;
+3. Serve with recipes A and B composed in one replica: the in-place switch time (in process and
+   in the replica) and the same load with requests alternating between the recipes.
+
+The load generator, proxy, ingress and replica share the machine's cores: on a small machine
+the ratio is a lower bound of what a replica on its own cores reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def build_world(root: Path, *, d_model: int, layers: int, modules: int) -> dict:
+    import torch
+    from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+
+    from helpers import make_module
+    from lorahub_ray import api, storage
+    from lorahub_ray.modules import load_module
+    from lorahub_ray.recipe import Recipe
+
+    torch.manual_seed(0)
+    base = root / "base"
+    tok = ByT5Tokenizer()
+    config = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=64, d_ff=4 * d_model, num_layers=layers,
+                      num_decoder_layers=layers, num_heads=max(1, d_model // 64), decoder_start_token_id=0,
+                      pad_token_id=0, eos_token_id=1)
+    T5ForConditionalGeneration(config).save_pretrained(base)
+    tok.save_pretrained(base)
+    mods = [load_module(str(make_module(base, root / "hub" / f"m{i}", seed=i + 1, r=8, scale=0.05)))
+            for i in range(modules)]
+    recipes = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        g = torch.Generator().manual_seed(seed)
+        weights = [round(float(x), 3) for x in (torch.rand(modules, generator=g) * 2 - 1)]
+        recipe = Recipe(base_model=str(base), base_model_sha256=storage.sha256_dir(base),
+                        modules=[{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in mods], weights=weights,
+                        objective=0.0, optimizer="none", algorithm="benchmark", budget=0, seed=seed)
+        model, tokenizer = api.build_model(recipe, device="cpu")
+        api.write_output(root / name, recipe, model, tokenizer)
+        recipes[name] = str(root / name)
+    return recipes
+
+
+def make_inputs(n: int) -> list[str]:
+    words = ["lora", "hub", "ray", "serve", "compose", "module", "batch", "token", "merge", "weight"]
+    return [f"task {i}: " + " ".join(words[(i * 7 + j) % len(words)] for j in range(3 + i % 5)) for i in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def load(url: str, jobs: list[dict], concurrency: int) -> dict:
+    import httpx
+
+    latencies, errors = [], []
+    queue = list(reversed(jobs))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def worker():
+            while queue:
+                job = queue.pop()
+                start = time.perf_counter()
+                try:
+                    r = await client.post("/generate", json=job)
+                    if r.status_code != 200:
+                        errors.append(f"{r.status_code} {r.text[:200]}")
+                except httpx.HTTPError as exc:
+                    errors.append(repr(exc))
+                latencies.append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+    latencies.sort()
+    return {"requests": len(jobs), "errors": len(errors), "first_errors": errors[:3], "seconds": seconds,
+            "requests_per_s": len(jobs) / seconds, "p50_ms": 1000 * latencies[len(latencies) // 2],
+            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.02)
+    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs of the model replica")
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--modules", type=int, default=8)
+    parser.add_argument("--switches", type=int, default=200)
+    parser.add_argument("--output", type=Path, default=None, help="also write the figures as JSON here")
+    opts = parser.parse_args()
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    import ray
+    from ray import serve
+
+    from lorahub_ray.api import load_model
+    from lorahub_ray.inference import generate
+    from lorahub_ray.serve import app
+    from lorahub_ray.serving import ModelHost
+
+    threads = max(1, math.ceil(opts.num_cpus))
+    torch.set_num_threads(threads)
+    report: dict = {"settings": vars(opts) | {"output": None, "threads": threads, "cpus": os.cpu_count()}}
+    inputs = make_inputs(opts.requests)
+    with tempfile.TemporaryDirectory(prefix="lorahub-serve-bench-") as tmp:
+        recipes = build_world(Path(tmp), d_model=opts.d_model, layers=opts.layers, modules=opts.modules)
+
+        # 1. in-process baseline: batched generate of the merged model
+        model, tok = load_model(recipes["a"], device="cpu")
+        generate(model, tok, inputs[:opts.max_batch_size], batch_size=opts.max_batch_size,
+                 max_new_tokens=opts.max_new_tokens)  # warm-up
+        start = time.perf_counter()
+        generate(model, tok, inputs, batch_size=opts.max_batch_size, max_new_tokens=opts.max_new_tokens)
+        base_seconds = time.perf_counter() - start
+        report["in_process"] = {"inputs": len(inputs), "seconds": base_seconds, "inputs_per_s": len(inputs) / base_seconds}
+        print(f"in-process batched generate: {len(inputs) / base_seconds:.1f} inputs/s ({threads} thread(s))", flush=True)
+        del model
+
+        # switch time in process: compose(weights) of the other recipe
+        host = ModelHost([f"a={recipes['a']}", f"b={recipes['b']}"], mode="composed", device="cpu")
+        times = [host.switch("ab"[i % 2]) for i in range(opts.switches + 1)][1:]
+        report["switch_in_process_ms"] = {"median": 1000 * statistics.median(times), "max": 1000 * max(times),
+                                          "lora_parameters": host._groups["a"].composer.buffer.numel(),
+                                          "modules": opts.modules}
+        print(f"recipe switch in process: median {1000 * statistics.median(times):.3f} ms over {len(times)} "
+              f"({host._groups['a'].composer.buffer.numel()} LoRA parameters, {opts.modules} modules)", flush=True)
+        del host
+
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private loopback cluster
+        ray.init(address="local", num_cpus=max(2, threads + 1), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        try:
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            url = f"http://127.0.0.1:{port}"
+            common = {"num_cpus": opts.num_cpus, "min_replicas": 1, "max_replicas": 1,
+                      "max_batch_size": opts.max_batch_size, "max_inputs": opts.max_batch_size,
+                      "batch_wait_timeout_s": opts.batch_wait_timeout_s}
+            jobs = [{"inputs": [text], "max_new_tokens": opts.max_new_tokens} for text in inputs]
+
+            # 2. merged single recipe
+            serve.run(app({"recipes": [f"a={recipes['a']}"], "mode": "merged", **common}), name="bench", route_prefix="/")
+            asyncio.run(load(url, jobs[: 2 * opts.concurrency], opts.concurrency))  # warm-up
+            handle = serve.get_deployment_handle("LoraHubModel", app_name="bench")
+            before = handle.health.remote().result()
+            merged = asyncio.run(load(url, jobs, opts.concurrency))
+            after = handle.health.remote().result()
+            merged["mean_batch_inputs"] = ((after["inputs"] - before["inputs"])
+                                           / max(1, after["generate_calls"] - before["generate_calls"]))
+            merged["replica_torch_threads"] = after["torch_threads"]
+            merged["throughput_ratio"] = merged["requests_per_s"] / report["in_process"]["inputs_per_s"]
+            report["serve_merged"] = merged
+            print(f"serve merged: {merged['requests']} requests at concurrency {opts.concurrency}: "
+                  f"{merged['errors']} errors, p50 {merged['p50_ms']:.0f} ms, p99 {merged['p99_ms']:.0f} ms, "
+                  f"{merged['requests_per_s']:.1f} requests/s, throughput / in-process batched = "
+                  f"{merged['throughput_ratio']:.2f} (mean batch {merged['mean_batch_inputs']:.1f} inputs, "
+                  f"{merged['replica_torch_threads']} torch thread(s) in the replica)", flush=True)
+            serve.delete("bench")
+
+            # 3. two recipes composed in one replica, requests alternating
+            serve.run(app({"recipes": [f"a={recipes['a']}", f"b={recipes['b']}"], "mode": "composed", **common}),
+                      name="bench", route_prefix="/")
+            mixed = [dict(job, recipe="ab"[i % 2]) for i, job in enumerate(jobs)]
+            asyncio.run(load(url, mixed[: 2 * opts.concurrency], opts.concurrency))
+            handle = serve.get_deployment_handle("LoraHubModel", app_name="bench")
+            before = handle.health.remote().result()
+            composed = asyncio.run(load(url, mixed, opts.concurrency))
+            after = handle.health.remote().result()
+            composed["throughput_ratio"] = composed["requests_per_s"] / report["in_process"]["inputs_per_s"]
+            composed["switches"] = after["switches"] - before["switches"]
+            composed["mean_batch_inputs"] = ((after["inputs"] - before["inputs"])
+                                             / max(1, after["generate_calls"] - before["generate_calls"]))
+            composed["replica_mean_switch_ms"] = after["mean_switch_ms"]
+            report["serve_composed_two_recipes"] = composed
+            print(f"serve composed, 2 recipes alternating: {composed['errors']} errors, p50 {composed['p50_ms']:.0f} ms, "
+                  f"p99 {composed['p99_ms']:.0f} ms, {composed['requests_per_s']:.1f} requests/s, ratio "
+                  f"{composed['throughput_ratio']:.2f} (mean batch {composed['mean_batch_inputs']:.1f}); {composed['switches']} switches in the replica, mean "
+                  f"{after['mean_switch_ms']:.3f} ms", flush=True)
+            serve.delete("bench")
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    if opts.output:
+        opts.output.write_text(json.dumps(report, indent=2) + "\n")
+    errors = report["serve_merged"]["errors"] + report["serve_composed_two_recipes"]["errors"]
+    sys.exit(1 if errors else 0)
+
+
+if __name__ == "__main__":
+    main()
