@@ -73,9 +73,10 @@ def render(root: Path = ROOT, *, serve_config: Path = SERVE_CONFIG) -> str:
 
 def load_crd_schemas(crd_dir: str | Path) -> dict[tuple[str, str], dict]:
     """``{(apiVersion, kind): openAPIV3Schema}`` for every CRD version in ``crd_dir``."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 3 MB of YAML
     schemas = {}
     for path in sorted(Path(crd_dir).glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
+        for doc in yaml.load_all(path.read_text(), Loader=loader):
             if not isinstance(doc, dict) or doc.get("kind") != "CustomResourceDefinition":
                 continue
             group, kind = doc["spec"]["group"], doc["spec"]["names"]["kind"]

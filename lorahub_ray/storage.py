@@ -212,6 +212,9 @@ def check_output(uri: str | Path, *, marker: str) -> None:
         existing = []
     except Exception as exc:
         raise LoraHubError(f"output '{uri}' cannot be listed ({type(exc).__name__}: {exc})") from None
+    bucket = root.split("/", 1)[0]
+    if not existing and not fs.exists(bucket):
+        raise LoraHubError(f"output '{uri}': bucket '{bucket}' does not exist or is not accessible")
     if existing and not fs.exists(f"{root}/{marker}"):
         raise LoraHubError(f"output '{uri}' is not empty and holds no {marker}: refusing to overwrite it")
 
