@@ -281,6 +281,7 @@ def submit(
     num_cpus: Annotated[Optional[float], typer.Option(help="CPUs reserved for the job's entrypoint (where the search runs).")] = None,
     num_gpus: Annotated[Optional[float], typer.Option(help="GPUs reserved for the job's entrypoint: puts it on a GPU node.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job's logs until it ends; exit 0 if it succeeded, 1 if not.")] = False,
+    python: Annotated[str, typer.Option(help="The Python, on the cluster, that runs `-m lorahub_ray` (one with lorahub-ray's dependencies).")] = "python",
 ):
     """Run a lorahub-ray command (search, evaluate, ...) as a Ray job on a cluster and print its id.
 
@@ -293,11 +294,13 @@ def submit(
 
     from . import jobs
 
-    entry = jobs.entrypoint(command or [])  # checked before anything is sent
+    entry = jobs.entrypoint(command or [], python=python)  # checked before anything is sent
     runtime = jobs.runtime_env(file=runtime_env_file, working_dir=working_dir, env=jobs.parse_env(env or []))
     job_id = jobs.submit(address, command or [], runtime_env=runtime, submission_id=submission_id,
-                         entrypoint_num_cpus=num_cpus, entrypoint_num_gpus=num_gpus)
+                         entrypoint_num_cpus=num_cpus, entrypoint_num_gpus=num_gpus, python=python)
     console.print(f"submitted job [bold]{job_id}[/] to {address}: {entry}", highlight=False)
+    if runtime:
+        console.print(f"runtime_env {jobs.describe(runtime)}", highlight=False, markup=False)
     typer.echo(job_id)
     if not wait:
         console.print(f"follow it with: ray job logs --address {address} --follow {job_id}", highlight=False)

@@ -90,20 +90,29 @@ def client(address: str):
 
 def submit(address: str, args: Sequence[str], *, runtime_env: dict | None = None, submission_id: str | None = None,
            entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None,
-           metadata: Mapping[str, str] | None = None) -> str:
-    """Submit ``lorahub-ray ARGS`` as a Ray job; returns its submission id."""
-    command = entrypoint(args)
+           metadata: Mapping[str, str] | None = None, agent_wait_s: float = 120, python: str = "python") -> str:
+    """Submit ``lorahub-ray ARGS`` as a Ray job; returns its submission id. A cluster whose job agent
+    is not up yet (just started) is asked again for up to ``agent_wait_s`` seconds."""
+    command = entrypoint(args, python=python)
     jobs = client(address)
     kwargs = {}
     if entrypoint_num_cpus is not None:
         kwargs["entrypoint_num_cpus"] = entrypoint_num_cpus
     if entrypoint_num_gpus is not None:
         kwargs["entrypoint_num_gpus"] = entrypoint_num_gpus
-    try:
-        return jobs.submit_job(entrypoint=command, runtime_env=runtime_env or None, submission_id=submission_id,
-                               metadata={"tool": "lorahub-ray", **(metadata or {})}, **kwargs)
-    except Exception as exc:
-        raise JobError(f"job submission to {address} failed ({type(exc).__name__}: {exc})") from None
+    import time
+
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return jobs.submit_job(entrypoint=command, runtime_env=runtime_env or None, submission_id=submission_id,
+                                   metadata={"tool": "lorahub-ray", **(metadata or {})}, **kwargs)
+        except Exception as exc:
+            # a cluster that has just started answers 500 until its job agent is up: ask again for a while
+            if "No available agent" in str(exc) and time.monotonic() < deadline:
+                time.sleep(1)
+                continue
+            raise JobError(f"job submission to {address} failed ({type(exc).__name__}: {exc})") from None
 
 
 @dataclass

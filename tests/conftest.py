@@ -47,13 +47,16 @@ def ray_cluster(tmp_path_factory):
 
     import ray
 
-    port, dash = _free_port(), _free_port()
+    port, dash, agent = _free_port(), _free_port(), _free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    # a token in ~/.ray/auth_token (left by any local ray.init on the machine) turns token auth on in
+    # `ray start`, which an explicit-address driver does not send: keep this loopback head open
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
     log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", f"--port={port}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--dashboard-agent-listen-port={agent}",  # the default, 52365, is taken by any other head here
          "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 180
