@@ -50,7 +50,7 @@ def _fail_cleanly(fn):
         try:
             return fn(*args, **kwargs)
         except LoraHubError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line
             raise typer.Exit(2) from None
 
     return wrapper
@@ -259,7 +259,7 @@ def hub_validate(
 
     rows, problems = hub.validate(catalogue, base_model=base_model, filters=filter or [])
     for problem in problems:
-        console.print(f"[bold red]{problem.id}:[/] {problem.message}", highlight=False)
+        console.print(f"[bold red]{problem.id}:[/] {problem.message}", highlight=False, soft_wrap=True)
     bad = len({p.id for p in problems})
     typer.echo(f"{len(rows) - bad} of {len(rows)} module(s) valid")
     if problems:
@@ -298,16 +298,16 @@ def submit(
     runtime = jobs.runtime_env(file=runtime_env_file, working_dir=working_dir, env=jobs.parse_env(env or []))
     job_id = jobs.submit(address, command or [], runtime_env=runtime, submission_id=submission_id,
                          entrypoint_num_cpus=num_cpus, entrypoint_num_gpus=num_gpus, python=python)
-    console.print(f"submitted job [bold]{job_id}[/] to {address}: {entry}", highlight=False)
+    console.print(f"submitted job [bold]{job_id}[/] to {address}: {entry}", highlight=False, soft_wrap=True)
     if runtime:
-        console.print(f"runtime_env {jobs.describe(runtime)}", highlight=False, markup=False)
+        console.print(f"runtime_env {jobs.describe(runtime)}", highlight=False, markup=False, soft_wrap=True)
     typer.echo(job_id)
     if not wait:
-        console.print(f"follow it with: ray job logs --address {address} --follow {job_id}", highlight=False)
+        console.print(f"follow it with: ray job logs --address {address} --follow {job_id}", highlight=False, soft_wrap=True)
         return
     result = jobs.wait(address, job_id, follow=lambda chunk: (sys.stderr.write(chunk), sys.stderr.flush()))
     console.print(f"job {job_id} {result.status}" + (f": {result.message}" if result.message and not result.ok else ""),
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     if not result.ok:
         raise typer.Exit(1)
 

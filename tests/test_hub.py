@@ -13,7 +13,7 @@ from lorahub_ray import hub, storage
 from lorahub_ray.cli import app
 from s3 import moto_server, s3fs_client, upload_dir
 
-CAT = "s3://hub/catalogue.parquet"
+CAT = "s3://hub/hub-catalogue.parquet"
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,8 @@ def s3(world):
         upload_dir(world["base"], "s3://models/tiny-t5")
         upload_dir(world["hub"], "s3://hub/modules")
         upload_dir(world["examples"].parent, "s3://data/fewshot")
-        s3fs_client().mkdir("runs")
+        if not s3fs_client().exists("runs"):  # moto's state outlives its server within a process
+            s3fs_client().mkdir("runs")
         yield endpoint
     s3fs.S3FileSystem.clear_instance_cache()
 

@@ -17,7 +17,7 @@ from lorahub_ray.cli import app
 from s3 import S3_ENV, moto_server, s3fs_client, upload_dir
 
 REPO = Path(__file__).parents[1]
-CAT = "s3://hub/catalogue.parquet"
+CAT = "s3://hub/jobs-catalogue.parquet"
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,9 @@ def s3(world):
         upload_dir(world["base"], "s3://models/tiny-t5")
         upload_dir(world["hub"], "s3://hub/modules")
         upload_dir(world["examples"].parent, "s3://data/fewshot")
-        s3fs_client().mkdir("runs")
-        hub.add(CAT, ["s3://hub/modules/"], task="reverse")
+        if not s3fs_client().exists("runs"):  # moto's state outlives its server within a process
+            s3fs_client().mkdir("runs")
+        hub.add(CAT, ["s3://hub/modules/"], task="reverse", replace=True)
         yield endpoint
     s3fs.S3FileSystem.clear_instance_cache()
 
