@@ -110,3 +110,14 @@ def test_render_refuses_a_template_without_one_placeholder():
         k8s.render_rayservice("spec:\n  serveConfigV2: |\n", "applications: []\n")
     with pytest.raises(k8s.ManifestError, match="has no 'applications' list"):
         k8s.render_rayservice("a: |\n  __SERVE_CONFIG__\n", "foo: 1\n")
+
+
+def test_validate_command_reports_each_document(schemas, tmp_path, capsys):
+    (job,) = docs(REPO / "k8s" / "rayjob-search.yaml")
+    job["spec"]["ttlSecondsAfterFinish"] = 60
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(job))
+    assert k8s.main(["validate", "--crds", str(CRDS), *map(str, MANIFESTS)]) == 0
+    assert k8s.main(["validate", "--crds", str(CRDS), str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "RayJob/lorahub-search: INVALID" in out and "spec.ttlSecondsAfterFinish: not declared" in out
