@@ -62,16 +62,16 @@ def ray_cluster(tmp_path_factory):
     deadline = time.monotonic() + 180
     import socket
 
-    while True:  # wait for the dashboard (the last thing the head starts), then connect
-        try:
-            socket.create_connection(("127.0.0.1", dash), timeout=1).close()
-            break
-        except OSError:
-            if head.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray head did not start; see {log.name}") from None
-            time.sleep(0.5)
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    try:
+    try:  # from here on the head is ended whatever happens, a failed start or connect included
+        while True:  # wait for the dashboard (the last thing the head starts), then connect
+            try:
+                socket.create_connection(("127.0.0.1", dash), timeout=1).close()
+                break
+            except OSError:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ray head did not start; see {log.name}") from None
+                time.sleep(0.5)
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}"}
     finally:
         ray.shutdown()
