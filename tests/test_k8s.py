@@ -98,7 +98,7 @@ def test_drift_is_detected(tmp_path):
         (tmp_path / rel).write_text((REPO / rel).read_text())
     assert k8s.main(["render", "--check", "--root", str(tmp_path)]) == 0
     config = tmp_path / k8s.SERVE_CONFIG
-    config.write_text(config.read_text().replace("max_replicas: 4", "max_replicas: 5", 1))
+    config.write_text(config.read_text() + "# an edit to the Serve config\n")
     assert k8s.main(["render", "--check", "--root", str(tmp_path)]) == 1
     assert k8s.main(["render", "--root", str(tmp_path)]) == 0
     (svc,) = docs(tmp_path / k8s.RAYSERVICE)
