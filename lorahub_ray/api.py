@@ -36,7 +36,7 @@ class LoraHubResult:
     search: SearchResult
     model: torch.nn.Module  # the base model with the composed LoRA merged in
     tokenizer: object
-    output: Path | None = None
+    output: Path | str | None = None  # a str for remote (s3://) outputs
 
     @property
     def weights(self) -> dict[str, float]:
@@ -66,15 +66,16 @@ def _load_modules(modules: Sequence[str | LoraModule], progress: bool) -> list[L
         return load_modules(uris, progress=lambda m: advance(info=m.name))
 
 
-def write_output(output: str | Path, recipe: Recipe, model, tokenizer, history: SearchResult | None = None) -> Path:
-    """Write ``recipe.json``, ``model/`` (merged, ``save_pretrained``) and ``history.parquet`` atomically."""
-    with storage.atomic_directory(output, marker=RECIPE_FILE) as tmp:
+def write_output(output: str | Path, recipe: Recipe, model, tokenizer, history: SearchResult | None = None) -> Path | str:
+    """Write ``recipe.json``, ``model/`` (merged, ``save_pretrained``) and ``history.parquet`` atomically
+    (to a local directory, or to ``s3://...`` with ``recipe.json`` uploaded last)."""
+    with storage.output_directory(output, marker=RECIPE_FILE) as tmp:
         model.save_pretrained(tmp / MODEL_DIR)
         tokenizer.save_pretrained(tmp / MODEL_DIR)
         if history is not None:
             write_history(tmp / HISTORY_FILE, history)
         recipe.save(tmp)  # last: a directory with recipe.json is complete
-    return Path(output)
+    return str(output) if storage.is_remote(str(output)) else Path(output)
 
 
 def write_history(path: Path, search: SearchResult) -> None:
@@ -126,9 +127,8 @@ def lorahub_learning(
         raise LoraHubError(f"budget must be at least 1, got {budget}")
     if isinstance(loss, str) and loss not in LOSSES:
         raise LoraHubError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)}")
-    if output is not None and Path(output).exists() and any(Path(output).iterdir()) \
-            and not (Path(output) / RECIPE_FILE).exists():
-        raise LoraHubError(f"output directory '{output}' is not empty and holds no {RECIPE_FILE}: refusing to overwrite it")
+    if output is not None:
+        storage.check_output(output, marker=RECIPE_FILE)
     loaded = _load_modules(modules, progress)
     base, tokenizer, base_path = load_base_model(model, device=device)
     composer = LoraComposer(base, loaded)
@@ -221,6 +221,6 @@ def evaluate(
         ],
     }
     if output is not None:
-        with storage.atomic_directory(output, marker="metrics.json") as tmp:
+        with storage.output_directory(output, marker="metrics.json") as tmp:
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -50,7 +50,7 @@ def _fail_cleanly(fn):
         try:
             return fn(*args, **kwargs)
         except LoraHubError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line
             raise typer.Exit(2) from None
 
     return wrapper
@@ -66,9 +66,11 @@ def _expand_modules(modules: list[str]) -> list[str]:
 def search(
     ctx: typer.Context,
     model: ModelOpt,
-    modules: ModulesOpt,
     examples: Annotated[str, typer.Option("--examples", "-e", help="Few-shot examples: JSON Lines, Parquet or CSV with input/output fields, local or s3://.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write recipe.json, model/ (merged, loadable with from_pretrained) and history.parquet.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Directory or s3:// prefix to write recipe.json, model/ (merged, loadable with from_pretrained) and history.parquet (on S3, recipe.json is uploaded last).")],
+    modules: Annotated[Optional[list[str]], typer.Option("--modules", help="LoRA modules: PEFT adapter directories, folders of them, Hub ids or s3:// prefixes. Repeat the option or list several after it. Or use --hub.")] = None,
+    hub: Annotated[Optional[str], typer.Option("--hub", help="Draw the modules from this hub catalogue (Parquet, local or s3://); their sha256 are checked on load.")] = None,
+    filter: Annotated[Optional[list[str]], typer.Option("--filter", help="With --hub: keep modules with FIELD=VALUE, FIELD!=VALUE, FIELD~REGEX or FIELD!~REGEX (repeatable, all must hold), e.g. task~^qa.")] = None,
     budget: BudgetOpt = 40,
     optimizer: OptimizerOpt = "NGOpt",
     seed: SeedOpt = 42,
@@ -86,13 +88,39 @@ def search(
     """
     _quiet_libraries()
     from .api import lorahub_learning
+    from .errors import LoraHubError
 
-    all_modules = _expand_modules(list(modules) + list(ctx.args))
+    all_modules = _expand_modules(list(modules or []) + list(ctx.args))
+    if hub is not None:
+        all_modules = _hub_modules(hub, filter or [], all_modules, examples, input_field, output_field, output)
+    elif filter:
+        raise LoraHubError("--filter selects modules of a hub catalogue: give --hub CATALOGUE too")
+    elif not all_modules:
+        raise LoraHubError("no modules: give --modules or --hub")
     result = lorahub_learning(model, all_modules, examples, output=output, budget=budget, optimizer=optimizer,
                               seed=seed, loss=loss, batch_size=batch_size, input_field=input_field,
                               output_field=output_field, device=device)
     _print_weights(result.recipe)
     console.print(f"objective {result.recipe.objective:.4f} ({result.recipe.algorithm}); wrote {output}/recipe.json and {output}/model/")
+
+
+def _hub_modules(hub: str, filters: list[str], extra: list[str], examples: str, input_field: str,
+                 output_field: str, output: str):
+    """Modules drawn from a hub catalogue, loaded with their recorded sha256 (a changed module is an
+    error naming its id). The cheap checks (examples, output) run first, as in lorahub_learning."""
+    from . import hub as hub_lib
+    from . import storage
+    from .api import as_examples
+    from .errors import LoraHubError
+    from .recipe import RECIPE_FILE
+
+    if extra:
+        raise LoraHubError("give either --modules or --hub, not both")
+    as_examples(examples, input_field=input_field, output_field=output_field)
+    storage.check_output(output, marker=RECIPE_FILE)
+    modules = hub_lib.load_selected(hub, filters)  # also checks that they fit together
+    console.print(f"{len(modules)} module(s) from {hub}: {', '.join(m.name for m in modules)}", highlight=False)
+    return modules
 
 
 def _print_weights(recipe, top: int = 10) -> None:
@@ -111,7 +139,7 @@ def _print_weights(recipe, top: int = 10) -> None:
 def evaluate(
     model: Annotated[str, typer.Option("--model", "-m", help="A lorahub-ray output directory (its model/), or any seq2seq model: Hub id, local directory or s3:// URI.")],
     data: Annotated[str, typer.Option("--data", "-d", help="Test set: JSON Lines, Parquet or CSV with input/output fields, local or s3://.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Directory to write metrics.json (accuracy in percent, predictions).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Directory or s3:// prefix to write metrics.json (accuracy in percent, predictions).")] = None,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 32,
     max_new_tokens: Annotated[int, typer.Option(help="Longest generated answer, in tokens.")] = 64,
     input_field: InputFieldOpt = "input",
@@ -209,6 +237,130 @@ def serve_command(
         pass
     finally:
         ray_serve.shutdown()
+
+# --- the module hub ------------------------------------------------------------------------------
+
+hub_app = typer.Typer(help="The module hub: a Parquet catalogue of LoRA modules (local or s3://) with their sha256.",
+                      no_args_is_help=True)
+app.add_typer(hub_app, name="hub")
+CatalogueArg = Annotated[str, typer.Argument(help="The catalogue: a Parquet file, local or s3://.")]
+FilterOpt = Annotated[Optional[list[str]], typer.Option("--filter", help="FIELD=VALUE, FIELD!=VALUE, FIELD~REGEX or FIELD!~REGEX (repeatable).")]
+
+
+def _hub_table(rows, title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("id", "task", "base_model", "rank", "target_modules", "size", "sha256", "uri"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(r["id"], r["task"], r["base_model"], str(r["rank"]), ",".join(r["target_modules"]),
+                      str(r["size"]), r["sha256"][:12], r["uri"])
+    return table
+
+
+@hub_app.command("add")
+@_fail_cleanly
+def hub_add(
+    catalogue: CatalogueArg,
+    uris: Annotated[list[str], typer.Argument(help="Modules: adapter directories or folders of them, local or s3://.")],
+    task: Annotated[Optional[str], typer.Option(help="Task label of these modules (default: each module's id).")] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Update modules whose id is already in the catalogue.")] = False,
+):
+    """Add modules to a catalogue (created if missing): each is loaded, checked and hashed.
+
+    Example:
+
+        lorahub-ray hub add s3://hub/catalogue.parquet s3://hub/modules/ --task qa
+    """
+    from . import hub
+
+    rows = hub.add(catalogue, uris, task=task, replace=replace)
+    console.print(_hub_table(rows, f"added to {catalogue}"))
+
+
+@hub_app.command("list")
+@_fail_cleanly
+def hub_list(
+    catalogue: CatalogueArg,
+    filter: FilterOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON Lines on stdout instead of a table.")] = False,
+):
+    """List the modules of a catalogue."""
+    from . import hub
+
+    rows = hub.select(hub.read_catalogue(catalogue), filter or [])
+    if as_json:
+        for r in rows:
+            typer.echo(json.dumps({**r, "created": r["created"].isoformat()}))
+    else:
+        Console().print(_hub_table(rows, f"{catalogue}: {len(rows)} module(s)"))
+
+
+@hub_app.command("validate")
+@_fail_cleanly
+def hub_validate(
+    catalogue: CatalogueArg,
+    base_model: Annotated[Optional[str], typer.Option("--base-model", "-m", help="Also check that each module's tensors fit this model's layers.")] = None,
+    filter: FilterOpt = None,
+):
+    """Check every module of a catalogue: files, sha256, rank/targets/base model as recorded, and
+    (with --base-model) fit with a base model. Exit 1 if any module fails, naming each."""
+    from . import hub
+
+    rows, problems = hub.validate(catalogue, base_model=base_model, filters=filter or [])
+    for problem in problems:
+        console.print(f"[bold red]{problem.id}:[/] {problem.message}", highlight=False, soft_wrap=True)
+    bad = len({p.id for p in problems})
+    typer.echo(f"{len(rows) - bad} of {len(rows)} module(s) valid")
+    if problems:
+        raise typer.Exit(1)
+
+
+# --- Ray Jobs ------------------------------------------------------------------------------------
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+@_fail_cleanly
+def submit(
+    command: Annotated[Optional[list[str]], typer.Argument(help="After '--': the lorahub-ray command to run, e.g. -- search --model ... --output s3://...")] = None,
+    address: Annotated[str, typer.Option("--address", help="The Ray job API, e.g. http://HEAD:8265.", envvar="RAY_ADDRESS")] = "http://127.0.0.1:8265",
+    working_dir: Annotated[Optional[str], typer.Option("--working-dir", help="Local directory uploaded as the job's working directory (runtime_env working_dir).")] = None,
+    runtime_env_file: Annotated[Optional[str], typer.Option("--runtime-env", help="A runtime_env as a YAML or JSON file (pip, env_vars, ...); --working-dir and --env go on top.")] = None,
+    env: Annotated[Optional[list[str]], typer.Option("--env", help="KEY=VALUE for the job's environment, or KEY to forward its value from here (repeatable), e.g. --env AWS_ENDPOINT_URL.")] = None,
+    submission_id: Annotated[Optional[str], typer.Option(help="Job id to use (default: one Ray picks).")] = None,
+    num_cpus: Annotated[Optional[float], typer.Option(help="CPUs reserved for the job's entrypoint (where the search runs).")] = None,
+    num_gpus: Annotated[Optional[float], typer.Option(help="GPUs reserved for the job's entrypoint: puts it on a GPU node.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the job's logs until it ends; exit 0 if it succeeded, 1 if not.")] = False,
+    python: Annotated[str, typer.Option(help="The Python, on the cluster, that runs `-m lorahub_ray` (one with lorahub-ray's dependencies).")] = "python",
+):
+    """Run a lorahub-ray command (search, evaluate, ...) as a Ray job on a cluster and print its id.
+
+    Example:
+
+        lorahub-ray submit --address http://head:8265 --working-dir . --env AWS_ENDPOINT_URL --wait \\
+            -- search --model s3://models/flan-t5-large --hub s3://hub/catalogue.parquet --examples s3://data/fewshot.jsonl --output s3://runs/task
+    """
+    import sys
+
+    from . import jobs
+
+    entry = jobs.entrypoint(command or [], python=python)  # checked before anything is sent
+    runtime = jobs.runtime_env(file=runtime_env_file, working_dir=working_dir, env=jobs.parse_env(env or []))
+    job_id = jobs.submit(address, command or [], runtime_env=runtime, submission_id=submission_id,
+                         entrypoint_num_cpus=num_cpus, entrypoint_num_gpus=num_gpus, python=python)
+    console.print(f"submitted job [bold]{job_id}[/] to {address}: {entry}", highlight=False, soft_wrap=True)
+    if runtime:
+        console.print(f"runtime_env {jobs.describe(runtime)}", highlight=False, markup=False, soft_wrap=True)
+    typer.echo(job_id)
+    if not wait:
+        console.print(f"follow it with: ray job logs --address {address} --follow {job_id}", highlight=False, soft_wrap=True)
+        return
+    result = jobs.wait(address, job_id, follow=lambda chunk: (sys.stderr.write(chunk), sys.stderr.flush()))
+    console.print(f"job {job_id} {result.status}" + (f": {result.message}" if result.message and not result.ok else ""),
+                  highlight=False, soft_wrap=True)
+    if not result.ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover

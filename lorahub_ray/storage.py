@@ -192,3 +192,76 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False, marker: str
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output(uri: str | Path, *, marker: str) -> None:
+    """Refuse, before any work, an output that holds files but no ``marker`` (local or remote)."""
+    uri = str(uri)
+    if not is_remote(uri):
+        path = _local_path(uri)
+        if path.exists() and not path.is_dir():
+            raise LoraHubError(f"output '{uri}' exists and is not a directory")
+        if path.exists() and any(path.iterdir()) and not (path / marker).exists():
+            raise LoraHubError(f"output directory '{uri}' is not empty and holds no {marker}: refusing to overwrite it")
+        return
+    fs, root = fsspec.core.url_to_fs(uri)
+    root = root.rstrip("/")
+    try:
+        existing = fs.find(root)
+    except FileNotFoundError:
+        existing = []
+    except Exception as exc:
+        raise LoraHubError(f"output '{uri}' cannot be listed ({type(exc).__name__}: {exc})") from None
+    bucket = root.split("/", 1)[0]
+    if not existing and not fs.exists(bucket):
+        raise LoraHubError(f"output '{uri}': bucket '{bucket}' does not exist or is not accessible")
+    if existing and not fs.exists(f"{root}/{marker}"):
+        raise LoraHubError(f"output '{uri}' is not empty and holds no {marker}: refusing to overwrite it")
+
+
+@contextlib.contextmanager
+def output_directory(uri: str | Path, *, marker: str) -> Iterator[Path]:
+    """Yield a local directory to write an output into; on success it becomes ``uri``.
+
+    Local ``uri``: :func:`atomic_directory` (one rename). Remote ``uri`` (``s3://...``): the files
+    are written to a local temporary directory, then uploaded with ``marker`` last, so a reader
+    that sees ``marker`` sees a complete output. An earlier output at ``uri`` (one holding
+    ``marker``) has its marker removed first and its stale files removed after the upload;
+    a prefix holding other files is refused. A failure before the upload leaves ``uri`` untouched.
+    """
+    if not is_remote(str(uri)):
+        with atomic_directory(uri, marker=marker) as tmp:
+            yield tmp
+        return
+    import tempfile
+
+    check_output(uri, marker=marker)
+    with tempfile.TemporaryDirectory(prefix="lorahub-ray-out-") as tmp:
+        yield Path(tmp)
+        upload_directory(Path(tmp), str(uri), marker=marker)
+
+
+def upload_directory(local: Path, uri: str, *, marker: str) -> None:
+    """Copy ``local`` to the remote prefix ``uri``, ``marker`` last (see :func:`output_directory`)."""
+    fs, root = fsspec.core.url_to_fs(uri)
+    root = root.rstrip("/")
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    if marker not in files:
+        raise LoraHubError(f"output for '{uri}' has no {marker}; nothing uploaded")
+    try:
+        old = {p[len(root):].lstrip("/") for p in fs.find(root)}
+    except FileNotFoundError:
+        old = set()
+    try:
+        if marker in old:
+            fs.rm_file(f"{root}/{marker}")  # the old output stops being complete before it changes
+        for rel in files:
+            if rel != marker:
+                fs.put_file(str(local / rel), f"{root}/{rel}")
+        stale = sorted(old - set(files))
+        if stale:
+            fs.rm([f"{root}/{rel}" for rel in stale])
+        fs.put_file(str(local / marker), f"{root}/{marker}")
+    except Exception as exc:
+        raise LoraHubError(f"upload to '{uri}' failed ({type(exc).__name__}: {exc}); it holds no {marker}") from exc
+    fs.invalidate_cache(root)

@@ -47,7 +47,7 @@ def ray_cluster(tmp_path_factory):
 
     import ray
 
-    port, dash = _free_port(), _free_port()
+    port, dash, agent = _free_port(), _free_port(), _free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     # Ray 2.60 turns token auth on for `ray start` when ~/.ray/auth_token exists (any local
     # ray.init() writes one), but a driver connecting by address does not send it: this
@@ -58,6 +58,7 @@ def ray_cluster(tmp_path_factory):
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", f"--port={port}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--dashboard-agent-listen-port={agent}",  # the default, 52365, is taken by any other head here
          "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 180

@@ -1,0 +1,123 @@
+"""The KubeRay manifests in k8s/: valid against the KubeRay 1.7 CRDs, and the RayService in step
+with the Serve config it is generated from."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorahub_ray import k8s
+
+REPO = Path(__file__).parents[1]
+CRDS = Path(__file__).parents[2] / "shared" / "kuberay-crds"
+MANIFESTS = sorted(p for p in (REPO / "k8s").glob("*.yaml") if not p.name.endswith((".template.yaml", ".placeholder.yaml")))
+
+
+@pytest.fixture(scope="module")
+def schemas():
+    if not CRDS.is_dir():
+        pytest.skip(f"KubeRay CRDs not found at {CRDS} (../shared/kuberay-crds from the repository root)")
+    return k8s.load_crd_schemas(CRDS)
+
+
+def docs(path):
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def test_there_is_a_rayjob_and_a_rayservice():
+    kinds = sorted(d["kind"] for p in MANIFESTS for d in docs(p))
+    assert kinds == ["RayJob", "RayService"]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_is_valid_against_the_crds(schemas, path):
+    for doc in docs(path):
+        assert k8s.validate_manifest(doc, schemas) == []
+
+
+def test_validator_catches_what_kubernetes_would_drop_or_refuse(schemas):
+    (job,) = docs(REPO / "k8s" / "rayjob-search.yaml")
+    bad = copy.deepcopy(job)
+    bad["spec"]["shutdownAfterJobFinish"] = True  # typo: silently dropped by Kubernetes
+    bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["gpus"] = 1
+    bad["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0  # must be a string
+    del bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["groupName"]
+    bad["metadata"]["name"] = "x" * 48
+    problems = "\n".join(k8s.validate_manifest(bad, schemas))
+    assert "spec.shutdownAfterJobFinish: not declared" in problems
+    assert "spec.rayClusterSpec.workerGroupSpecs[0].template.spec.containers[0].gpus: not declared" in problems
+    assert "rayStartParams.num-cpus: 0 is not of type 'string'" in problems
+    assert "'groupName' is a required property" in problems
+    assert "longer than 47 characters" in problems
+    # maps with free keys (labels, rayStartParams, resources) are not flagged
+    assert "labels" not in problems and "nvidia.com/gpu" not in problems
+
+
+def test_rayjob_runs_a_search_and_cleans_up(schemas):
+    (job,) = docs(REPO / "k8s" / "rayjob-search.yaml")
+    spec = job["spec"]
+    assert spec["entrypoint"].startswith("lorahub-ray search ") and "--output s3://" in spec["entrypoint"]
+    assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    cluster = spec["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    (gpu,) = cluster["workerGroupSpecs"]
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert spec["entrypointNumGpus"] == 1  # the search (the driver) lands on the GPU worker
+    image = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    assert cluster["rayVersion"] in image
+
+
+def test_rayservice_autoscales_in_tree():
+    (svc,) = docs(REPO / k8s.RAYSERVICE)
+    cluster = svc["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert all(g["minReplicas"] == 0 and g["maxReplicas"] > 0 for g in cluster["workerGroupSpecs"])
+    image = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    assert cluster["rayVersion"] in image
+
+
+def test_rayservice_serve_config_is_the_deployments_file():
+    (svc,) = docs(REPO / k8s.RAYSERVICE)
+    source = (REPO / k8s.SERVE_CONFIG).read_text()
+    assert svc["spec"]["serveConfigV2"] == source  # verbatim, comments included
+    assert yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
+
+
+def test_committed_rayservice_is_what_the_generator_renders():
+    """Fails when k8s/rayservice.yaml drifts from its template or the Serve config:
+    run `python -m lorahub_ray.k8s render`."""
+    assert (REPO / k8s.RAYSERVICE).read_text() == k8s.render(REPO)
+    assert k8s.main(["render", "--check", "--root", str(REPO)]) == 0
+
+
+def test_drift_is_detected(tmp_path):
+    for rel in (k8s.TEMPLATE, k8s.SERVE_CONFIG, k8s.RAYSERVICE):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text((REPO / rel).read_text())
+    assert k8s.main(["render", "--check", "--root", str(tmp_path)]) == 0
+    config = tmp_path / k8s.SERVE_CONFIG
+    config.write_text(config.read_text() + "# an edit to the Serve config\n")
+    assert k8s.main(["render", "--check", "--root", str(tmp_path)]) == 1
+    assert k8s.main(["render", "--root", str(tmp_path)]) == 0
+    (svc,) = docs(tmp_path / k8s.RAYSERVICE)
+    assert svc["spec"]["serveConfigV2"] == config.read_text()
+
+
+def test_render_refuses_a_template_without_one_placeholder():
+    with pytest.raises(k8s.ManifestError, match="exactly one line '__SERVE_CONFIG__'"):
+        k8s.render_rayservice("spec:\n  serveConfigV2: |\n", "applications: []\n")
+    with pytest.raises(k8s.ManifestError, match="has no 'applications' list"):
+        k8s.render_rayservice("a: |\n  __SERVE_CONFIG__\n", "foo: 1\n")
+
+
+def test_validate_command_reports_each_document(schemas, tmp_path, capsys):
+    (job,) = docs(REPO / "k8s" / "rayjob-search.yaml")
+    job["spec"]["ttlSecondsAfterFinish"] = 60
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(job))
+    assert k8s.main(["validate", "--crds", str(CRDS), *map(str, MANIFESTS)]) == 0
+    assert k8s.main(["validate", "--crds", str(CRDS), str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "RayJob/lorahub-search: INVALID" in out and "spec.ttlSecondsAfterFinish: not declared" in out
