@@ -24,7 +24,7 @@ import yaml
 from .errors import LoraHubError
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVE_CONFIG = Path("k8s/serve-config.placeholder.yaml")  # until deployments/lorahub_serve.yaml lands
+SERVE_CONFIG = Path("deployments/lorahub_serve.yaml")
 TEMPLATE = Path("k8s/rayservice.template.yaml")
 RAYSERVICE = Path("k8s/rayservice.yaml")
 PLACEHOLDER = "__SERVE_CONFIG__"
