@@ -153,7 +153,7 @@ def read_dataset(files: Sequence[DataFile], *, input_field: str = "input", outpu
         if fmt == "jsonl":
             ds = ray.data.read_json(paths, **common)
         elif fmt == "parquet":
-            ds = ray.data.read_parquet(paths, columns=[input_field, output_field], **common)
+            ds = ray.data.read_parquet(paths, **common).select_columns([input_field, output_field, "path"])
         else:  # csv: every field as text ("007" stays "007")
             types = {input_field: pa.string(), output_field: pa.string()}
             ds = ray.data.read_csv(paths, convert_options=pacsv.ConvertOptions(
@@ -217,8 +217,14 @@ def evaluate_sharded(model: str, data: str, *, workers: int, gpus_per_worker: fl
     files = list_data_files(data)
     check_tasks(files)
     connect(address)
+    import logging
+
     import ray
 
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     checked = check_files_remote(files, input_field=input_field, output_field=output_field)  # before any model
     if gpus_per_worker > 0 and ray.cluster_resources().get("GPU", 0) < gpus_per_worker:
         raise LoraHubError(f"{gpus_per_worker} GPU per worker asked, but the Ray cluster has "
