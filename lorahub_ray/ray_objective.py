@@ -1,0 +1,99 @@
+"""The few-shot objective sharded across Ray actors: a thin layer over :mod:`lorahub_ray.partial`.
+
+Each :class:`ShardEvaluator` actor loads the base model and the modules once, holds one shard
+of the examples (whole batches) and returns its :class:`~lorahub_ray.partial.Partial` for a
+weight vector; :class:`ShardedObjective` asks every actor and combines the parts, so one
+evaluation's cost divides across the workers::
+
+    objective = ShardedObjective(base, module_uris, "fewshot.jsonl", workers=4, batch_size=32)
+    result = minimize(objective, objective.dim, budget=40, evaluate_batch=objective.evaluate_batch)
+    objective.close()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from .errors import LoraHubError
+from .objective import l1_regularization
+from .partial import PARTIAL_LOSSES, Partial, PartialObjective, combine, shard_ranges
+
+
+class ShardEvaluator:
+    """Holds the composer and one shard's :class:`PartialObjective` (run as a Ray actor)."""
+
+    def __init__(self, model: str, modules: Sequence[str], inputs: Sequence[str], outputs: Sequence[str], *,
+                 loss: str = "reference", batch_size: int | None = None, device: str | None = None):
+        from .compose import LoraComposer
+        from .model import load_base_model
+        from .modules import load_modules
+
+        loaded = load_modules(list(modules))
+        base, tokenizer, _ = load_base_model(model, device=device)
+        self.partial = PartialObjective(LoraComposer(base, loaded), tokenizer, inputs, outputs, loss=loss,
+                                        batch_size=batch_size)
+
+    def __call__(self, weights: Sequence[float]) -> Partial:
+        return self.partial(weights)
+
+    def many(self, candidates: Sequence[Sequence[float]]) -> list[Partial]:
+        return [self.partial(w) for w in candidates]
+
+
+class ShardedObjective:
+    """``weights -> objective`` computed as partial sums on ``workers`` Ray actors.
+
+    Equal to :class:`~lorahub_ray.objective.FewShotObjective` with the same ``loss`` and
+    ``batch_size`` within 1e-6. ``evaluate_batch`` evaluates several candidates in one round
+    trip (for :func:`lorahub_ray.search.minimize` with ``num_workers > 1``)."""
+
+    def __init__(self, model: str, modules: Sequence[str], examples, *, workers: int, loss: str = "reference",
+                 batch_size: int | None = None, regularizer: Callable[[Sequence[float]], float] = l1_regularization,
+                 cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, device: str | None = None,
+                 input_field: str = "input", output_field: str = "output"):
+        import ray
+
+        from .api import as_examples
+        from .modules import load_modules
+        from .ray_data import connect, runtime_env
+
+        if loss not in PARTIAL_LOSSES:
+            raise LoraHubError(f"loss {loss!r} cannot be computed in shards; use one of {sorted(PARTIAL_LOSSES)}")
+        data = as_examples(examples, input_field=input_field, output_field=output_field)  # checked first
+        self.dim = len(load_modules(list(modules)))  # checks the modules before any actor starts
+        self.regularizer = regularizer
+        self.ranges = shard_ranges(len(data), num_shards=workers, batch_size=batch_size)
+        connect()
+        options = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
+        if runtime_env():
+            options["runtime_env"] = runtime_env()
+        actor = ray.remote(ShardEvaluator).options(**options)
+        self.actors = [
+            actor.remote(model, list(modules), data.inputs[r.start : r.stop], data.outputs[r.start : r.stop],
+                         loss=loss, batch_size=batch_size,
+                         device=device or ("cuda" if gpus_per_worker > 0 else "cpu"))
+            for r in self.ranges
+        ]
+
+    def __call__(self, weights: Sequence[float]) -> float:
+        return self.evaluate_batch([list(weights)])[0]
+
+    def evaluate_batch(self, candidates: Sequence[Sequence[float]]) -> list[float]:
+        import ray
+
+        candidates = [[float(x) for x in w] for w in candidates]
+        per_actor = ray.get([a.many.remote(candidates) for a in self.actors])
+        return [combine([parts[i] for parts in per_actor], w, self.regularizer) for i, w in enumerate(candidates)]
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
