@@ -450,6 +450,8 @@ def _new_spec(model, modules, examples, *, output, workers, restarts, modules_pe
         raise LoraHubError(f"gpus per worker must not be negative, got {gpus_per_worker}")
     if asks is not None and asks < 1:
         raise LoraHubError(f"asks must be at least 1, got {asks}")
+    if storage.is_remote(str(output)):
+        raise LoraHubError(f"output '{output}': the Ray search writes a local output directory for now")
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not (output / RECIPE_FILE).exists():
         raise LoraHubError(f"output directory '{output}' is not empty and holds no {RECIPE_FILE}: refusing to overwrite it")
@@ -459,8 +461,10 @@ def _new_spec(model, modules, examples, *, output, workers, restarts, modules_pe
     fs, path = fsspec.core.url_to_fs(root.rstrip("/") + "/" + EXPERIMENT)
     if fs.exists(path):
         raise LoraHubError(f"a search already ran in '{root}': resume it with --resume {output} or remove that directory")
+    from .modules import LoraModule
+
     spec = {
-        "model": str(model), "modules": [str(m) for m in modules], "inputs": data.inputs, "outputs": data.outputs,
+        "model": str(model), "modules": [m.uri if isinstance(m, LoraModule) else str(m) for m in modules], "inputs": data.inputs, "outputs": data.outputs,
         "examples": data.source, "output": str(output.expanduser().resolve()), "workers": workers, "restarts": restarts,
         "modules_per_restart": modules_per_restart, "budget": budget,
         "optimizer": optimizer if isinstance(optimizer, str) else "<custom>", "optimizer_label": optimizer_label(optimizer),
@@ -470,6 +474,9 @@ def _new_spec(model, modules, examples, *, output, workers, restarts, modules_pe
         "device": device, "scheduler": scheduler or "fifo", "asks": asks or default_asks(workers, restarts),
         "max_failures": max_failures, "storage": root,
     }
+    if all(isinstance(m, LoraModule) for m in modules):  # already loaded (e.g. from a hub catalogue)
+        spec["module_entries"] = [{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in modules]
+        spec["trials"] = plan_restarts(len(modules), restarts, modules_per_restart, seed)
     return spec, root
 
 

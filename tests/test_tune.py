@@ -133,3 +133,15 @@ def test_crash_inside_the_optimizer_fails_the_run_with_its_error(world, ray_clus
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the trial process cannot import this test file
     with pytest.raises(SearchFailed, match="only 0-dimensional arrays"):
         run(world, tmp_path / "out", workers=1, optimizer=CrashingOptimizer, max_failures=0)
+
+
+def test_cli_reports_impossible_resources_in_one_line(world, ray_cluster, tmp_path):
+    from typer.testing import CliRunner
+
+    from lorahub_ray.cli import app
+
+    result = CliRunner().invoke(app, ["search", "-m", str(world["base"]), "--modules", str(world["hub"]), "-e",
+                                      str(world["examples"]), "-o", str(tmp_path / "out"), "--workers", "2",
+                                      "--gpus-per-worker", "0.5"])
+    assert result.exit_code == 2
+    assert "GPU" in result.output and "Traceback" not in result.output
