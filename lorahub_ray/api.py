@@ -66,14 +66,18 @@ def _load_modules(modules: Sequence[str | LoraModule], progress: bool) -> list[L
         return load_modules(uris, progress=lambda m: advance(info=m.name))
 
 
-def write_output(output: str | Path, recipe: Recipe, model, tokenizer, history: SearchResult | None = None) -> Path | str:
+def write_output(output: str | Path, recipe: Recipe, model, tokenizer, history: SearchResult | None = None,
+                 extra: Callable[[Path], None] | None = None) -> Path | str:
     """Write ``recipe.json``, ``model/`` (merged, ``save_pretrained``) and ``history.parquet`` atomically
-    (to a local directory, or to ``s3://...`` with ``recipe.json`` uploaded last)."""
+    (to a local directory, or to ``s3://...`` with ``recipe.json`` uploaded last); ``extra(directory)``
+    may add more files before the output is published."""
     with storage.output_directory(output, marker=RECIPE_FILE) as tmp:
         model.save_pretrained(tmp / MODEL_DIR)
         tokenizer.save_pretrained(tmp / MODEL_DIR)
         if history is not None:
             write_history(tmp / HISTORY_FILE, history)
+        if extra is not None:
+            extra(tmp)
         recipe.save(tmp)  # last: a directory with recipe.json is complete
     return str(output) if storage.is_remote(str(output)) else Path(output)
 
@@ -140,7 +144,7 @@ def lorahub_learning(
     recipe = Recipe(
         base_model=str(model), base_model_sha256=storage.sha256_dir(base_path),
         modules=[{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in loaded],
-        weights=result.weights, objective=result.objective, optimizer=optimizer, algorithm=result.algorithm,
+        weights=result.weights, objective=result.objective, optimizer=result.optimizer, algorithm=result.algorithm,
         budget=budget, seed=seed, loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),
         batch_size=batch_size,
         regularizer="l1(0.05)" if regularizer is l1_regularization else getattr(regularizer, "__name__", "custom"),

@@ -65,9 +65,9 @@ def _expand_modules(modules: list[str]) -> list[str]:
 @_fail_cleanly
 def search(
     ctx: typer.Context,
-    model: ModelOpt,
-    examples: Annotated[str, typer.Option("--examples", "-e", help="Few-shot examples: JSON Lines, Parquet or CSV with input/output fields, local or s3://.")],
-    output: Annotated[str, typer.Option("--output", "-o", help="Directory or s3:// prefix to write recipe.json, model/ (merged, loadable with from_pretrained) and history.parquet (on S3, recipe.json is uploaded last).")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Base seq2seq model: a Hugging Face Hub id, a local directory or an s3:// URI.")] = None,
+    examples: Annotated[Optional[str], typer.Option("--examples", "-e", help="Few-shot examples: JSON Lines, Parquet or CSV with input/output fields, local or s3://.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Directory or s3:// prefix to write recipe.json, model/ (merged, loadable with from_pretrained) and history.parquet (on S3, recipe.json is uploaded last).")] = None,
     modules: Annotated[Optional[list[str]], typer.Option("--modules", help="LoRA modules: PEFT adapter directories, folders of them, Hub ids or s3:// prefixes. Repeat the option or list several after it. Or use --hub.")] = None,
     hub: Annotated[Optional[str], typer.Option("--hub", help="Draw the modules from this hub catalogue (Parquet, local or s3://); their sha256 are checked on load.")] = None,
     filter: Annotated[Optional[list[str]], typer.Option("--filter", help="With --hub: keep modules with FIELD=VALUE, FIELD!=VALUE, FIELD~REGEX or FIELD!~REGEX (repeatable, all must hold), e.g. task~^qa.")] = None,
@@ -79,12 +79,26 @@ def search(
     input_field: InputFieldOpt = "input",
     output_field: OutputFieldOpt = "output",
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Run on Ray with this many evaluator actors (each holds the model once). Without it (and without --restarts/--address/--resume) the search runs in this process.", rich_help_panel="Ray")] = None,
+    restarts: Annotated[Optional[int], typer.Option(help="Independent searches (seeds seed, seed+1, ...) run as concurrent Ray Tune trials; the best wins.", rich_help_panel="Ray")] = None,
+    modules_per_restart: Annotated[Optional[int], typer.Option(help="Each restart searches a random subset of this many modules (the paper: 20).", rich_help_panel="Ray")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster: 'auto', host:port or ray://host:10001 (default: start a local Ray).", rich_help_panel="Ray")] = None,
+    cpus_per_worker: Annotated[Optional[float], typer.Option(help="CPUs per evaluator actor (default: an equal share of the cluster, at most 1).", rich_help_panel="Ray")] = None,
+    gpus_per_worker: Annotated[float, typer.Option(help="GPUs per evaluator actor; fractions such as 0.25 let actors share a GPU.", rich_help_panel="Ray")] = 0.0,
+    scheduler: Annotated[Optional[str], typer.Option(help="'asha' stops hopeless restarts early; default: run all to the budget.", rich_help_panel="Ray")] = None,
+    asks: Annotated[Optional[int], typer.Option(help="Candidates evaluated at once per restart (default: ceil(workers / restarts)); more asks buy wall time at some cost in quality.", rich_help_panel="Ray")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Ray Tune experiment storage (default: OUTPUT.tune; use shared storage such as s3:// on a multi-node cluster).", rich_help_panel="Ray")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Resume an interrupted Ray search: its --output directory (everything else is read from the saved run).", rich_help_panel="Ray")] = None,
 ):
     """Find module weights on a few examples (LoraHub learning) and save the merged model and its recipe.
 
     Example:
 
         lorahub-ray search --model google/flan-t5-large --modules hub/ --examples fewshot.jsonl --output runs/task
+
+    On Ray (a local one, or a cluster with --address), 5 restarts over 2 model-holding actors:
+
+        lorahub-ray search -m google/flan-t5-large --modules hub/ -e fewshot.jsonl -o runs/task --workers 2 --restarts 5
     """
     _quiet_libraries()
     from .api import lorahub_learning
@@ -95,8 +109,31 @@ def search(
         all_modules = _hub_modules(hub, filter or [], all_modules, examples, input_field, output_field, output)
     elif filter:
         raise LoraHubError("--filter selects modules of a hub catalogue: give --hub CATALOGUE too")
-    elif not all_modules:
+    elif not all_modules and resume is None:
         raise LoraHubError("no modules: give --modules or --hub")
+    if any(v is not None for v in (workers, restarts, modules_per_restart, address, resume, scheduler, asks, storage)):
+        from .distributed import SearchFailed, SearchInterrupted, lorahub_learning_ray
+
+        try:
+            result = lorahub_learning_ray(
+            model, all_modules, examples, output=output, workers=workers or 2, restarts=restarts or 1,
+            modules_per_restart=modules_per_restart, budget=budget, optimizer=optimizer, seed=seed, loss=loss,
+            batch_size=batch_size, input_field=input_field, output_field=output_field, address=address,
+            cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, device=device, scheduler=scheduler,
+            asks=asks, storage_path=storage, resume=resume)
+        except SearchInterrupted as exc:
+            console.print(f"[bold yellow]interrupted:[/] {exc}", highlight=False)
+            raise typer.Exit(130) from None
+        except SearchFailed as exc:
+            console.print(f"[bold red]search failed:[/] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+        _print_weights(result.recipe)
+        console.print(f"objective {result.recipe.objective:.4f} ({result.recipe.algorithm}, restart "
+                      f"{result.best.restart} of {len(result.trials)}) in {result.seconds:.1f} s; wrote "
+                      f"{result.output}/recipe.json, model/, history.parquet and search.png")
+        return
+    if model is None or examples is None or output is None:
+        raise LoraHubError("--model, --examples and --output are required (or --resume DIR with --workers)")
     result = lorahub_learning(model, all_modules, examples, output=output, budget=budget, optimizer=optimizer,
                               seed=seed, loss=loss, batch_size=batch_size, input_field=input_field,
                               output_field=output_field, device=device)

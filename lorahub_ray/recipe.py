@@ -47,6 +47,7 @@ class Recipe:
     num_examples: int = 0
     started: str = ""
     finished: str = ""
+    search: dict = field(default_factory=dict)  # how the search ran (e.g. on Ray: workers, restarts, trials)
     versions: dict = field(default_factory=versions)
     format: str = FORMAT
 

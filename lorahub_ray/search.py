@@ -48,13 +48,22 @@ class SearchResult:
         return asdict(self)
 
 
-def check_optimizer(name: str) -> None:
+def check_optimizer(name) -> None:
+    """``name`` is a key of ``nevergrad.optimizers.registry`` or a nevergrad optimizer class/factory."""
+    if not isinstance(name, str):
+        if not callable(name):
+            raise LoraHubError(f"optimizer must be a name or a nevergrad optimizer class, got {name!r}")
+        return
     if name not in ng.optimizers.registry:
         raise LoraHubError(f"unknown optimizer {name!r}; try one of {', '.join(SUGGESTED_OPTIMIZERS)} "
                            "(any name in nevergrad.optimizers.registry works)")
 
 
-def make_optimizer(name: str, dim: int, *, budget: int, seed: int, num_workers: int = 1,
+def optimizer_label(name) -> str:
+    return name if isinstance(name, str) else getattr(name, "__name__", None) or getattr(name, "name", None) or repr(name)
+
+
+def make_optimizer(name, dim: int, *, budget: int, seed: int, num_workers: int = 1,
                    bounds: tuple[float, float] = DEFAULT_BOUNDS):
     check_optimizer(name)
     if budget < 1:
@@ -63,7 +72,8 @@ def make_optimizer(name: str, dim: int, *, budget: int, seed: int, num_workers: 
     param = ng.p.Array(init=[0.0] * dim, lower=[lower] * dim, upper=[upper] * dim)
     # what numpy.random.seed(seed) followed by nevergrad's own draw would give, without global state
     param.random_state = np.random.RandomState(np.random.RandomState(seed).randint(2**32, dtype=np.uint32))
-    return ng.optimizers.registry[name](parametrization=param, budget=budget, num_workers=num_workers)
+    factory = ng.optimizers.registry[name] if isinstance(name, str) else name
+    return factory(parametrization=param, budget=budget, num_workers=num_workers)
 
 
 def algorithm_name(optimizer) -> str:
@@ -88,18 +98,24 @@ def _finite(value: float) -> float:
 def minimize(objective: Callable[[Sequence[float]], float], dim: int, *, budget: int = DEFAULT_BUDGET,
              optimizer: str = DEFAULT_OPTIMIZER, seed: int = 42, bounds=DEFAULT_BOUNDS,
              evaluate_batch: Callable[[list[list[float]]], list[float]] | None = None, num_workers: int = 1,
-             callback: Callable[[Evaluation, float], None] | None = None) -> SearchResult:
+             callback: Callable[[Evaluation, float], None] | None = None, opt=None,
+             history: list[Evaluation] | None = None, on_batch: Callable[[object, list[Evaluation]], None] | None = None,
+             ) -> SearchResult:
     """Minimise ``objective`` over ``dim`` weights with the nevergrad optimizer named ``optimizer``.
 
     With ``num_workers > 1`` and ``evaluate_batch``, up to ``num_workers`` candidates are asked at
     once and evaluated together (as in parallel workers), then told back in order. ``callback`` is
     called after each evaluation with the evaluation and the best objective so far.
+
+    To resume a search, pass the optimizer (``opt``) and the ``history`` it was told; ``on_batch(opt,
+    history)`` is called after each batch is told, when no candidate is pending (a point to save them).
     """
-    opt = make_optimizer(optimizer, dim, budget=budget, seed=seed, num_workers=num_workers, bounds=bounds)
+    if opt is None:
+        opt = make_optimizer(optimizer, dim, budget=budget, seed=seed, num_workers=num_workers, bounds=bounds)
     if evaluate_batch is None:
         evaluate_batch = lambda ws: [objective(w) for w in ws]  # noqa: E731
-    history: list[Evaluation] = []
-    best = math.inf
+    history = list(history or [])
+    best = min((e.objective for e in history), default=math.inf)
     while len(history) < budget:
         n = min(num_workers, budget - len(history))
         candidates = [opt.ask() for _ in range(n)]
@@ -113,6 +129,8 @@ def minimize(objective: Callable[[Sequence[float]], float], dim: int, *, budget:
             history.append(Evaluation(len(history), [float(x) for x in cand.value], value, seconds))
             if callback is not None:
                 callback(history[-1], best)
+        if on_batch is not None:
+            on_batch(opt, history)
     return finish(opt, history, objective, optimizer=optimizer, budget=budget, seed=seed, num_workers=num_workers)
 
 
@@ -123,5 +141,5 @@ def finish(opt, history: list[Evaluation], objective, *, optimizer: str, budget:
     weights = [float(x) for x in opt.provide_recommendation().value]
     seen = [e for e in history if np.allclose(e.weights, weights, rtol=0, atol=1e-12)]
     value = seen[0].objective if seen else _finite(objective(weights))
-    return SearchResult(weights=weights, objective=value, optimizer=optimizer, algorithm=algorithm_name(opt),
+    return SearchResult(weights=weights, objective=value, optimizer=optimizer_label(optimizer), algorithm=algorithm_name(opt),
                         budget=budget, seed=seed, num_workers=num_workers, history=history)

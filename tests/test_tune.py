@@ -1,0 +1,147 @@
+"""Distributed search on Ray Tune: budget, equality with the core, fault tolerance, resume, restarts,
+resource checks and optimizer crashes. All on the session's local Ray (2 CPUs)."""
+
+import os
+import signal
+import sys
+
+import nevergrad as ng
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import lorahub_ray as lr
+from lorahub_ray.distributed import ResourceError, SearchFailed, SearchInterrupted, lorahub_learning_ray
+
+BUDGET = 8
+
+
+def run(world, output, **kwargs):
+    kwargs.setdefault("budget", BUDGET)
+    kwargs.setdefault("progress", False)
+    return lorahub_learning_ray(str(world["base"]), [str(world["hub"])], str(world["examples"]), output=output,
+                                **kwargs)
+
+
+def history(output):
+    return pq.read_table(output / "history.parquet").to_pylist()
+
+
+def test_two_workers_use_the_exact_budget_and_write_a_valid_recipe(world, ray_cluster, tmp_path):
+    events = []
+    result = run(world, tmp_path / "out", workers=2, callback=events.append)
+    rows = history(tmp_path / "out")
+    assert [r["step"] for r in rows] == list(range(BUDGET))
+    assert {r["trial"] for r in rows} == {0}
+    recipe = lr.Recipe.load(tmp_path / "out")
+    assert recipe.search["workers"] == 2 and recipe.search["asks_per_trial"] == 2
+    assert recipe.algorithm == result.trials[0].algorithm and recipe.algorithm not in ("", "NGOpt")
+    assert len(recipe.weights) == 4 and recipe.objective == result.trials[0].objective
+    assert (tmp_path / "out" / "search.png").stat().st_size > 0
+    assert [e["evaluations"] for e in events] == list(range(1, BUDGET + 1)) + [BUDGET]  # + the final report
+    model, _ = lr.build_model(tmp_path / "out")  # the recipe rebuilds
+    assert model is not None
+
+
+def test_one_worker_equals_the_local_engine(world, ray_cluster, tmp_path):
+    local = lr.lorahub_learning(str(world["base"]), [str(world["hub"])], str(world["examples"]), budget=BUDGET,
+                                progress=False)
+    remote = run(world, tmp_path / "out", workers=1)
+    assert remote.recipe.weights == pytest.approx(local.recipe.weights, abs=1e-6)
+    assert remote.recipe.objective == pytest.approx(local.recipe.objective, abs=1e-6)
+    assert remote.recipe.algorithm == local.recipe.algorithm
+    steps = np.array([e.weights for e in remote.trials[0].history])
+    assert np.allclose(steps, [e.weights for e in local.search.history], rtol=0, atol=1e-6)
+
+
+def test_killed_actor_is_restarted_and_the_search_finishes(world, ray_cluster, tmp_path):
+    import ray
+
+    killed = []
+
+    def kill_once(event):
+        if event["evaluations"] == 3 and not killed:
+            actor = ray.get_actor(f"lorahub-evaluator-{event['run']}-0")
+            ray.kill(actor, no_restart=False)
+            killed.append(actor)
+
+    result = run(world, tmp_path / "out", workers=2, callback=kill_once)
+    assert killed
+    assert len(result.trials[0].history) == BUDGET
+    assert [r["step"] for r in history(tmp_path / "out")] == list(range(BUDGET))
+
+
+def test_interrupted_run_resumes_without_repeating_evaluations(world, ray_cluster, tmp_path):
+    out = tmp_path / "out"
+    seen = []
+
+    def interrupt(event):
+        seen.append(event["evaluations"])
+        if event["evaluations"] == 4:
+            os.kill(os.getpid(), signal.SIGUSR1)  # what Ctrl-C does to Tune, without stopping pytest
+
+    with pytest.raises(SearchInterrupted, match="--resume"):
+        run(world, out, workers=1, callback=interrupt)
+    assert not (out / "recipe.json").exists()
+    done_before = max(seen)
+    resumed = []
+    result = lorahub_learning_ray(resume=out, progress=False, callback=lambda e: resumed.append(e["evaluations"]))
+    assert resumed[0] > done_before - 1  # no told evaluation is run again
+    assert [r["step"] for r in history(out)] == list(range(BUDGET))
+    # the same answer as an uninterrupted run with the same seed
+    whole = run(world, tmp_path / "whole", workers=1)
+    assert result.recipe.weights == pytest.approx(whole.recipe.weights, abs=1e-9)
+
+
+def test_restarts_on_module_subsets_pick_the_best_trial(world, ray_cluster, tmp_path):
+    result = run(world, tmp_path / "out", workers=2, restarts=2, modules_per_restart=2, budget=6)
+    assert len(result.trials) == 2
+    assert [t.seed for t in result.trials] == [42, 43]
+    assert result.recipe.objective == min(t.objective for t in result.trials)
+    assert len(result.recipe.modules) == 2
+    best = result.best
+    assert [m["name"] for m in result.recipe.modules] == result.recipe.search["trials"][best.restart]["modules"]
+    rows = history(tmp_path / "out")
+    assert sorted({r["trial"] for r in rows}) == [0, 1]
+    assert all(len(r["weights"]) == 2 for r in rows)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"gpus_per_worker": 1}, r"GPU"),
+    ({"gpus_per_worker": 0.25, "workers": 8}, r"GPU"),
+    ({"cpus_per_worker": 4}, r"CPUs"),
+])
+def test_impossible_resources_fail_fast(world, ray_cluster, tmp_path, kwargs, message):
+    kwargs.setdefault("workers", 2)
+    with pytest.raises(ResourceError, match=message):
+        run(world, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+class CrashingOptimizer(ng.optimizers.registry["NGOpt"]):
+    """Raises inside ask() as nevergrad 1.0.12 does on numpy 2.4."""
+
+    def _internal_ask_candidate(self):
+        if self.num_ask >= 3:
+            raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+        return super()._internal_ask_candidate()
+
+
+def test_crash_inside_the_optimizer_fails_the_run_with_its_error(world, ray_cluster, tmp_path):
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the trial process cannot import this test file
+    with pytest.raises(SearchFailed, match="only 0-dimensional arrays"):
+        run(world, tmp_path / "out", workers=1, optimizer=CrashingOptimizer, max_failures=0)
+
+
+def test_cli_reports_impossible_resources_in_one_line(world, ray_cluster, tmp_path):
+    from typer.testing import CliRunner
+
+    from lorahub_ray.cli import app
+
+    result = CliRunner().invoke(app, ["search", "-m", str(world["base"]), "--modules", str(world["hub"]), "-e",
+                                      str(world["examples"]), "-o", str(tmp_path / "out"), "--workers", "2",
+                                      "--gpus-per-worker", "0.5"])
+    assert result.exit_code == 2
+    assert "GPU" in result.output and "Traceback" not in result.output
