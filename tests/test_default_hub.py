@@ -39,6 +39,14 @@ def test_base_and_modules_load(hub):
         assert any("lora_A" in k for k, _ in model.named_parameters()), name
 
 
+def test_modules_share_one_lora_a(hub):
+    """Only B is trained, from one seeded A: LoraHub's sums of A's and B's compose linearly."""
+    tensors = [load_file(path / "adapter_model.safetensors") for path in hub.modules.values()]
+    a_keys = [k for k in tensors[0] if "lora_A" in k]
+    assert a_keys and all(t[k].equal(tensors[0][k]) for t in tensors for k in a_keys)
+    assert not all(t[k].equal(tensors[0][k]) for t in tensors for k in tensors[0] if "lora_B" in k)
+
+
 def test_unseen_tasks_have_five_shots_and_a_disjoint_test_set(hub):
     assert len(hub.unseen_tasks) >= 2
     for name, task in hub.unseen_tasks.items():
