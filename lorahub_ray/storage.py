@@ -169,14 +169,10 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False, marker: str
     refused, so a user's unrelated files are never deleted.
     """
     target = Path(target).expanduser()
-    if target.exists():
-        if not target.is_dir():
-            raise LoraHubError(f"output '{target}' exists and is not a directory")
-        ours = overwrite or (marker is not None and (target / marker).exists())
-        if any(target.iterdir()) and not ours:
-            raise LoraHubError(
-                f"output directory '{target}' is not empty and holds no {marker}: refusing to overwrite it"
-            )
+    if target.exists() and not target.is_dir():
+        raise LoraHubError(f"output '{target}' exists and is not a directory")
+    if not overwrite:
+        check_output(str(target), marker=marker or "marker file")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
