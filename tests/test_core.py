@@ -166,6 +166,30 @@ def test_composed_tensors_equal_reference_formula(world):
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_lean_lora_forward_equals_peft_forward(world):
+    from peft.tuners.lora.layer import Linear
+
+    composer, tok = composer_for(world)
+    layers = [m for m in composer.model.modules() if type(m) is Linear]
+    assert layers and all("forward" in vars(m) for m in layers)  # the lean forward is installed on every layer
+    composer.compose([0.9, -1.3, 0.4, 1.1])
+    enc = tok(INPUTS, padding=True, return_tensors="pt")
+    labels = tok(OUTPUTS, padding=True, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        lean = composer.model(**enc, labels=labels).logits
+    with torch.enable_grad():  # gradients on: every layer takes PEFT's own forward
+        peft_logits = composer.model(**enc, labels=labels).logits.detach()
+    for m in layers:
+        del m.forward  # PEFT's class forward, for certain
+    with torch.inference_mode():
+        plain = composer.model(**enc, labels=labels).logits
+    torch.testing.assert_close(peft_logits, plain, rtol=0, atol=0)
+    torch.testing.assert_close(lean, plain, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode(), composer.model.disable_adapter():
+        base_logits = composer.model(**enc, labels=labels).logits
+    assert (plain - base_logits).abs().max() > 1e-3  # the composed LoRA does change the outputs
+
+
 def test_mean_loss_is_batch_size_independent_and_reference_loss_is_not(world):
     composer, tok = composer_for(world)
     w = [0.5, -0.5, 0.2, 0.1]
