@@ -6,8 +6,11 @@ recipes, then in one run:
 1. in-process batched generation of recipe A's merged model (the baseline, same thread count as
    a replica: ``ceil(--num-cpus)``);
 2. Serve on 127.0.0.1 with recipe A merged (one replica): a bounded load generator sends
-   ``--requests`` requests (one input each) at ``--concurrency``; prints errors, p50/p99 latency,
-   requests/s and throughput ÷ the baseline;
+   ``--requests`` requests (one input each) at each ``--concurrency`` level (32 and 64 by
+   default); prints errors, p50/p99 latency, requests/s and throughput ÷ the baseline. With one
+   replica and ``--max-batch-size`` 32, concurrency 32 cannot keep the model busy (Little's law:
+   while a batch runs, the clients it answers are on their way back), so batches alternate
+   between two halves; concurrency 64 fills a whole batch while the previous one runs;
 3. Serve with recipes A and B composed in one replica: the in-place switch time (in process and
    in the replica) and the same load with requests alternating between the recipes.
 
@@ -110,7 +113,8 @@ async def load(url: str, jobs: list[dict], concurrency: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[32, 64],
+                        help="client concurrency levels, each a separate load run (default: 32 and 64)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.02)
@@ -174,51 +178,55 @@ def main() -> None:
                       "batch_wait_timeout_s": opts.batch_wait_timeout_s}
             jobs = [{"inputs": [text], "max_new_tokens": opts.max_new_tokens} for text in inputs]
 
-            # 2. merged single recipe
+            # 2. merged single recipe, then 3. two recipes composed in one replica (requests alternating),
+            # at each concurrency level
+            report["serve_merged"], report["serve_composed_two_recipes"] = {}, {}
             serve.run(app({"recipes": [f"a={recipes['a']}"], "mode": "merged", **common}), name="bench", route_prefix="/")
-            asyncio.run(load(url, jobs[: 2 * opts.concurrency], opts.concurrency))  # warm-up
             handle = serve.get_deployment_handle("LoraHubModel", app_name="bench")
-            before = handle.health.remote().result()
-            merged = asyncio.run(load(url, jobs, opts.concurrency))
-            after = handle.health.remote().result()
-            merged["mean_batch_inputs"] = ((after["inputs"] - before["inputs"])
-                                           / max(1, after["generate_calls"] - before["generate_calls"]))
-            merged["replica_torch_threads"] = after["torch_threads"]
-            merged["throughput_ratio"] = merged["requests_per_s"] / report["in_process"]["inputs_per_s"]
-            report["serve_merged"] = merged
-            print(f"serve merged: {merged['requests']} requests at concurrency {opts.concurrency}: "
-                  f"{merged['errors']} errors, p50 {merged['p50_ms']:.0f} ms, p99 {merged['p99_ms']:.0f} ms, "
-                  f"{merged['requests_per_s']:.1f} requests/s, throughput / in-process batched = "
-                  f"{merged['throughput_ratio']:.2f} (mean batch {merged['mean_batch_inputs']:.1f} inputs, "
-                  f"{merged['replica_torch_threads']} torch thread(s) in the replica)", flush=True)
+            asyncio.run(load(url, jobs[: 2 * max(opts.concurrency)], max(opts.concurrency)))  # warm-up
+            for c in opts.concurrency:
+                before = handle.health.remote().result()
+                merged = asyncio.run(load(url, jobs, c))
+                after = handle.health.remote().result()
+                merged["mean_batch_inputs"] = ((after["inputs"] - before["inputs"])
+                                               / max(1, after["generate_calls"] - before["generate_calls"]))
+                merged["replica_torch_threads"] = after["torch_threads"]
+                merged["throughput_ratio"] = merged["requests_per_s"] / report["in_process"]["inputs_per_s"]
+                report["serve_merged"][c] = merged
+                print(f"serve merged: {merged['requests']} requests at concurrency {c}: "
+                      f"{merged['errors']} errors, p50 {merged['p50_ms']:.0f} ms, p99 {merged['p99_ms']:.0f} ms, "
+                      f"{merged['requests_per_s']:.1f} requests/s, throughput / in-process batched = "
+                      f"{merged['throughput_ratio']:.2f} (goal >= 0.85; mean batch {merged['mean_batch_inputs']:.1f} "
+                      f"inputs, {merged['replica_torch_threads']} torch thread(s) in the replica)", flush=True)
             serve.delete("bench")
 
-            # 3. two recipes composed in one replica, requests alternating
             serve.run(app({"recipes": [f"a={recipes['a']}", f"b={recipes['b']}"], "mode": "composed", **common}),
                       name="bench", route_prefix="/")
             mixed = [dict(job, recipe="ab"[i % 2]) for i, job in enumerate(jobs)]
-            asyncio.run(load(url, mixed[: 2 * opts.concurrency], opts.concurrency))
             handle = serve.get_deployment_handle("LoraHubModel", app_name="bench")
-            before = handle.health.remote().result()
-            composed = asyncio.run(load(url, mixed, opts.concurrency))
-            after = handle.health.remote().result()
-            composed["throughput_ratio"] = composed["requests_per_s"] / report["in_process"]["inputs_per_s"]
-            composed["switches"] = after["switches"] - before["switches"]
-            composed["mean_batch_inputs"] = ((after["inputs"] - before["inputs"])
-                                             / max(1, after["generate_calls"] - before["generate_calls"]))
-            composed["replica_mean_switch_ms"] = after["mean_switch_ms"]
-            report["serve_composed_two_recipes"] = composed
-            print(f"serve composed, 2 recipes alternating: {composed['errors']} errors, p50 {composed['p50_ms']:.0f} ms, "
-                  f"p99 {composed['p99_ms']:.0f} ms, {composed['requests_per_s']:.1f} requests/s, ratio "
-                  f"{composed['throughput_ratio']:.2f} (mean batch {composed['mean_batch_inputs']:.1f}); {composed['switches']} switches in the replica, mean "
-                  f"{after['mean_switch_ms']:.3f} ms", flush=True)
+            asyncio.run(load(url, mixed[: 2 * max(opts.concurrency)], max(opts.concurrency)))
+            for c in opts.concurrency:
+                before = handle.health.remote().result()
+                composed = asyncio.run(load(url, mixed, c))
+                after = handle.health.remote().result()
+                composed["throughput_ratio"] = composed["requests_per_s"] / report["in_process"]["inputs_per_s"]
+                composed["switches"] = after["switches"] - before["switches"]
+                composed["mean_batch_inputs"] = ((after["inputs"] - before["inputs"])
+                                                 / max(1, after["generate_calls"] - before["generate_calls"]))
+                composed["replica_mean_switch_ms"] = after["mean_switch_ms"]
+                report["serve_composed_two_recipes"][c] = composed
+                print(f"serve composed, 2 recipes alternating, concurrency {c}: {composed['errors']} errors, "
+                      f"p50 {composed['p50_ms']:.0f} ms, p99 {composed['p99_ms']:.0f} ms, "
+                      f"{composed['requests_per_s']:.1f} requests/s, ratio {composed['throughput_ratio']:.2f} "
+                      f"(mean batch {composed['mean_batch_inputs']:.1f}); {composed['switches']} switches in the "
+                      f"replica, mean {after['mean_switch_ms']:.3f} ms", flush=True)
             serve.delete("bench")
             serve.shutdown()
         finally:
             ray.shutdown()
     if opts.output:
         opts.output.write_text(json.dumps(report, indent=2) + "\n")
-    errors = report["serve_merged"]["errors"] + report["serve_composed_two_recipes"]["errors"]
+    errors = sum(r["errors"] for key in ("serve_merged", "serve_composed_two_recipes") for r in report[key].values())
     sys.exit(1 if errors else 0)
 
 

@@ -1,19 +1,52 @@
-"""lorahub-ray: LoraHub (gradient-free composition of LoRA modules) at cluster scale on Ray."""
+"""lorahub-ray: LoraHub (gradient-free composition of LoRA modules) at cluster scale on Ray.
+
+The public names below are imported on first use (PEP 562), so that light modules such as
+``lorahub_ray.data`` or ``lorahub_ray.evaluation`` (which Ray tasks import to read and check
+data) do not pay for torch, transformers and nevergrad.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from .api import LoraHubResult, build_model, evaluate, load_model, lorahub_learning
-from .compose import MERGE_METHODS, LoraComposer
-from .data import Examples, read_examples
-from .errors import DataError, IncompatibleModulesError, IntegrityError, LoraHubError, ModuleLoadError
-from .modules import LoraModule, check_compatible, load_module, load_modules
-from .objective import FewShotObjective, l1_regularization, mean_loss, reference_loss
-from .recipe import Recipe
-from .search import SearchResult, minimize
+_EXPORTS = {
+    "api": ["LoraHubResult", "build_model", "evaluate", "load_model", "lorahub_learning"],
+    "compose": ["MERGE_METHODS", "LoraComposer"],
+    "data": ["Examples", "read_examples"],
+    "errors": ["DataError", "IncompatibleModulesError", "IntegrityError", "LoraHubError", "ModuleLoadError"],
+    "modules": ["LoraModule", "check_compatible", "load_module", "load_modules"],
+    "objective": ["FewShotObjective", "l1_regularization", "mean_loss", "reference_loss"],
+    "recipe": ["Recipe"],
+    "search": ["SearchResult", "minimize"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
 
-__all__ = [
-    "DataError", "Examples", "FewShotObjective", "IncompatibleModulesError", "IntegrityError", "LoraComposer",
-    "LoraHubError", "LoraHubResult", "LoraModule", "MERGE_METHODS", "Recipe", "SearchResult", "build_model",
-    "check_compatible", "evaluate", "l1_regularization", "load_model", "load_module", "load_modules",
-    "lorahub_learning", "mean_loss", "minimize", "read_examples", "reference_loss",
-]
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)  # a submodule as an attribute: lr.inference
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from .api import LoraHubResult, build_model, evaluate, load_model, lorahub_learning  # noqa: F401
+    from .compose import MERGE_METHODS, LoraComposer  # noqa: F401
+    from .data import Examples, read_examples  # noqa: F401
+    from .errors import DataError, IncompatibleModulesError, IntegrityError, LoraHubError, ModuleLoadError  # noqa: F401
+    from .modules import LoraModule, check_compatible, load_module, load_modules  # noqa: F401
+    from .objective import FewShotObjective, l1_regularization, mean_loss, reference_loss  # noqa: F401
+    from .recipe import Recipe  # noqa: F401
+    from .search import SearchResult, minimize  # noqa: F401

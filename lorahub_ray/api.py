@@ -22,7 +22,7 @@ from .compose import LoraComposer
 from .data import Examples, read_examples
 from .errors import LoraHubError
 from .inference import accuracy, exact_match, generate
-from .model import load_base_model
+from .model import load_base_model, load_model  # noqa: F401  (load_model is part of the API)
 from .modules import LoraModule, check_compatible, load_module, load_modules
 from .objective import LOSSES, FewShotObjective, LossFn, l1_regularization
 from .progress import progress_bar
@@ -172,22 +172,6 @@ def build_model(recipe: Recipe | str | Path, *, device: str | None = None, verif
 
         raise IntegrityError(f"base model '{recipe.base_model}' differs from the one the recipe was made with")
     return LoraComposer(base, modules, merge_method=recipe.merge_method).merge_and_unload(recipe.weights), tokenizer
-
-
-def load_model(uri: str | Path, *, device: str | None = None):
-    """A model to evaluate: a lorahub-ray output directory (its ``model/``) or any seq2seq model."""
-    uri = str(uri)
-    local = Path(uri)
-    if local.is_dir() and (local / RECIPE_FILE).exists() and (local / MODEL_DIR).is_dir():
-        uri = str(local / MODEL_DIR)
-    elif storage.is_remote(uri):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(uri)
-        if fs.exists(f"{root.rstrip('/')}/{RECIPE_FILE}"):
-            uri = uri.rstrip("/") + "/" + MODEL_DIR
-    model, tokenizer, _ = load_base_model(uri, device=device)
-    return model, tokenizer
 
 
 def evaluate(

@@ -285,7 +285,7 @@ def evaluate_data(model, data: str, *, output: str | Path | None = None, workers
                                   max_new_tokens=max_new_tokens, input_field=input_field,
                                   output_field=output_field, transform=transform, device=device)
     else:
-        from .api import load_model
+        from .model import load_model
         from .progress import progress_bar
 
         tasks = read_tasks(data, input_field=input_field, output_field=output_field)  # before the model

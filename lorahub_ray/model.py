@@ -30,3 +30,21 @@ def load_base_model(uri: str, *, device: str | None = None, dtype: torch.dtype |
     model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype) if dtype else AutoModelForSeq2SeqLM.from_pretrained(path)
     model.to(device or default_device()).eval()
     return model, tokenizer, Path(path)
+
+
+def load_model(uri: str | Path, *, device: str | None = None):
+    """A model to evaluate: a lorahub-ray output directory (its ``model/``) or any seq2seq model."""
+    from .recipe import MODEL_DIR, RECIPE_FILE
+
+    uri = str(uri)
+    local = Path(uri)
+    if local.is_dir() and (local / RECIPE_FILE).exists() and (local / MODEL_DIR).is_dir():
+        uri = str(local / MODEL_DIR)
+    elif storage.is_remote(uri):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(uri)
+        if fs.exists(f"{root.rstrip('/')}/{RECIPE_FILE}"):
+            uri = uri.rstrip("/") + "/" + MODEL_DIR
+    model, tokenizer, _ = load_base_model(uri, device=device)
+    return model, tokenizer

@@ -177,7 +177,7 @@ class Generator:
 
         from transformers.utils import logging as hf_logging
 
-        from .api import load_model
+        from .model import load_model
 
         hf_logging.set_verbosity_error()
         warnings.filterwarnings("ignore", category=UserWarning)
