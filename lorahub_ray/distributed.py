@@ -129,6 +129,11 @@ def _trial(config: dict, *, evaluators: list, spec: dict, optimizer=None) -> Non
     seed, indices = plan["seed"], plan["modules"]
     optimizer = optimizer if optimizer is not None else spec["optimizer"]
     budget, asks, workers = spec["budget"], spec["asks"], len(evaluators)
+    error = wait_for_evaluators(evaluators, spec.get("ready_timeout", 600.0))
+    if error is not None:
+        tune.report({"restart": restart, "startup_error": error["message"], "startup_error_kind": error["kind"],
+                     "evaluations": 0, "best": math.inf, "done": True})
+        return
     history = []
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -308,18 +313,22 @@ def _label(value) -> str:
     return value if isinstance(value, str) else getattr(value, "__name__", "custom")
 
 
-def _storage_path(output: Path, storage_path: str | None) -> str:
+def _storage_path(output: str, storage_path: str | None) -> str:
+    """Tune's experiment storage: ``storage_path``, else ``<output>.tune`` beside the output (on S3
+    for an ``s3://`` output, so that every node of a cluster reaches it)."""
     if storage_path:
         return storage_path if storage.is_remote(storage_path) else str(Path(storage_path).expanduser().resolve())
-    return str(output.expanduser().resolve().with_name(output.name + ".tune"))
+    return output.rstrip("/") + ".tune"
 
 
 def _read_spec(resume: str | Path) -> tuple[dict, str]:
     import fsspec
 
     resume = str(resume)
-    candidates = [resume, str(Path(resume).expanduser().resolve().with_name(Path(resume).name + ".tune"))] \
-        if not storage.is_remote(resume) else [resume]
+    if storage.is_remote(resume):
+        candidates = [resume.rstrip("/"), resume.rstrip("/") + ".tune"]
+    else:
+        candidates = [resume, str(Path(resume).expanduser().resolve().with_name(Path(resume).name + ".tune"))]
     for root in candidates:
         uri = root.rstrip("/") + "/" + RUN_FILE
         fs, path = fsspec.core.url_to_fs(uri)
@@ -402,6 +411,9 @@ def lorahub_learning_ray(
     custom = {"optimizer": optimizer if not isinstance(optimizer, str) else None,
               "loss": loss if not isinstance(loss, str) else None,
               "regularizer": regularizer if regularizer is not l1_regularization else None}
+    from .model import check_base_model
+
+    check_base_model(spec["model"])  # a wrong model fails here, not in every evaluator
     loaded = _load_spec_modules(spec, progress)
     started_ray = _connect(address)
     actors = []
@@ -413,8 +425,9 @@ def lorahub_learning_ray(
             _write_spec(root, spec)
         run_id = uuid.uuid4().hex[:8]
         # the driver holds the modules' object ref for the whole run: a restarted actor reads them again
-        actors, modules_ref = _start_evaluators(spec, loaded, custom, run_id, actor_restarts, ready_timeout)
-        grid, experiment = _run_tune(spec, root, actors, custom, run_id, progress, callback, resume is not None)
+        actors, modules_ref = _start_evaluators(spec, loaded, custom, run_id, actor_restarts)
+        grid, experiment = _run_tune(spec, root, actors, custom, run_id, progress, callback, resume is not None,
+                                     ready_timeout)
         outcomes = _collect(grid, spec, experiment)
     finally:
         import ray
@@ -450,11 +463,8 @@ def _new_spec(model, modules, examples, *, output, workers, restarts, modules_pe
         raise LoraHubError(f"gpus per worker must not be negative, got {gpus_per_worker}")
     if asks is not None and asks < 1:
         raise LoraHubError(f"asks must be at least 1, got {asks}")
-    if storage.is_remote(str(output)):
-        raise LoraHubError(f"output '{output}': the Ray search writes a local output directory for now")
-    output = Path(output)
-    if output.exists() and any(output.iterdir()) and not (output / RECIPE_FILE).exists():
-        raise LoraHubError(f"output directory '{output}' is not empty and holds no {RECIPE_FILE}: refusing to overwrite it")
+    storage.check_output(output, marker=RECIPE_FILE)  # a local directory or an s3:// prefix
+    output = str(output).rstrip("/") if storage.is_remote(str(output)) else str(Path(output).expanduser().resolve())
     root = _storage_path(output, storage_path)
     import fsspec
 
@@ -465,7 +475,7 @@ def _new_spec(model, modules, examples, *, output, workers, restarts, modules_pe
 
     spec = {
         "model": str(model), "modules": [m.uri if isinstance(m, LoraModule) else str(m) for m in modules], "inputs": data.inputs, "outputs": data.outputs,
-        "examples": data.source, "output": str(output.expanduser().resolve()), "workers": workers, "restarts": restarts,
+        "examples": data.source, "output": output, "workers": workers, "restarts": restarts,
         "modules_per_restart": modules_per_restart, "budget": budget,
         "optimizer": optimizer if isinstance(optimizer, str) else "<custom>", "optimizer_label": optimizer_label(optimizer),
         "seed": seed, "loss": loss if isinstance(loss, str) else "<custom>", "loss_label": _label(loss),
@@ -494,7 +504,7 @@ def _load_spec_modules(spec: dict, progress: bool):
     return loaded
 
 
-def _start_evaluators(spec, loaded, custom, run_id, actor_restarts, ready_timeout):
+def _start_evaluators(spec, loaded, custom, run_id, actor_restarts):
     import ray
 
     cpus, gpus = spec["cpus_per_worker"], spec["gpus_per_worker"]
@@ -507,21 +517,31 @@ def _start_evaluators(spec, loaded, custom, run_id, actor_restarts, ready_timeou
     actors = [remote.options(name=f"lorahub-evaluator-{run_id}-{i}", **options).remote(
         spec["model"], modules_ref, spec["inputs"], spec["outputs"], loss=loss, batch_size=spec["batch_size"],
         regularizer=regularizer, device=device, threads=max(1, int(cpus))) for i in range(spec["workers"])]
-    try:
-        ray.get([a.ready.remote() for a in actors], timeout=ready_timeout)
-    except ray.exceptions.GetTimeoutError:
-        for a in actors:
-            ray.kill(a, no_restart=True)
-        raise ResourceError(f"the {len(actors)} evaluators did not start within {ready_timeout:g} s; the cluster may "
-                            "lack the resources they ask for") from None
-    except ray.exceptions.RayActorError as exc:
-        for a in actors:
-            ray.kill(a, no_restart=True)
-        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-        if isinstance(cause, LoraHubError):
-            raise cause from None
-        raise RuntimeError(f"an evaluator failed to start: {cause}") from None
+    # no waiting here: the actors start (import torch, load the model) while Tune starts its trials,
+    # and each trial waits for them first (see wait_for_evaluators)
     return actors, modules_ref
+
+
+def wait_for_evaluators(evaluators: list, timeout: float) -> dict | None:
+    """Wait until every evaluator has started; ``None``, or what went wrong as ``{"kind", "message"}``
+    (reported by the trial as its final result, so that Tune does not retry a start that cannot work)."""
+    import ray
+
+    try:
+        ray.get([a.ready.remote() for a in evaluators], timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        return {"kind": "resources", "message": f"the {len(evaluators)} evaluators did not start within {timeout:g} s; "
+                                                "the cluster may lack the resources they ask for"}
+    except ray.exceptions.RayActorError as exc:
+        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+        return {"kind": "start", "message": f"an evaluator failed to start: {_root_message(cause)}"}
+    return None
+
+
+def _raise_startup_error(error: dict) -> None:
+    if error["kind"] == "resources":
+        raise ResourceError(error["message"])
+    raise SearchFailed(error["message"])
 
 
 class _Display:
@@ -559,11 +579,12 @@ class _Display:
         self.bar.update(self.tasks[restart], completed=n, info=info)
 
 
-def _run_tune(spec, root, actors, custom, run_id, progress, callback, resumed):
+def _run_tune(spec, root, actors, custom, run_id, progress, callback, resumed, ready_timeout):
     from ray import tune
 
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, evaluators=actors, spec={k: spec[k] for k in ("trials", "optimizer", "budget", "asks")},
+        tune.with_parameters(_trial, evaluators=actors, spec={**{k: spec[k] for k in ("trials", "optimizer", "budget", "asks")},
+                                                               "ready_timeout": ready_timeout},
                              optimizer=custom["optimizer"]),
         {"cpu": TRIAL_CPUS})
     display = _Display(spec, progress)
@@ -589,21 +610,26 @@ def _run_tune(spec, root, actors, custom, run_id, progress, callback, resumed):
                     signal.signal(sig, handler)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "startup_error" in result:
+                return
             display.update(result)
             if callback is not None:
                 callback({"run": run_id, "restart": result["restart"], "evaluations": result["evaluations"],
                           "best": result["best"], "objective": result["objective"]})
 
     experiment = root.rstrip("/") + "/" + EXPERIMENT
+    filesystem, storage_path = storage.arrow_filesystem(root)  # s3:// through s3fs, as everywhere else
     run_config = tune.RunConfig(
-        name=EXPERIMENT, storage_path=root, verbose=0, callbacks=[Progress()],
+        name=EXPERIMENT, storage_path=storage_path, storage_filesystem=filesystem, verbose=0, callbacks=[Progress()],
         failure_config=tune.FailureConfig(max_failures=spec["max_failures"]),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
     if resumed:
-        if not tune.Tuner.can_restore(experiment):
+        path = storage_path.rstrip("/") + "/" + EXPERIMENT
+        if not tune.Tuner.can_restore(path, storage_filesystem=filesystem):
             raise LoraHubError(f"'{experiment}' holds no Tune experiment state to resume")
-        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=filesystem)
         # Tune restores the run config pickled with the experiment, callbacks included (the old run's
         # progress display and user callback): put this run's in their place (no public API for it)
         local = getattr(tuner, "_local_tuner", None)
@@ -629,6 +655,10 @@ def _run_tune(spec, root, actors, custom, run_id, progress, callback, resumed):
 
 
 def _collect(grid, spec: dict, experiment: str) -> list[TrialOutcome]:
+    for result in grid:
+        if result.metrics and result.metrics.get("startup_error"):
+            _raise_startup_error({"kind": result.metrics.get("startup_error_kind"),
+                                  "message": result.metrics["startup_error"]})
     errors = grid.errors
     if errors:
         first = errors[0]

@@ -14,9 +14,10 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_base_model(uri: str, *, device: str | None = None, dtype: torch.dtype | None = None):
-    """Return ``(model, tokenizer, local_path)``; the model is in eval mode on ``device``."""
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+def check_base_model(uri: str) -> Path:
+    """Resolve ``uri`` to a local directory and check, from its config alone, that it is a seq2seq
+    model (cheap: no weights are read); returns the directory."""
+    from transformers import AutoConfig
 
     path = storage.resolve(uri, what="base model")
     try:
@@ -26,6 +27,14 @@ def load_base_model(uri: str, *, device: str | None = None, dtype: torch.dtype |
     if not getattr(config, "is_encoder_decoder", False):
         raise LoraHubError(f"base model '{uri}' is a {config.model_type} model; LoraHub needs a seq2seq "
                            "(encoder-decoder) model such as Flan-T5")
+    return Path(path)
+
+
+def load_base_model(uri: str, *, device: str | None = None, dtype: torch.dtype | None = None):
+    """Return ``(model, tokenizer, local_path)``; the model is in eval mode on ``device``."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    path = check_base_model(uri)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype) if dtype else AutoModelForSeq2SeqLM.from_pretrained(path)
     model.to(device or default_device()).eval()

@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 
 from .errors import DataError, LoraHubError
+from .storage import arrow_filesystem
 from .evaluation import (
     COLUMNS,
     DataFile,
@@ -61,32 +62,6 @@ def worker_env() -> dict[str, str]:
 def runtime_env() -> dict:
     env = worker_env()
     return {"env_vars": env} if env else {}
-
-
-def arrow_filesystem(uri: str):
-    """``(pyarrow filesystem, path)`` for Ray Data's readers: None for local files, a pyarrow
-    filesystem over fsspec (s3fs for ``s3://``) otherwise. S3 settings come from the driver's
-    environment and travel with the filesystem object to the read tasks."""
-    from . import storage
-
-    if not storage.is_remote(uri):
-        return None, os.path.abspath(os.path.expanduser(str(uri).removeprefix("file://")))
-    import fsspec
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    protocol, path = str(uri).split("://", 1)
-    options = {}
-    if protocol in ("s3", "s3a"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            options["endpoint_url"] = endpoint
-        if os.environ.get("AWS_ACCESS_KEY_ID"):
-            options["key"] = os.environ["AWS_ACCESS_KEY_ID"]
-            options["secret"] = os.environ.get("AWS_SECRET_ACCESS_KEY")
-            if os.environ.get("AWS_SESSION_TOKEN"):
-                options["token"] = os.environ["AWS_SESSION_TOKEN"]
-        protocol = "s3"
-    return PyFileSystem(FSSpecHandler(fsspec.filesystem(protocol, **options))), path
 
 
 # --- reading ---------------------------------------------------------------------------------------

@@ -261,3 +261,27 @@ def upload_directory(local: Path, uri: str, *, marker: str) -> None:
     except Exception as exc:
         raise LoraHubError(f"upload to '{uri}' failed ({type(exc).__name__}: {exc}); it holds no {marker}") from exc
     fs.invalidate_cache(root)
+
+
+def arrow_filesystem(uri: str):
+    """``(pyarrow filesystem, path)`` for Ray's libraries (Ray Data's readers, Tune's storage):
+    ``None`` and the absolute path for local files, else a pyarrow filesystem over fsspec (s3fs for
+    ``s3://``) and the path without scheme. S3 settings come from this process's environment and
+    travel with the filesystem object to other processes."""
+    if not is_remote(uri):
+        return None, os.path.abspath(os.path.expanduser(str(uri).removeprefix("file://")))
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    protocol, path = str(uri).split("://", 1)
+    options = {}
+    if protocol in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options["endpoint_url"] = endpoint
+        if os.environ.get("AWS_ACCESS_KEY_ID"):
+            options["key"] = os.environ["AWS_ACCESS_KEY_ID"]
+            options["secret"] = os.environ.get("AWS_SECRET_ACCESS_KEY")
+            if os.environ.get("AWS_SESSION_TOKEN"):
+                options["token"] = os.environ["AWS_SESSION_TOKEN"]
+        protocol = "s3"
+    return PyFileSystem(FSSpecHandler(fsspec.filesystem(protocol, **options))), path

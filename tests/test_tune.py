@@ -16,11 +16,11 @@ from lorahub_ray.distributed import ResourceError, SearchFailed, SearchInterrupt
 BUDGET = 8
 
 
-def run(world, output, **kwargs):
+def run(world, output, *, model=None, **kwargs):
     kwargs.setdefault("budget", BUDGET)
     kwargs.setdefault("progress", False)
-    return lorahub_learning_ray(str(world["base"]), [str(world["hub"])], str(world["examples"]), output=output,
-                                **kwargs)
+    return lorahub_learning_ray(model or str(world["base"]), [str(world["hub"])], str(world["examples"]),
+                                output=output, **kwargs)
 
 
 def history(output):
@@ -145,3 +145,54 @@ def test_cli_reports_impossible_resources_in_one_line(world, ray_cluster, tmp_pa
                                       "--gpus-per-worker", "0.5"])
     assert result.exit_code == 2
     assert "GPU" in result.output and "Traceback" not in result.output
+
+
+def test_s3_output_keeps_the_experiment_on_s3_and_resumes_from_there(world, ray_cluster, tmp_path):
+    """``--output s3://...``: Tune's experiment state lives beside it on S3 (where every node of a
+    cluster reaches it), an interrupted run resumes from the S3 URI alone, and the output is uploaded
+    with recipe.json last."""
+    from s3 import moto_server, s3fs_client
+
+    with moto_server():
+        fs = s3fs_client()
+        fs.mkdir("runs")
+        out = "s3://runs/task"
+        seen = []
+
+        def interrupt(event):
+            seen.append(event["evaluations"])
+            if event["evaluations"] == 4:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+        with pytest.raises(SearchInterrupted, match="--resume s3://runs/task"):
+            run(world, out, workers=1, callback=interrupt)
+        assert not fs.exists("runs/task/recipe.json")
+        assert fs.exists("runs/task.tune/lorahub-run.json") and fs.find("runs/task.tune/search")  # Tune's state, on S3
+        resumed = []
+        result = lorahub_learning_ray(resume=out, progress=False, callback=lambda e: resumed.append(e["evaluations"]))
+        assert resumed[0] > max(seen) - 1
+        assert result.output == out
+        files = {p.removeprefix("runs/task/") for p in fs.find("runs/task")}
+        assert {"recipe.json", "history.parquet", "search.png", "model/config.json"} <= files
+        fs.get("runs/task", str(tmp_path / "down"), recursive=True)
+        assert [r["step"] for r in history(tmp_path / "down")] == list(range(BUDGET))
+        whole = run(world, tmp_path / "whole", workers=1)
+        assert result.recipe.weights == pytest.approx(whole.recipe.weights, abs=1e-9)
+        model, _ = lr.build_model(out)  # the recipe on S3 rebuilds
+        assert model is not None
+
+
+def test_an_evaluator_that_cannot_start_fails_the_run_once_with_its_cause(world, ray_cluster, tmp_path):
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(SearchFailed, match="an evaluator failed to start: .*(CUDA|cuda)"):
+        run(world, tmp_path / "out", workers=1, device="cuda")  # a CPU-only cluster
+    assert time.monotonic() - start < 60  # reported once, not retried by Tune
+    assert not (tmp_path / "out" / "recipe.json").exists()
+
+
+def test_a_wrong_base_model_fails_before_ray_starts_anything(world, ray_cluster, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(lr.LoraHubError, match="no usable config.json"):
+        run(world, tmp_path / "out", model=str(tmp_path / "empty"), workers=1)
