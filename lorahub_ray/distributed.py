@@ -35,6 +35,7 @@ import numpy as np
 
 from . import storage
 from .errors import LoraHubError
+from .ray_objective import Evaluator
 from .objective import LOSSES, l1_regularization
 from .recipe import HISTORY_FILE, RECIPE_FILE, Recipe
 from .search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, Evaluation, SearchResult, check_optimizer, optimizer_label
@@ -63,53 +64,6 @@ class SearchInterrupted(RuntimeError):
 
 
 # --- the evaluator actor -------------------------------------------------------------------------
-
-
-class Evaluator:
-    """Holds the base model with the K modules stacked in one LoRA slot and the tokenised examples.
-
-    ``evaluate(weights, indices)`` composes ``weights`` for the modules at ``indices`` (all modules
-    when ``None``; the others get weight 0, which is the composition of the subset alone) and
-    returns loss + regulariser(weights).
-    """
-
-    def __init__(self, model: str, modules, inputs, outputs, *, loss, batch_size, regularizer, device, threads):
-        import torch
-
-        from .compose import LoraComposer
-        from .model import load_base_model
-        from .objective import FewShotObjective
-
-        if threads:
-            torch.set_num_threads(threads)
-        base, tokenizer, _ = load_base_model(model, device=device)
-        self.k = len(modules)
-        self.objective = FewShotObjective(LoraComposer(base, modules), tokenizer, inputs, outputs, loss=loss,
-                                          batch_size=batch_size, regularizer=regularizer)
-        self.calls = 0
-
-    def ready(self) -> dict:
-        import ray
-
-        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
-
-    def evaluate(self, weights: Sequence[float], indices: Sequence[int] | None = None) -> float:
-        self.calls += 1
-        if indices is None:
-            return float(self.objective(weights))
-        full = [0.0] * self.k
-        for i, w in zip(indices, weights):
-            full[i] = float(w)
-        value = self.objective.loss(full) + float(self.objective.regularizer(weights))
-        return value if math.isfinite(value) else math.inf
-
-    def forward_seconds(self, repeats: int = 3) -> float:
-        """The time of one bare objective evaluation here (for the overhead benchmark)."""
-        self.objective([0.0] * self.k)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            self.objective([0.0] * self.k)
-        return (time.perf_counter() - start) / repeats
 
 
 # --- one trial: one coefficient search -----------------------------------------------------------
@@ -148,12 +102,12 @@ def _trial(config: dict, *, evaluators: list, spec: dict, optimizer=None) -> Non
     started = time.time() - (history[-1].wall if history else 0.0)
     sent = [len(history)]
 
-    def evaluate_batch(candidates: list[list[float]]) -> list[float]:
+    def submit_batch(candidates: list[list[float]]):
         refs = []
         for w in candidates:  # spread over the actors, trials shifted so that restarts share them
             refs.append(evaluators[(restart + sent[0]) % workers].evaluate.remote(w, indices))
             sent[0] += 1
-        return ray.get(refs)
+        return lambda: ray.get(refs)
 
     pending: list[tuple[Evaluation, float]] = []
 
@@ -172,8 +126,9 @@ def _trial(config: dict, *, evaluators: list, spec: dict, optimizer=None) -> Non
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp) if last else None)
         pending.clear()
 
-    result = minimize(lambda w: evaluate_batch([w])[0], len(indices), budget=budget, optimizer=optimizer, seed=seed,
-                      evaluate_batch=evaluate_batch, num_workers=asks, callback=on_evaluation, opt=opt,
+    # the report and checkpoint of a batch overlap the evaluation of the next one
+    result = minimize(lambda w: submit_batch([w])()[0], len(indices), budget=budget, optimizer=optimizer, seed=seed,
+                      submit_batch=submit_batch, num_workers=asks, callback=on_evaluation, opt=opt,
                       history=history, on_batch=on_batch)
     for e in result.history:
         e.trial = restart
@@ -413,7 +368,12 @@ def lorahub_learning_ray(
               "regularizer": regularizer if regularizer is not l1_regularization else None}
     from .model import check_base_model
 
-    check_base_model(spec["model"])  # a wrong model fails here, not in every evaluator
+    base_path = check_base_model(spec["model"])  # a wrong model fails here, not in every evaluator
+    from concurrent.futures import ThreadPoolExecutor
+
+    hashing = ThreadPoolExecutor(1, thread_name_prefix="lorahub-hash")  # the recipe's base hash, while the search runs
+    base_sha256 = hashing.submit(storage.sha256_dir, base_path)
+    hashing.shutdown(wait=False)
     loaded = _load_spec_modules(spec, progress)
     started_ray = _connect(address)
     actors = []
@@ -436,7 +396,7 @@ def lorahub_learning_ray(
             ray.kill(actor, no_restart=True)
         if started_ray:
             ray.shutdown()
-    return _finish(spec, loaded, outcomes, experiment, started, time.time() - started_at, custom)
+    return _finish(spec, loaded, outcomes, experiment, started, time.time() - started_at, custom, base_sha256.result())
 
 
 def _new_spec(model, modules, examples, *, output, workers, restarts, modules_per_restart, budget, optimizer, seed,
@@ -706,7 +666,8 @@ def _root_message(exc: BaseException) -> str:
     return text[-1] if text else repr(exc)
 
 
-def _finish(spec, loaded, outcomes: list[TrialOutcome], experiment: str, started: str, seconds: float, custom):
+def _finish(spec, loaded, outcomes: list[TrialOutcome], experiment: str, started: str, seconds: float, custom,
+            base_sha256: str):
     from .api import _now, write_output
     from .compose import LoraComposer
     from .model import load_base_model
@@ -715,7 +676,7 @@ def _finish(spec, loaded, outcomes: list[TrialOutcome], experiment: str, started
     chosen = [loaded[i] for i in best.modules]
     base, tokenizer, base_path = load_base_model(spec["model"], device=spec["device"] or "cpu")
     recipe = Recipe(
-        base_model=spec["model"], base_model_sha256=storage.sha256_dir(base_path),
+        base_model=spec["model"], base_model_sha256=base_sha256,
         modules=[{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in chosen],
         weights=best.weights, objective=best.objective, optimizer=spec["optimizer_label"], algorithm=best.algorithm,
         budget=spec["budget"], seed=best.seed, loss=spec["loss_label"], batch_size=spec["batch_size"],

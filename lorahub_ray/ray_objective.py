@@ -1,6 +1,11 @@
-"""The few-shot objective sharded across Ray actors: a thin layer over :mod:`lorahub_ray.partial`.
+"""The few-shot objective on Ray actors. This module stays light (no nevergrad, no Ray Tune): it
+is what an evaluator actor's process imports.
 
-Each :class:`ShardEvaluator` actor loads the base model and the modules once, holds one shard
+:class:`Evaluator` (used by the Ray Tune search) holds the base model with all K modules stacked
+and the examples, and returns the whole objective for a weight vector.
+
+For larger few-shot sets the objective is sharded, a thin layer over :mod:`lorahub_ray.partial`:
+each :class:`ShardEvaluator` actor loads the base model and the modules once, holds one shard
 of the examples (whole batches) and returns its :class:`~lorahub_ray.partial.Partial` for a
 weight vector; :class:`ShardedObjective` asks every actor and combines the parts, so one
 evaluation's cost divides across the workers::
@@ -12,11 +17,61 @@ evaluation's cost divides across the workers::
 
 from __future__ import annotations
 
+import math
+import os
+import time
 from collections.abc import Callable, Sequence
 
 from .errors import LoraHubError
 from .objective import l1_regularization
 from .partial import PARTIAL_LOSSES, Partial, PartialObjective, combine, shard_ranges
+
+
+class Evaluator:
+    """Holds the base model with the K modules stacked in one LoRA slot and the tokenised examples.
+
+    ``evaluate(weights, indices)`` composes ``weights`` for the modules at ``indices`` (all modules
+    when ``None``; the others get weight 0, which is the composition of the subset alone) and
+    returns loss + regulariser(weights).
+    """
+
+    def __init__(self, model: str, modules, inputs, outputs, *, loss, batch_size, regularizer, device, threads):
+        import torch
+
+        from .compose import LoraComposer
+        from .model import load_base_model
+        from .objective import FewShotObjective
+
+        if threads:
+            torch.set_num_threads(threads)
+        base, tokenizer, _ = load_base_model(model, device=device)
+        self.k = len(modules)
+        self.objective = FewShotObjective(LoraComposer(base, modules), tokenizer, inputs, outputs, loss=loss,
+                                          batch_size=batch_size, regularizer=regularizer)
+        self.calls = 0
+
+    def ready(self) -> dict:
+        import ray
+
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+
+    def evaluate(self, weights: Sequence[float], indices: Sequence[int] | None = None) -> float:
+        self.calls += 1
+        if indices is None:
+            return float(self.objective(weights))
+        full = [0.0] * self.k
+        for i, w in zip(indices, weights):
+            full[i] = float(w)
+        value = self.objective.loss(full) + float(self.objective.regularizer(weights))
+        return value if math.isfinite(value) else math.inf
+
+    def forward_seconds(self, repeats: int = 3) -> float:
+        """The time of one bare objective evaluation here (for the overhead benchmark)."""
+        self.objective([0.0] * self.k)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            self.objective([0.0] * self.k)
+        return (time.perf_counter() - start) / repeats
 
 
 class ShardEvaluator:

@@ -100,6 +100,7 @@ def minimize(objective: Callable[[Sequence[float]], float], dim: int, *, budget:
              evaluate_batch: Callable[[list[list[float]]], list[float]] | None = None, num_workers: int = 1,
              callback: Callable[[Evaluation, float], None] | None = None, opt=None,
              history: list[Evaluation] | None = None, on_batch: Callable[[object, list[Evaluation]], None] | None = None,
+             submit_batch: Callable[[list[list[float]]], Callable[[], list[float]]] | None = None,
              ) -> SearchResult:
     """Minimise ``objective`` over ``dim`` weights with the nevergrad optimizer named ``optimizer``.
 
@@ -107,20 +108,32 @@ def minimize(objective: Callable[[Sequence[float]], float], dim: int, *, budget:
     once and evaluated together (as in parallel workers), then told back in order. ``callback`` is
     called after each evaluation with the evaluation and the best objective so far.
 
-    To resume a search, pass the optimizer (``opt``) and the ``history`` it was told; ``on_batch(opt,
-    history)`` is called after each batch is told, when no candidate is pending (a point to save them).
+    ``submit_batch(candidates)``, instead of ``evaluate_batch``, starts the evaluations elsewhere and
+    returns a function that waits for their values: bookkeeping then overlaps with them.
+
+    To resume a search, pass the optimizer (``opt``) and the ``history`` it was told. ``on_batch(opt,
+    history)`` is called once per told batch with the history up to that batch (a point to save
+    it): while the next batch is being evaluated, and once more at the end.
     """
     if opt is None:
         opt = make_optimizer(optimizer, dim, budget=budget, seed=seed, num_workers=num_workers, bounds=bounds)
-    if evaluate_batch is None:
-        evaluate_batch = lambda ws: [objective(w) for w in ws]  # noqa: E731
+    if submit_batch is None:
+        evaluate = evaluate_batch or (lambda ws: [objective(w) for w in ws])
+
+        def submit_batch(ws):
+            values = evaluate(ws)
+            return lambda: values
     history = list(history or [])
     best = min((e.objective for e in history), default=math.inf)
+    told_unsaved = False
     while len(history) < budget:
         n = min(num_workers, budget - len(history))
         candidates = [opt.ask() for _ in range(n)]
         start = time.perf_counter()
-        values = evaluate_batch([c.value.tolist() for c in candidates])
+        collect = submit_batch([c.value.tolist() for c in candidates])
+        if told_unsaved and on_batch is not None:
+            on_batch(opt, history)  # the previous batch, while this one is evaluated
+        values = collect()
         seconds = (time.perf_counter() - start) / n
         for cand, value in zip(candidates, values):
             value = _finite(value)
@@ -129,8 +142,9 @@ def minimize(objective: Callable[[Sequence[float]], float], dim: int, *, budget:
             history.append(Evaluation(len(history), [float(x) for x in cand.value], value, seconds))
             if callback is not None:
                 callback(history[-1], best)
-        if on_batch is not None:
-            on_batch(opt, history)
+        told_unsaved = True
+    if told_unsaved and on_batch is not None:
+        on_batch(opt, history)
     return finish(opt, history, objective, optimizer=optimizer, budget=budget, seed=seed, num_workers=num_workers)
 
 
