@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from ray import tune
 
 from . import storage
 from .errors import LoraHubError
@@ -74,7 +75,6 @@ def _trial(config: dict, *, evaluators: list, spec: dict, optimizer=None) -> Non
     import tempfile
 
     import ray
-    from ray import tune
 
     from .search import algorithm_name, make_optimizer, minimize
 
@@ -152,8 +152,6 @@ def replay(opt, history: list[Evaluation], asks: int) -> None:
 
 def _report_final(result: SearchResult, restart: int, plan: dict, *, history) -> None:
     import tempfile
-
-    from ray import tune
 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / STATE_FILE).write_bytes(pickle.dumps({"history": history, "result": result}))
@@ -388,7 +386,7 @@ def lorahub_learning_ray(
         actors, modules_ref = _start_evaluators(spec, loaded, custom, run_id, actor_restarts)
         grid, experiment = _run_tune(spec, root, actors, custom, run_id, progress, callback, resume is not None,
                                      ready_timeout)
-        outcomes = _collect(grid, spec, experiment)
+        outcomes = _collect(grid, spec, experiment, custom["optimizer"] or spec["optimizer"])
     finally:
         import ray
 
@@ -539,8 +537,53 @@ class _Display:
         self.bar.update(self.tasks[restart], completed=n, info=info)
 
 
+@dataclass
+class _Listener:
+    """What one run's Tune events go to: the live display, the user's callback, interruptions seen."""
+
+    display: "_Display"
+    callback: Callable[[dict], None] | None
+    run_id: str
+    interrupted: list = field(default_factory=list)
+
+
+_ACTIVE: _Listener | None = None  # the run whose Tuner.fit() is running in this process
+
+
+class _RunEvents(tune.Callback):
+    """The Tune callback of a search. It holds no state (Tune pickles it with the experiment, and a
+    resumed run gets the pickled one back) and reports to the run being fitted now."""
+
+    def setup(self, **info):
+        # Tune has installed its SIGINT/SIGUSR1 handlers (stop and save the experiment state); note
+        # the interruption too, so that unfinished trials are not taken for ASHA-stopped ones
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, getattr(signal, "SIGUSR1", None)):
+            previous = signal.getsignal(sig) if sig is not None else None
+            if callable(previous):
+                def handler(signum, frame, previous=previous):
+                    if _ACTIVE is not None:
+                        _ACTIVE.interrupted.append(signum)
+                    previous(signum, frame)
+
+                signal.signal(sig, handler)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        listener = _ACTIVE
+        if listener is None or "startup_error" in result:
+            return
+        listener.display.update(result)
+        if listener.callback is not None:
+            listener.callback({"run": listener.run_id, "restart": result["restart"],
+                               "evaluations": result["evaluations"], "best": result["best"],
+                               "objective": result["objective"]})
+
+
 def _run_tune(spec, root, actors, custom, run_id, progress, callback, resumed, ready_timeout):
-    from ray import tune
 
     trainable = tune.with_resources(
         tune.with_parameters(_trial, evaluators=actors, spec={**{k: spec[k] for k in ("trials", "optimizer", "budget", "asks")},
@@ -548,39 +591,12 @@ def _run_tune(spec, root, actors, custom, run_id, progress, callback, resumed, r
                              optimizer=custom["optimizer"]),
         {"cpu": TRIAL_CPUS})
     display = _Display(spec, progress)
-
-    interrupted = []
-
-    class Progress(tune.Callback):
-        def setup(self, **info):
-            # Tune has installed its SIGINT/SIGUSR1 handlers (stop and save the experiment state);
-            # note the interruption too, so that unfinished trials are not taken for ASHA-stopped ones
-            import signal
-            import threading
-
-            if threading.current_thread() is not threading.main_thread():
-                return
-            for sig in (signal.SIGINT, getattr(signal, "SIGUSR1", None)):
-                previous = signal.getsignal(sig) if sig is not None else None
-                if callable(previous):
-                    def handler(signum, frame, previous=previous):
-                        interrupted.append(signum)
-                        previous(signum, frame)
-
-                    signal.signal(sig, handler)
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if "startup_error" in result:
-                return
-            display.update(result)
-            if callback is not None:
-                callback({"run": run_id, "restart": result["restart"], "evaluations": result["evaluations"],
-                          "best": result["best"], "objective": result["objective"]})
+    listener = _Listener(display, callback, run_id)
 
     experiment = root.rstrip("/") + "/" + EXPERIMENT
     filesystem, storage_path = storage.arrow_filesystem(root)  # s3:// through s3fs, as everywhere else
     run_config = tune.RunConfig(
-        name=EXPERIMENT, storage_path=storage_path, storage_filesystem=filesystem, verbose=0, callbacks=[Progress()],
+        name=EXPERIMENT, storage_path=storage_path, storage_filesystem=filesystem, verbose=0, callbacks=[_RunEvents()],
         failure_config=tune.FailureConfig(max_failures=spec["max_failures"]),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
@@ -588,33 +604,36 @@ def _run_tune(spec, root, actors, custom, run_id, progress, callback, resumed, r
         path = storage_path.rstrip("/") + "/" + EXPERIMENT
         if not tune.Tuner.can_restore(path, storage_filesystem=filesystem):
             raise LoraHubError(f"'{experiment}' holds no Tune experiment state to resume")
+        # Tune restores the run config pickled with the experiment, callbacks included: the restored
+        # _RunEvents holds no state and reports to this run's listener
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=filesystem)
-        # Tune restores the run config pickled with the experiment, callbacks included (the old run's
-        # progress display and user callback): put this run's in their place (no public API for it)
-        local = getattr(tuner, "_local_tuner", None)
-        if local is not None and getattr(local, "_run_config", None) is not None:
-            local._run_config.callbacks = [Progress()]
     else:
         scheduler = None
         if spec["scheduler"] == "asha":
+            # max_t beyond the budget: ASHA never cuts a trial's final report (its recommendation)
             scheduler = tune.schedulers.ASHAScheduler(
-                time_attr="evaluations", max_t=spec["budget"], grace_period=max(1, spec["budget"] // 4),
+                time_attr="evaluations", max_t=spec["budget"] + 1, grace_period=max(1, spec["budget"] // 4),
                 reduction_factor=2)
         tuner = tune.Tuner(
             trainable, param_space={"restart": tune.grid_search(list(range(spec["restarts"])))},
             tune_config=tune.TuneConfig(metric="best", mode="min", scheduler=scheduler,
                                         max_concurrent_trials=spec["restarts"]),
             run_config=run_config)
-    with display:
-        grid = tuner.fit()
-    if interrupted:
+    global _ACTIVE
+    _ACTIVE = listener
+    try:
+        with display:
+            grid = tuner.fit()
+    finally:
+        _ACTIVE = None
+    if listener.interrupted:
         raise SearchInterrupted(f"the search was interrupted; its state is saved in {experiment}: resume it with "
                                 f"--resume {spec['output']}", spec["output"])
     return grid, experiment
 
 
-def _collect(grid, spec: dict, experiment: str) -> list[TrialOutcome]:
+def _collect(grid, spec: dict, experiment: str, optimizer) -> list[TrialOutcome]:
     for result in grid:
         if result.metrics and result.metrics.get("startup_error"):
             _raise_startup_error({"kind": result.metrics.get("startup_error_kind"),
@@ -640,24 +659,36 @@ def _collect(grid, spec: dict, experiment: str) -> list[TrialOutcome]:
             outcomes.append(TrialOutcome(restart, plan["seed"], plan["modules"], final.weights, final.objective,
                                          final.algorithm, True, history))
         else:
-            stopped = spec["scheduler"] == "asha" and _stopped_by_scheduler(grid, result)
-            if not stopped:
+            # _run_tune has raised already if the run was interrupted: under ASHA, a trial without its
+            # final report was stopped by the scheduler
+            if spec["scheduler"] != "asha":
                 raise SearchInterrupted(f"the search was interrupted ({len(history)} of {spec['budget']} evaluations of "
                                         f"restart {restart} done); resume it with --resume {spec['output']}",
                                         spec["output"])
+            if len(history) >= spec["budget"]:  # stopped at its last rung after its whole budget
+                weights, objective, algorithm = _recommendation(spec, plan, history, optimizer)
+                outcomes.append(TrialOutcome(restart, plan["seed"], plan["modules"], weights, objective, algorithm,
+                                             True, history))
+                continue
             best = min(history, key=lambda e: e.objective)
             outcomes.append(TrialOutcome(restart, plan["seed"], plan["modules"], best.weights, best.objective,
                                          metrics.get("algorithm", ""), False, history))
     return sorted(outcomes, key=lambda o: o.restart)
 
 
-def _stopped_by_scheduler(grid, result) -> bool:
-    """A trial that ended TERMINATED without its final report was stopped by the scheduler (ASHA)."""
-    analysis = grid._experiment_analysis
-    for trial in analysis.trials:
-        if trial.config.get("restart") == result.config.get("restart"):
-            return trial.status == "TERMINATED"
-    return False
+def _recommendation(spec: dict, plan: dict, history: list[Evaluation], optimizer) -> tuple[list[float], float, str]:
+    """The optimizer's recommendation after ``history``, as the trial's own final report would give
+    it: the optimizer is rebuilt by replaying the history (nevergrad is deterministic for a seed).
+    A recommended point that was never evaluated (e.g. a CMA mean) gives way to the best evaluated."""
+    from .search import algorithm_name, make_optimizer
+
+    opt = make_optimizer(optimizer, len(plan["modules"]), budget=spec["budget"], seed=plan["seed"],
+                         num_workers=spec["asks"])
+    replay(opt, history, spec["asks"])
+    weights = [float(x) for x in opt.provide_recommendation().value]
+    seen = [e for e in history if np.allclose(e.weights, weights, rtol=0, atol=1e-12)]
+    best = seen[0] if seen else min(history, key=lambda e: e.objective)
+    return best.weights, best.objective, algorithm_name(opt)
 
 
 def _root_message(exc: BaseException) -> str:

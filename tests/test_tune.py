@@ -196,3 +196,25 @@ def test_a_wrong_base_model_fails_before_ray_starts_anything(world, ray_cluster,
     (tmp_path / "empty").mkdir()
     with pytest.raises(lr.LoraHubError, match="no usable config.json"):
         run(world, tmp_path / "out", model=str(tmp_path / "empty"), workers=1)
+
+
+def test_asha_stops_restarts_early_and_the_best_restart_still_wins(world, ray_cluster, tmp_path):
+    """Four restarts on module subsets under ASHA (rungs at 3 and 6 evaluations for a budget of 12,
+    halving): a restart that reaches a rung behind the others is stopped there. Which ones are
+    stopped depends on the order they reach the rungs; what must hold either way: a stopped restart
+    ends at a rung, a finished one used its whole budget and gave its final recommendation, and the
+    recipe is the best restart's, among finished and stopped ones alike."""
+    budget = 12
+    result = run(world, tmp_path / "out", workers=2, restarts=4, modules_per_restart=2, budget=budget,
+                 scheduler="asha")
+    trials = result.recipe.search["trials"]
+    assert len(trials) == 4 and result.recipe.search["scheduler"] == "asha"
+    finished = [t for t in trials if t["finished"]]
+    stopped = [t for t in trials if not t["finished"]]
+    assert finished, "the best restart at every rung goes on to the end"
+    assert all(t["evaluations"] == budget for t in finished)
+    assert all(3 <= t["evaluations"] < budget for t in stopped)  # at a rung (3, 6), give or take one in flight
+    assert result.recipe.objective == min(t["objective"] for t in trials)
+    rows = history(tmp_path / "out")
+    assert len(rows) == sum(t["evaluations"] for t in trials)
+    print("evaluations per restart under ASHA:", [t["evaluations"] for t in trials])
