@@ -180,47 +180,33 @@ def main() -> None:
 
             # 2. merged single recipe, then 3. two recipes composed in one replica (requests alternating),
             # at each concurrency level
-            report["serve_merged"], report["serve_composed_two_recipes"] = {}, {}
-            serve.run(app({"recipes": [f"a={recipes['a']}"], "mode": "merged", **common}), name="bench", route_prefix="/")
-            handle = serve.get_deployment_handle("LoraHubModel", app_name="bench")
-            asyncio.run(load(url, jobs[: 2 * max(opts.concurrency)], max(opts.concurrency)))  # warm-up
-            for c in opts.concurrency:
-                before = handle.health.remote().result()
-                merged = asyncio.run(load(url, jobs, c))
-                after = handle.health.remote().result()
-                merged["mean_batch_inputs"] = ((after["inputs"] - before["inputs"])
-                                               / max(1, after["generate_calls"] - before["generate_calls"]))
-                merged["replica_torch_threads"] = after["torch_threads"]
-                merged["throughput_ratio"] = merged["requests_per_s"] / report["in_process"]["inputs_per_s"]
-                report["serve_merged"][c] = merged
-                print(f"serve merged: {merged['requests']} requests at concurrency {c}: "
-                      f"{merged['errors']} errors, p50 {merged['p50_ms']:.0f} ms, p99 {merged['p99_ms']:.0f} ms, "
-                      f"{merged['requests_per_s']:.1f} requests/s, throughput / in-process batched = "
-                      f"{merged['throughput_ratio']:.2f} (goal >= 0.85; mean batch {merged['mean_batch_inputs']:.1f} "
-                      f"inputs, {merged['replica_torch_threads']} torch thread(s) in the replica)", flush=True)
-            serve.delete("bench")
-
-            serve.run(app({"recipes": [f"a={recipes['a']}", f"b={recipes['b']}"], "mode": "composed", **common}),
-                      name="bench", route_prefix="/")
             mixed = [dict(job, recipe="ab"[i % 2]) for i, job in enumerate(jobs)]
-            handle = serve.get_deployment_handle("LoraHubModel", app_name="bench")
-            asyncio.run(load(url, mixed[: 2 * max(opts.concurrency)], max(opts.concurrency)))
-            for c in opts.concurrency:
-                before = handle.health.remote().result()
-                composed = asyncio.run(load(url, mixed, c))
-                after = handle.health.remote().result()
-                composed["throughput_ratio"] = composed["requests_per_s"] / report["in_process"]["inputs_per_s"]
-                composed["switches"] = after["switches"] - before["switches"]
-                composed["mean_batch_inputs"] = ((after["inputs"] - before["inputs"])
-                                                 / max(1, after["generate_calls"] - before["generate_calls"]))
-                composed["replica_mean_switch_ms"] = after["mean_switch_ms"]
-                report["serve_composed_two_recipes"][c] = composed
-                print(f"serve composed, 2 recipes alternating, concurrency {c}: {composed['errors']} errors, "
-                      f"p50 {composed['p50_ms']:.0f} ms, p99 {composed['p99_ms']:.0f} ms, "
-                      f"{composed['requests_per_s']:.1f} requests/s, ratio {composed['throughput_ratio']:.2f} "
-                      f"(mean batch {composed['mean_batch_inputs']:.1f}); {composed['switches']} switches in the "
-                      f"replica, mean {after['mean_switch_ms']:.3f} ms", flush=True)
-            serve.delete("bench")
+            for key, recipe_args, mode, requests in (
+                    ("serve_merged", [f"a={recipes['a']}"], "merged", jobs),
+                    ("serve_composed_two_recipes", [f"a={recipes['a']}", f"b={recipes['b']}"], "composed", mixed)):
+                serve.run(app({"recipes": recipe_args, "mode": mode, **common}), name="bench", route_prefix="/")
+                handle = serve.get_deployment_handle("LoraHubModel", app_name="bench")
+                asyncio.run(load(url, requests[: 2 * max(opts.concurrency)], max(opts.concurrency)))  # warm-up
+                report[key] = {}
+                for c in opts.concurrency:
+                    before = handle.health.remote().result()
+                    r = asyncio.run(load(url, requests, c))
+                    after = handle.health.remote().result()
+                    r["mean_batch_inputs"] = ((after["inputs"] - before["inputs"])
+                                              / max(1, after["generate_calls"] - before["generate_calls"]))
+                    r["replica_torch_threads"] = after["torch_threads"]
+                    r["throughput_ratio"] = r["requests_per_s"] / report["in_process"]["inputs_per_s"]
+                    r["switches"] = after["switches"] - before["switches"]
+                    r["replica_mean_switch_ms"] = after["mean_switch_ms"]
+                    report[key][c] = r
+                    switches = (f"; {r['switches']} switches in the replica, mean {after['mean_switch_ms']:.3f} ms"
+                                if mode == "composed" else "")
+                    print(f"serve {mode} ({len(recipe_args)} recipe(s)): {r['requests']} requests at concurrency {c}: "
+                          f"{r['errors']} errors, p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, "
+                          f"{r['requests_per_s']:.1f} requests/s, throughput / in-process batched = "
+                          f"{r['throughput_ratio']:.2f} (goal >= 0.85; mean batch {r['mean_batch_inputs']:.1f} inputs, "
+                          f"{r['replica_torch_threads']} torch thread(s) in the replica){switches}", flush=True)
+                serve.delete("bench")
             serve.shutdown()
         finally:
             ray.shutdown()

@@ -155,8 +155,8 @@ def test_s3_output_keeps_the_experiment_on_s3_and_resumes_from_there(world, ray_
 
     with moto_server():
         fs = s3fs_client()
-        fs.mkdir("runs")
-        out = "s3://runs/task"
+        fs.mkdir("tune-runs")  # moto keeps buckets per process: a name of this test's own
+        out = "s3://tune-runs/task"
         seen = []
 
         def interrupt(event):
@@ -164,17 +164,17 @@ def test_s3_output_keeps_the_experiment_on_s3_and_resumes_from_there(world, ray_
             if event["evaluations"] == 4:
                 os.kill(os.getpid(), signal.SIGUSR1)
 
-        with pytest.raises(SearchInterrupted, match="--resume s3://runs/task"):
+        with pytest.raises(SearchInterrupted, match="--resume s3://tune-runs/task"):
             run(world, out, workers=1, callback=interrupt)
-        assert not fs.exists("runs/task/recipe.json")
-        assert fs.exists("runs/task.tune/lorahub-run.json") and fs.find("runs/task.tune/search")  # Tune's state, on S3
+        assert not fs.exists("tune-runs/task/recipe.json")
+        assert fs.exists("tune-runs/task.tune/lorahub-run.json") and fs.find("tune-runs/task.tune/search")  # Tune's state, on S3
         resumed = []
         result = lorahub_learning_ray(resume=out, progress=False, callback=lambda e: resumed.append(e["evaluations"]))
         assert resumed[0] > max(seen) - 1
         assert result.output == out
-        files = {p.removeprefix("runs/task/") for p in fs.find("runs/task")}
+        files = {p.removeprefix("tune-runs/task/") for p in fs.find("tune-runs/task")}
         assert {"recipe.json", "history.parquet", "search.png", "model/config.json"} <= files
-        fs.get("runs/task", str(tmp_path / "down"), recursive=True)
+        fs.get("tune-runs/task", str(tmp_path / "down"), recursive=True)
         assert [r["step"] for r in history(tmp_path / "down")] == list(range(BUDGET))
         whole = run(world, tmp_path / "whole", workers=1)
         assert result.recipe.weights == pytest.approx(whole.recipe.weights, abs=1e-9)
