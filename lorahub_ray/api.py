@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,9 +17,8 @@ import torch
 
 from . import storage
 from .compose import LoraComposer
-from .data import Examples, read_examples
+from .data import as_examples
 from .errors import LoraHubError
-from .inference import accuracy, exact_match, generate
 from .model import load_base_model, load_model  # noqa: F401  (load_model is part of the API)
 from .modules import LoraModule, check_compatible, load_module, load_modules
 from .objective import LOSSES, FewShotObjective, LossFn, l1_regularization
@@ -45,16 +42,6 @@ class LoraHubResult:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def as_examples(examples, *, input_field: str = "input", output_field: str = "output") -> Examples:
-    """A path/URI to JSONL/Parquet/CSV, an :class:`Examples`, or a pair ``(inputs, outputs)``."""
-    if isinstance(examples, Examples):
-        return examples
-    if isinstance(examples, (str, Path)):
-        return read_examples(str(examples), input_field=input_field, output_field=output_field)
-    inputs, outputs = examples
-    return Examples(list(inputs), list(outputs), "<in memory>")
 
 
 def _load_modules(modules: Sequence[str | LoraModule], progress: bool) -> list[LoraModule]:
@@ -185,30 +172,22 @@ def evaluate(
     input_field: str = "input",
     output_field: str = "output",
     device: str | None = None,
+    workers: int = 0,
+    gpus_per_worker: float = 0.0,
     progress: bool = True,
 ) -> dict:
-    """Exact-match accuracy (percent) of ``model`` (a path/URI or a loaded model with ``tokenizer``)
-    on ``data``; with ``output``, writes ``metrics.json`` with the predictions."""
-    examples = as_examples(data, input_field=input_field, output_field=output_field)
-    if tokenizer is None:
-        model, tokenizer = load_model(model, device=device)
-    start = time.perf_counter()
-    with progress_bar("generating", len(examples), enabled=progress) as advance:
-        predictions = generate(model, tokenizer, examples.inputs, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, progress=advance)
-    seconds = time.perf_counter() - start
-    metrics = {
-        "accuracy": accuracy(predictions, examples.outputs),
-        "examples": len(examples),
-        "seconds": seconds,
-        "examples_per_second": len(examples) / seconds if seconds else None,
-        "data": examples.source,
-        "predictions": [
-            {"input": i, "target": t, "prediction": p, "correct": exact_match(p, t)}
-            for i, t, p in zip(examples.inputs, examples.outputs, predictions)
-        ],
-    }
-    if output is not None:
-        with storage.output_directory(output, marker="metrics.json") as tmp:
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+    """Exact-match accuracy of ``model`` on ``data``: what ``lorahub-ray evaluate`` does.
+
+    ``model`` is a lorahub-ray output directory, any seq2seq model path/URI, or a loaded model
+    with ``tokenizer``; ``data`` a file, a folder or prefix of one file per task, or in-memory
+    examples (``Examples`` or ``(inputs, outputs)``). Returns the metrics (``accuracy`` in percent,
+    per task and macro-averaged; see :func:`lorahub_ray.evaluation.evaluate_data`); with
+    ``output``, writes ``metrics.json`` and ``predictions.parquet`` there. ``workers=W`` shards
+    the generation over W Ray Data actors, with the same predictions.
+    """
+    from .evaluation import evaluate_data
+
+    return evaluate_data(model, data, output=output, workers=workers, gpus_per_worker=gpus_per_worker,
+                         tokenizer=tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                         input_field=input_field, output_field=output_field, device=device,
+                         progress=progress).metrics

@@ -147,7 +147,7 @@ def _hub_modules(hub: str, filters: list[str], extra: list[str], examples: str, 
     error naming its id). The cheap checks (examples, output) run first, as in lorahub_learning."""
     from . import hub as hub_lib
     from . import storage
-    from .api import as_examples
+    from .data import as_examples
     from .errors import LoraHubError
     from .recipe import RECIPE_FILE
 

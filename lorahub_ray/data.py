@@ -103,3 +103,15 @@ def write_jsonl(path, inputs: list[str], outputs: list[str]) -> None:
     with fsspec.open(str(path), "w") as fh:
         for i, o in zip(inputs, outputs):
             fh.write(json.dumps({"input": i, "output": o}) + "\n")
+
+
+def as_examples(examples, *, input_field: str = "input", output_field: str = "output") -> Examples:
+    """A path/URI to JSONL/Parquet/CSV, an :class:`Examples`, or a pair ``(inputs, outputs)``."""
+    from pathlib import Path
+
+    if isinstance(examples, Examples):
+        return examples
+    if isinstance(examples, (str, Path)):
+        return read_examples(str(examples), input_field=input_field, output_field=output_field)
+    inputs, outputs = examples
+    return Examples(list(inputs), list(outputs), "<in memory>")

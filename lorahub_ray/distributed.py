@@ -36,8 +36,8 @@ from ray import tune
 
 from . import storage
 from .errors import LoraHubError
-from .ray_objective import Evaluator
 from .objective import LOSSES, l1_regularization
+from .ray_objective import Evaluator
 from .recipe import HISTORY_FILE, RECIPE_FILE, Recipe
 from .search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, Evaluation, SearchResult, check_optimizer, optimizer_label
 
@@ -62,9 +62,6 @@ class SearchInterrupted(RuntimeError):
     def __init__(self, message: str, resume: str):
         super().__init__(message)
         self.resume = resume
-
-
-# --- the evaluator actor -------------------------------------------------------------------------
 
 
 # --- one trial: one coefficient search -----------------------------------------------------------
@@ -400,7 +397,7 @@ def lorahub_learning_ray(
 def _new_spec(model, modules, examples, *, output, workers, restarts, modules_per_restart, budget, optimizer, seed,
               loss, batch_size, regularizer, input_field, output_field, cpus_per_worker, gpus_per_worker, device,
               scheduler, asks, storage_path, max_failures) -> tuple[dict, str]:
-    from .api import as_examples
+    from .data import as_examples
 
     if model is None or not modules or examples is None or output is None:
         raise LoraHubError("model, modules, examples and output are required (or resume=DIR)")
@@ -584,7 +581,6 @@ class _RunEvents(tune.Callback):
 
 
 def _run_tune(spec, root, actors, custom, run_id, progress, callback, resumed, ready_timeout):
-
     trainable = tune.with_resources(
         tune.with_parameters(_trial, evaluators=actors, spec={**{k: spec[k] for k in ("trials", "optimizer", "budget", "asks")},
                                                                "ready_timeout": ready_timeout},

@@ -36,7 +36,7 @@ from pathlib import Path
 import fsspec
 
 from . import storage
-from .data import FORMATS, Examples, data_format, read_examples
+from .data import FORMATS, Examples, as_examples, data_format, read_examples
 from .errors import DataError
 from .inference import exact_match, generate
 
@@ -262,20 +262,25 @@ def evaluate_examples(model, tokenizer, tasks: Sequence[tuple[DataFile, Examples
     return results
 
 
-def evaluate_data(model, data: str, *, output: str | Path | None = None, workers: int = 0,
+def evaluate_data(model, data, *, output: str | Path | None = None, workers: int = 0,
                   gpus_per_worker: float = 0.0, cpus_per_worker: float | None = None, tokenizer=None,
                   batch_size: int = 32, max_new_tokens: int = 64, input_field: str = "input",
                   output_field: str = "output", transform: Transform | None = None, device: str | None = None,
                   progress: bool = True) -> EvaluationResult:
     """Evaluate ``model`` (a lorahub-ray output directory, any seq2seq model path/URI, or a loaded
-    model with ``tokenizer``) on ``data`` (a file, or a folder/prefix of one file per task).
+    model with ``tokenizer``) on ``data`` (a file, or a folder/prefix of one file per task, or
+    in-memory examples: an :class:`~lorahub_ray.data.Examples` or ``(inputs, outputs)``, one task
+    named ``examples``).
 
     ``workers=0`` runs in this process; ``workers=W`` shards generation across W Ray Data actors
     (see :mod:`lorahub_ray.ray_data`), with exactly the same predictions and metrics.
     """
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
+    in_memory = not isinstance(data, (str, Path))
     if workers and workers > 0:
+        if in_memory:
+            raise DataError("sharded evaluation reads files: pass a path or URI as data, not examples in memory")
         if tokenizer is not None:
             raise DataError("sharded evaluation loads the model on each worker: pass a path or URI, not a loaded model")
         from .ray_data import evaluate_sharded
@@ -288,7 +293,13 @@ def evaluate_data(model, data: str, *, output: str | Path | None = None, workers
         from .model import load_model
         from .progress import progress_bar
 
-        tasks = read_tasks(data, input_field=input_field, output_field=output_field)  # before the model
+        if in_memory:
+            examples = as_examples(data)
+            if not examples.inputs:
+                raise DataError("no examples given")
+            tasks = [(DataFile(examples.source, "examples", len(examples)), examples)]
+        else:  # every file read and checked before the model loads
+            tasks = read_tasks(str(data), input_field=input_field, output_field=output_field)
         if tokenizer is None:
             model, tokenizer = load_model(model, device=device)
         total = sum(len(ex) for _, ex in tasks)
@@ -298,7 +309,8 @@ def evaluate_data(model, data: str, *, output: str | Path | None = None, workers
                                         max_new_tokens=max_new_tokens, transform=transform, progress=advance)
         seconds = time.perf_counter() - start
         result = EvaluationResult(sort_results(columns))
-        result.metrics = summarize(result.predictions, seconds, data=str(data), workers=0, batch_size=batch_size)
+        result.metrics = summarize(result.predictions, seconds, data=tasks[0][1].source if in_memory else str(data),
+                                   workers=0, batch_size=batch_size)
     if output is not None:
         write_results(output, result)
     return result

@@ -345,14 +345,22 @@ def test_output_is_atomic_and_never_clobbers_user_files(world, tmp_path):
 
 
 def test_evaluate_writes_metrics(learned, world, tmp_path):
+    """The Python API's evaluate is the CLI's: metrics.json and predictions.parquet, and the same
+    answer for a file and for the same examples in memory."""
+    import pyarrow.parquet as pq
+
     result, out = learned
     data = write_jsonl(tmp_path / "test.jsonl", EXAMPLES)
     metrics = lr.evaluate(out, str(data), output=tmp_path / "eval", progress=False)
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["accuracy"] == metrics["accuracy"] and saved["examples"] == 5
-    assert len(saved["predictions"]) == 5
-    expected = lr.inference.generate(result.model, result.tokenizer, [e["input"] for e in EXAMPLES])
-    assert [p["prediction"] for p in saved["predictions"]] == expected
+    rows = pq.read_table(tmp_path / "eval" / "predictions.parquet").to_pylist()
+    assert len(rows) == 5
+    expected = lr.inference.generate(result.model, result.tokenizer, INPUTS)
+    assert {r["input"]: r["prediction"] for r in rows} == dict(zip(INPUTS, expected))
+    assert metrics["accuracy"] == pytest.approx(lr.inference.accuracy(expected, OUTPUTS))
+    in_memory = lr.evaluate(result.model, (INPUTS, OUTPUTS), tokenizer=result.tokenizer, progress=False)
+    assert in_memory["accuracy"] == metrics["accuracy"] and in_memory["examples"] == 5
 
 
 def test_exact_match_normalisation():
