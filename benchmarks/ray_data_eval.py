@@ -99,7 +99,7 @@ def ray_run(model_path: Path, data: Path, workers: int, batch_size: int, max_new
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=20000, help="test rows for the embedded default")
+    parser.add_argument("--examples", type=int, default=60000, help="test rows for the embedded default")
     parser.add_argument("--base-examples", type=int, default=320, help="test rows for the Flan-T5-base-shaped model")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
