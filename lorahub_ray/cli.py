@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,6 +19,19 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """lorahub-ray's own warnings as one line on the console, others as Python shows them."""
+    from .errors import LoraHubWarning
+
+    if issubclass(category, LoraHubWarning):
+        console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
+warnings.showwarning = _show_warning
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Base seq2seq model: a Hugging Face Hub id, a local directory or an s3:// URI.")]
 ModulesOpt = Annotated[list[str], typer.Option("--modules", help="LoRA modules: PEFT adapter directories, folders of them, Hub ids or s3:// prefixes. Repeat the option or list several after it.")]

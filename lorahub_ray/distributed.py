@@ -27,6 +27,7 @@ import os
 import pickle
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ import numpy as np
 from ray import tune
 
 from . import storage
-from .errors import LoraHubError
+from .errors import LoraHubError, LoraHubWarning
 from .objective import LOSSES, l1_regularization
 from .ray_objective import Evaluator
 from .recipe import HISTORY_FILE, RECIPE_FILE, Recipe
@@ -370,6 +371,12 @@ def lorahub_learning_ray(
     base_sha256 = hashing.submit(storage.sha256_dir, base_path)
     hashing.shutdown(wait=False)
     loaded = _load_spec_modules(spec, progress)
+    if resume is None:
+        note = restarts_warning(custom["optimizer"] or spec["optimizer"], len(loaded), budget=spec["budget"],
+                                asks=spec["asks"], restarts=spec["restarts"],
+                                modules_per_restart=spec["modules_per_restart"])
+        if note:
+            warnings.warn(note, LoraHubWarning, stacklevel=2)
     started_ray = _connect(address)
     actors = []
     try:
@@ -443,6 +450,30 @@ def _new_spec(model, modules, examples, *, output, workers, restarts, modules_pe
         spec["module_entries"] = [{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in modules]
         spec["trials"] = plan_restarts(len(modules), restarts, modules_per_restart, seed)
     return spec, root
+
+
+# nevergrad algorithms that do not draw random numbers: from the same start (0), any seed gives the same search
+SEEDLESS_ALGORITHMS = ("Cobyla", "Powell", "NelderMead", "SQP", "BFGS", "LBFGSB")
+
+
+def restarts_warning(optimizer, dim: int, *, budget: int, asks: int, restarts: int,
+                     modules_per_restart: int | None) -> str | None:
+    """A warning when the restarts would all run the same search: every restart on all the modules
+    and an optimizer (or NGOpt's choice for this size) that does not use its seed."""
+    if restarts < 2 or modules_per_restart is not None:
+        return None
+    from .search import algorithm_name, make_optimizer
+
+    try:
+        algorithm = algorithm_name(make_optimizer(optimizer, dim, budget=budget, seed=0, num_workers=asks))
+    except Exception:  # noqa: BLE001 - a custom optimizer that cannot be built here: no warning
+        return None
+    if not any(name in algorithm for name in SEEDLESS_ALGORITHMS):
+        return None
+    return (f"the {restarts} restarts differ only by their seed, but {optimizer_label(optimizer)} runs {algorithm} "
+            f"here ({dim} weights, budget {budget}, {asks} ask(s) at a time), which does not use the seed: they "
+            "will repeat the same search. Give each restart a random subset of the modules (modules_per_restart, "
+            "the paper's protocol) or choose a stochastic optimizer.")
 
 
 def _load_spec_modules(spec: dict, progress: bool):

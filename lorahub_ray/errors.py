@@ -19,3 +19,7 @@ class DataError(LoraHubError):
 
 class IntegrityError(LoraHubError):
     """A file's content hash differs from the one recorded."""
+
+
+class LoraHubWarning(UserWarning):
+    """A run that works but probably not as meant (e.g. restarts that would repeat one search)."""

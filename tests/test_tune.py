@@ -218,3 +218,26 @@ def test_asha_stops_restarts_early_and_the_best_restart_still_wins(world, ray_cl
     rows = history(tmp_path / "out")
     assert len(rows) == sum(t["evaluations"] for t in trials)
     print("evaluations per restart under ASHA:", [t["evaluations"] for t in trials])
+
+
+def test_restarts_that_would_repeat_one_search_are_warned_about():
+    from lorahub_ray.distributed import restarts_warning
+
+    # NGOpt at 20 weights, budget 40, one ask at a time runs Cobyla, which ignores the seed
+    note = restarts_warning("NGOpt", 20, budget=40, asks=1, restarts=5, modules_per_restart=None)
+    assert note and "Cobyla" in note and "modules_per_restart" in note
+    assert restarts_warning("NGOpt", 20, budget=40, asks=1, restarts=5, modules_per_restart=10) is None
+    assert restarts_warning("NGOpt", 20, budget=40, asks=1, restarts=1, modules_per_restart=None) is None
+    assert restarts_warning("CMA", 20, budget=40, asks=1, restarts=5, modules_per_restart=None) is None
+    assert restarts_warning("RandomSearch", 20, budget=40, asks=1, restarts=5, modules_per_restart=None) is None
+
+
+def test_cli_prints_the_restarts_warning_in_one_line(capsys):
+    from lorahub_ray.cli import _show_warning
+    from lorahub_ray.errors import LoraHubWarning
+
+    _show_warning(LoraHubWarning("the 5 restarts differ only by their seed"), LoraHubWarning, "x.py", 1)
+    err = capsys.readouterr().err
+    assert "warning: the 5 restarts differ only by their seed" in err and "x.py" not in err
+    assert issubclass(LoraHubWarning, UserWarning)
+
