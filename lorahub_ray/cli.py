@@ -40,6 +40,7 @@ BudgetOpt = Annotated[int, typer.Option(help="Number of objective evaluations (t
 OptimizerOpt = Annotated[str, typer.Option(help="nevergrad optimizer by name: NGOpt (default, picks an algorithm from dimension and budget), CMA, OnePlusOne, RandomSearch, Cobyla, ...")]
 InputFieldOpt = Annotated[str, typer.Option(help="Name of the input column/field in the data files.")]
 OutputFieldOpt = Annotated[str, typer.Option(help="Name of the target column/field in the data files.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")]
 
 
 def _quiet_libraries() -> None:
@@ -92,7 +93,7 @@ def search(
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size of the loss; default: all examples in one batch, as the reference.")] = None,
     input_field: InputFieldOpt = "input",
     output_field: OutputFieldOpt = "output",
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
+    device: DeviceOpt = None,
     workers: Annotated[Optional[int], typer.Option(help="Run on Ray with this many evaluator actors (each holds the model once). Without it (and without --restarts/--address/--resume) the search runs in this process.", rich_help_panel="Ray")] = None,
     restarts: Annotated[Optional[int], typer.Option(help="Independent searches (seeds seed, seed+1, ...) run as concurrent Ray Tune trials; the best wins.", rich_help_panel="Ray")] = None,
     modules_per_restart: Annotated[Optional[int], typer.Option(help="Each restart searches a random subset of this many modules (the paper: 20).", rich_help_panel="Ray")] = None,
@@ -189,6 +190,16 @@ WorkersOpt = Annotated[int, typer.Option("--workers", "-w", help="Shard generati
 GpusPerWorkerOpt = Annotated[float, typer.Option(help="GPUs per worker; fractions such as 0.5 put several workers on one GPU.")]
 CpusPerWorkerOpt = Annotated[Optional[float], typer.Option(help="CPUs per worker (default: 1, leaving one CPU of the cluster free for reading).")]
 AddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a private local Ray).")]
+GenerateBatchOpt = Annotated[int, typer.Option("--batch-size", help="Generation batch size.")]
+MaxNewTokensOpt = Annotated[int, typer.Option(help="Longest generated answer, in tokens.")]
+
+
+def _connect_ray(workers: int, address: str | None) -> None:
+    """With --workers and --address: join that cluster before Ray Data starts (else it starts a local Ray)."""
+    if workers > 0 and address:
+        from .ray_data import connect
+
+        connect(address)
 
 
 @app.command()
@@ -201,11 +212,11 @@ def evaluate(
     gpus_per_worker: GpusPerWorkerOpt = 0.0,
     cpus_per_worker: CpusPerWorkerOpt = None,
     address: AddressOpt = None,
-    batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 32,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest generated answer, in tokens.")] = 64,
+    batch_size: GenerateBatchOpt = 32,
+    max_new_tokens: MaxNewTokensOpt = 64,
     input_field: InputFieldOpt = "input",
     output_field: OutputFieldOpt = "output",
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
+    device: DeviceOpt = None,
 ):
     """Exact-match accuracy (strip, lower-case, drop '.', as the reference) of a model on a test set,
     in this process or sharded across Ray Data workers.
@@ -219,10 +230,7 @@ def evaluate(
     _quiet_libraries()
     from .evaluation import evaluate_data
 
-    if workers > 0 and address:
-        from .ray_data import connect
-
-        connect(address)
+    _connect_ray(workers, address)
     result = evaluate_data(model, data, output=output, workers=workers, gpus_per_worker=gpus_per_worker,
                            cpus_per_worker=cpus_per_worker, batch_size=batch_size, max_new_tokens=max_new_tokens,
                            input_field=input_field, output_field=output_field, device=device)
@@ -256,11 +264,11 @@ def compare(
     gpus_per_worker: GpusPerWorkerOpt = 0.0,
     cpus_per_worker: CpusPerWorkerOpt = None,
     address: AddressOpt = None,
-    batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 32,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest generated answer, in tokens.")] = 64,
+    batch_size: GenerateBatchOpt = 32,
+    max_new_tokens: MaxNewTokensOpt = 64,
     input_field: InputFieldOpt = "input",
     output_field: OutputFieldOpt = "output",
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
+    device: DeviceOpt = None,
 ):
     """The paper's comparison on your task: zero-shot, few-shot in-context learning and LoraHub on the
     same test set, with accuracy, input tokens per example and examples per second.
@@ -273,10 +281,7 @@ def compare(
     from .compare import compare as run_compare
     from .compare import format_table
 
-    if workers > 0 and address:
-        from .ray_data import connect
-
-        connect(address)
+    _connect_ray(workers, address)
     report = run_compare(model, recipe, examples, data, output=output, workers=workers,
                          gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, input_field=input_field, output_field=output_field,

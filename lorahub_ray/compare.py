@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import storage
-from .data import Examples, read_examples
+from .data import Examples, as_examples
 from .errors import LoraHubError
 from .evaluation import EvaluationResult, evaluate_data, read_tasks, write_results
 from .recipe import MODEL_DIR, RECIPE_FILE
@@ -77,8 +77,7 @@ def compare(model: str, recipe: str | Path, examples, data: str, *, output: str 
     and ``metrics.json`` under ``output/<arm>/``."""
     # every input is checked before any model loads
     lorahub_model = _recipe_model(recipe)
-    shots = examples if isinstance(examples, Examples) else read_examples(
-        str(examples), input_field=input_field, output_field=output_field)
+    shots = as_examples(examples, input_field=input_field, output_field=output_field)
     read_tasks(data, input_field=input_field, output_field=output_field)
     prompt = InContextPrompt.from_examples(shots)
     common = dict(workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,

@@ -38,19 +38,19 @@ def reference_loss(model, batches: list[Batch]) -> float:
     return total / sum(len(b["input_ids"]) for b in batches)
 
 
+def example_losses(model, batch: Batch) -> torch.Tensor:
+    """Each example's token-mean cross-entropy in one batch (padding labels, -100, left out)."""
+    logits = model(**batch).logits
+    labels = batch["labels"]
+    token_ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
+                                                 reduction="none")
+    return token_ce.sum(1) / (labels != -100).sum(1).clamp(min=1)
+
+
 @torch.inference_mode()
 def mean_loss(model, batches: list[Batch]) -> float:
     """Mean over examples of each example's token-mean cross-entropy."""
-    per_example = []
-    for batch in batches:
-        logits = model(**batch).logits
-        labels = batch["labels"]
-        token_ce = torch.nn.functional.cross_entropy(
-            logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
-        )
-        mask = labels != -100
-        per_example.append(token_ce.sum(1) / mask.sum(1).clamp(min=1))
-    return float(torch.cat(per_example).mean())
+    return float(torch.cat([example_losses(model, batch) for batch in batches]).mean())
 
 
 LOSSES: dict[str, LossFn] = {"reference": reference_loss, "mean": mean_loss}

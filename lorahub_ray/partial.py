@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import LoraHubError
-from .objective import Batch, l1_regularization, tokenize_examples
+from .objective import Batch, example_losses, l1_regularization, tokenize_examples
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,7 @@ def reference_partial(model, batches: list[Batch]) -> Partial:
 def mean_partial(model, batches: list[Batch]) -> Partial:
     total, count = 0.0, 0
     for batch in batches:
-        logits = model(**batch).logits
-        labels = batch["labels"]
-        token_ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
-                                                     reduction="none")
-        per_example = token_ce.sum(1) / (labels != -100).sum(1).clamp(min=1)
+        per_example = example_losses(model, batch)
         total += float(per_example.double().sum())
         count += len(per_example)
     return Partial(total, count)

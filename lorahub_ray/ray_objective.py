@@ -108,7 +108,7 @@ class ShardedObjective:
                  input_field: str = "input", output_field: str = "output"):
         import ray
 
-        from .api import as_examples
+        from .data import as_examples
         from .modules import load_modules
         from .ray_data import connect, runtime_env
 
