@@ -113,5 +113,9 @@ def as_examples(examples, *, input_field: str = "input", output_field: str = "ou
         return examples
     if isinstance(examples, (str, Path)):
         return read_examples(str(examples), input_field=input_field, output_field=output_field)
-    inputs, outputs = examples
-    return Examples(list(inputs), list(outputs), "<in memory>")
+    inputs, outputs = (list(part) for part in examples)
+    for what, values in (("input", inputs), ("output", outputs)):
+        for i, value in enumerate(values):
+            if not isinstance(value, str):
+                raise DataError(f"<in memory>: {what} {i} is {type(value).__name__}, not a string")
+    return Examples(inputs, outputs, "<in memory>")

@@ -367,3 +367,13 @@ def test_exact_match_normalisation():
     assert lr.inference.exact_match("  The Answer. ", "the answer")
     assert not lr.inference.exact_match("answer b", "answer a")
     assert lr.inference.accuracy(["a", "b.", "c"], ["A", "b", "x"]) == pytest.approx(200 / 3)
+
+
+def test_examples_in_memory_are_checked_before_any_model_loads(tmp_path):
+    missing = str(tmp_path / "no-model")  # would fail to load: the data error must come first
+    with pytest.raises(lr.DataError, match=r"<in memory>: input 1 is int, not a string"):
+        lr.evaluate(missing, (["a", 7], ["x", "y"]), progress=False)
+    with pytest.raises(lr.DataError, match=r"2 inputs but 1 outputs"):
+        lr.evaluate(missing, (["a", "b"], ["x"]), progress=False)
+    with pytest.raises(lr.DataError, match="no examples"):
+        lr.evaluate(missing, ([], []), progress=False)
