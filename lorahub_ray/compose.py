@@ -44,23 +44,29 @@ def lora_config(module: LoraModule, *, base_model_name_or_path: str | None = Non
     return LoraConfig(**kwargs)
 
 
-def _fast_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """PEFT's LoRA ``Linear.forward`` for the one case a search runs: no gradients, the composed
-    adapter alone active and unmerged, no extra arguments. The low-rank update is added in place
-    with one ``addmm_`` (``result += scaling · (x Aᵀ) Bᵀ``) instead of PEFT's separate multiply and
-    out-of-place add, which cost about as much as the low-rank matmuls themselves on CPU. Any
-    other case takes PEFT's own forward.
+def _lean_lora_forward(layer) -> Callable:
+    """A forward for one PEFT LoRA ``Linear`` in the one case a search runs: no gradients, the composed
+    adapter alone active and unmerged, no extra arguments, a plain ``nn.Linear`` base layer. It calls
+    ``F.linear`` on the base weights and adds the low-rank update in place with one ``addmm_``
+    (``result += scaling · (x Aᵀ) Bᵀ``), instead of PEFT's separate multiply and out-of-place add,
+    which cost about as much as the low-rank matmuls themselves on CPU; the tensors are looked up
+    once, not on every call. Any other case takes PEFT's own forward.
     """
-    if (args or kwargs or torch.is_grad_enabled() or layer.disable_adapters or layer.merged
-            or tuple(layer.active_adapters) != (ADAPTER_NAME,)):
-        return type(layer).forward(layer, x, *args, **kwargs)
-    result = layer.base_layer(x)
-    a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
-    if result.dtype != a.dtype or not result.is_contiguous():
-        return type(layer).forward(layer, x)
-    hidden = x.reshape(-1, x.shape[-1]).to(a.dtype)
-    result.view(-1, result.shape[-1]).addmm_(hidden @ a.T, b.T, alpha=layer.scaling[ADAPTER_NAME])
-    return result
+    peft_forward = types.MethodType(type(layer).forward, layer)
+    base = layer.base_layer
+    a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight  # views of the composer's buffer
+    linear, grad_enabled = torch.nn.functional.linear, torch.is_grad_enabled
+
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if (args or kwargs or grad_enabled() or layer.disable_adapters or layer.merged_adapters
+                or layer.active_adapters != [ADAPTER_NAME] or x.dtype != a.dtype):
+            return peft_forward(x, *args, **kwargs)
+        result = linear(x, base.weight, base.bias)
+        result.view(-1, result.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ a.T, b.T,
+                                                 alpha=layer.scaling[ADAPTER_NAME])
+        return result
+
+    return forward
 
 
 class LoraComposer:
@@ -127,15 +133,16 @@ class LoraComposer:
             p.data = self.buffer[offset : offset + size].view(p.shape)
             offset += size
         self.keys = keys
-        self._install_fast_forward()
+        self._install_lean_forward()
 
-    def _install_fast_forward(self) -> None:
-        """Give every LoRA ``Linear`` of the slot a leaner forward for inference (see :func:`_fast_lora_forward`)."""
+    def _install_lean_forward(self) -> None:
+        """Give every LoRA ``Linear`` of the slot a leaner forward for inference (see :func:`_lean_lora_forward`)."""
         from peft.tuners.lora.layer import Linear
 
         for layer in self.peft_model.modules():
-            if type(layer) is Linear and ADAPTER_NAME in layer.lora_A and ADAPTER_NAME not in layer.lora_variant:
-                layer.forward = types.MethodType(_fast_lora_forward, layer)
+            if (type(layer) is Linear and type(layer.base_layer) is torch.nn.Linear and ADAPTER_NAME in layer.lora_A
+                    and ADAPTER_NAME not in layer.lora_variant):
+                layer.forward = _lean_lora_forward(layer)
 
     @property
     def num_modules(self) -> int:

@@ -69,7 +69,7 @@ def shard_ranges(num_examples: int, *, num_shards: int, batch_size: int | None) 
 
 @torch.inference_mode()
 def reference_partial(model, batches: list[Batch]) -> Partial:
-    return Partial(sum(float(model(**b).loss) for b in batches), sum(len(b["input_ids"]) for b in batches))
+    return Partial(sum(float(model(**b, use_cache=False).loss) for b in batches), sum(len(b["input_ids"]) for b in batches))
 
 
 @torch.inference_mode()
