@@ -5,6 +5,8 @@ K=20 rank-16 LoRA modules on q and v and 5 examples. Prints ratios measured in t
     (two bare passes: the plain ``model(**batch)`` that the reference and most users run, and the
     same pass without the decoder's key/value cache, as our step runs it: the like-for-like one)
 (b) our load of the 20 modules / the reference's load                               goal <= 0.2
+(d) candidates sharing forward passes (FewShotObjective.evaluate_many, as an evaluator actor runs
+    the candidates a search asks at once): time per candidate / one search step alone
 (c) peak memory of ours / the reference's, each in a fresh process that loads the base model,
     then loads the modules and runs 10 search steps: the peak RSS in all, and the peak above
     the RSS of the loaded base model (what the modules and the search add)
@@ -194,6 +196,13 @@ def main() -> None:
     print(f"    ratio step/bare forward without cache (like for like): {step / fwd_nc:.3f}; of the fastest of each: "
           f"{min(step_times) / min(nocache_times):.3f}")
     print(f"    ratio reference step/bare forward: {ref_step / fwd:.3f}")
+    rng = __import__("random").Random(0)
+    print("\n(d) candidates sharing forward passes: time per candidate / one step alone (median of 5)")
+    for count in (2, 4):
+        candidates = [[rng.uniform(-1.5, 1.5) for _ in range(20)] for _ in range(count)]
+        shared = timeit(lambda: objective.evaluate_many(candidates), repeat=5) / count
+        alone = timeit(lambda: [objective(w) for w in candidates], repeat=5) / count
+        print(f"    {count} candidates: {shared * 1e3:.1f} ms vs {alone * 1e3:.1f} ms each, ratio {shared / alone:.3f}")
     del mine, theirs, objective, bare
     print("\n(c) peak memory, fresh process each, load + %d steps" % STEPS)
     rss_ours, rss_ref = peak_rss("ours", args.root), peak_rss("reference", args.root)

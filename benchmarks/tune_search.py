@@ -7,7 +7,8 @@ budget 40, all built offline. Printed as ratios measured side by side in one run
   an actor), goal ≤ 1.10 (loading excluded: the search phase only);
 * our wall time (loading included, Ray start excluded) ÷ the reference's, goal ≤ 0.5 with W=2;
 * the objective we reach within the reference's wall time against the reference's final objective;
-* what parallel asks cost: the same search with 1 ask at a time.
+* what parallel asks cost: the same search with 1 ask at a time;
+* more asks than actors: 2·W asks, each actor's share evaluated in shared forward passes.
 
 Run: ``python benchmarks/tune_search.py [--workers 2] [--budget 40]`` from the repository root.
 """
@@ -128,6 +129,8 @@ def main() -> None:
         search_wall = max(e.wall for t in parallel.trials for e in t.history)
         evaluations = sum(len(t.history) for t in parallel.trials)
         sequential, wall_seq, _ = ours("sequential", 1)
+        doubled, wall_doubled, _ = ours("doubled", 2 * args.workers)
+        doubled_search = max(e.wall for t in doubled.trials for e in t.history)
         ray.shutdown()
         ref_wall, ref_best, ref_curve = reference(base, modules, inputs, outputs, args.budget)
         ours_at_ref = min((b for t, b in curve if t <= ref_wall), default=float("nan"))
@@ -146,6 +149,9 @@ def main() -> None:
           f"({sequential.recipe.algorithm}) final {sequential.recipe.objective:.4f} in {wall_seq:.1f} s "
           f"(quality ratio {parallel.recipe.objective / sequential.recipe.objective:.3f}, "
           f"time ratio {wall / wall_seq:.2f})")
+    print(f"{2 * W} asks on {W} actors ({doubled.recipe.algorithm}; each actor's 2 candidates share forward passes): "
+          f"search phase {doubled_search:.1f} s vs {search_wall:.1f} s with {W} asks (ratio "
+          f"{doubled_search / search_wall:.2f}); final {doubled.recipe.objective:.4f}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ no re-wrapping of the model and no copies of state dicts.
 
 from __future__ import annotations
 
+import contextlib
 import types
 from collections.abc import Callable, Sequence
 
@@ -44,17 +45,23 @@ def lora_config(module: LoraModule, *, base_model_name_or_path: str | None = Non
     return LoraConfig(**kwargs)
 
 
-def _lean_lora_forward(layer) -> Callable:
+def _lean_lora_forward(layer, batch: "_Candidates", a_offset: int, b_offset: int) -> Callable:
     """A forward for one PEFT LoRA ``Linear`` in the one case a search runs: no gradients, the composed
     adapter alone active and unmerged, no extra arguments, a plain ``nn.Linear`` base layer. It calls
     ``F.linear`` on the base weights and adds the low-rank update in place with one ``addmm_``
     (``result += scaling · (x Aᵀ) Bᵀ``), instead of PEFT's separate multiply and out-of-place add,
     which cost about as much as the low-rank matmuls themselves on CPU; the tensors are looked up
     once, not on every call. Any other case takes PEFT's own forward.
+
+    While ``batch.count`` > 1 (see :meth:`LoraComposer.candidates`), the rows of ``x`` are that many
+    candidates' copies of the examples, candidate-major, and candidate ``i`` gets the LoRA composed
+    in row ``i`` of ``batch.rows``: the base matmul runs once for all, the low-rank update once per
+    candidate with the operations of the single case.
     """
     peft_forward = types.MethodType(type(layer).forward, layer)
     base = layer.base_layer
-    a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight  # views of the composer's buffer
+    a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight  # views of the composer's row 0
+    a_size, b_size = a.numel(), b.numel()
     linear, grad_enabled = torch.nn.functional.linear, torch.is_grad_enabled
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -62,11 +69,27 @@ def _lean_lora_forward(layer) -> Callable:
                 or layer.active_adapters != [ADAPTER_NAME] or x.dtype != a.dtype):
             return peft_forward(x, *args, **kwargs)
         result = linear(x, base.weight, base.bias)
-        result.view(-1, result.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ a.T, b.T,
-                                                 alpha=layer.scaling[ADAPTER_NAME])
+        scaling = layer.scaling[ADAPTER_NAME]
+        if batch.count <= 1:
+            result.view(-1, result.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ a.T, b.T, alpha=scaling)
+            return result
+        xs, outs = x.reshape(batch.count, -1, x.shape[-1]), result.view(batch.count, -1, result.shape[-1])
+        for i in range(batch.count):
+            row = batch.rows[i]
+            a_i = row[a_offset : a_offset + a_size].view(a.shape)
+            b_i = row[b_offset : b_offset + b_size].view(b.shape)
+            outs[i].addmm_(xs[i] @ a_i.T, b_i.T, alpha=scaling)
         return result
 
     return forward
+
+
+class _Candidates:
+    """How many candidates the current forward pass holds, and the rows of their composed LoRAs."""
+
+    def __init__(self):
+        self.count = 0
+        self.rows: torch.Tensor | None = None
 
 
 class LoraComposer:
@@ -126,13 +149,15 @@ class LoraComposer:
                     module.state_dict[key] = self.stacked[i, offset : offset + size].view(module.state_dict[key].shape)
                     offset += size
         self.buffer = torch.zeros(total, dtype=self.dtype, device=self.device)
-        offset = 0
+        self.offsets, offset = {}, 0
         for key, size in zip(keys, sizes):
             p = params[key]
             p.requires_grad_(False)
             p.data = self.buffer[offset : offset + size].view(p.shape)
+            self.offsets[id(p)] = offset
             offset += size
         self.keys = keys
+        self._batch = _Candidates()
         self._install_lean_forward()
 
     def _install_lean_forward(self) -> None:
@@ -142,7 +167,8 @@ class LoraComposer:
         for layer in self.peft_model.modules():
             if (type(layer) is Linear and type(layer.base_layer) is torch.nn.Linear and ADAPTER_NAME in layer.lora_A
                     and ADAPTER_NAME not in layer.lora_variant):
-                layer.forward = _lean_lora_forward(layer)
+                a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+                layer.forward = _lean_lora_forward(layer, self._batch, self.offsets[id(a)], self.offsets[id(b)])
 
     @property
     def num_modules(self) -> int:
@@ -159,6 +185,31 @@ class LoraComposer:
         if w.shape != (self.num_modules,):
             raise ValueError(f"expected {self.num_modules} weights, got {w.numel()}")
         self._merge(w, self.stacked, self.buffer)
+
+    @contextlib.contextmanager
+    def candidates(self, weights: Sequence[Sequence[float]]):
+        """Compose several weight vectors at once, one per candidate; inside the ``with`` block a
+        forward pass whose rows are the candidates' copies of the examples, candidate-major (each
+        copy the same size), gives each candidate its own composed LoRA. A candidate's composition
+        is computed exactly as :meth:`compose` computes it. Yields the number of candidates."""
+        rows = [list(map(float, w)) for w in weights]
+        if not rows:
+            raise ValueError("no candidates")
+        if any(len(w) != self.num_modules for w in rows):
+            raise ValueError(f"expected {self.num_modules} weights per candidate")
+        if len(rows) == 1:
+            self.compose(rows[0])
+            yield 1
+            return
+        if self._batch.rows is None or self._batch.rows.shape[0] < len(rows):
+            self._batch.rows = torch.empty(len(rows), self.buffer.numel(), dtype=self.dtype, device=self.device)
+        for i, w in enumerate(rows):  # one matrix-vector product each, as compose: the same values
+            self._merge(torch.as_tensor(w, dtype=self.dtype, device=self.device), self.stacked, self._batch.rows[i])
+        self._batch.count = len(rows)
+        try:
+            yield len(rows)
+        finally:
+            self._batch.count = 0
 
     def composed_state_dict(self) -> dict[str, torch.Tensor]:
         """The composed LoRA as a PEFT state dict (keys as in ``adapter_model.safetensors``)."""

@@ -101,11 +101,23 @@ def _trial(config: dict, *, evaluators: list, spec: dict, optimizer=None) -> Non
     sent = [len(history)]
 
     def submit_batch(candidates: list[list[float]]):
-        refs = []
-        for w in candidates:  # spread over the actors, trials shifted so that restarts share them
-            refs.append(evaluators[(restart + sent[0]) % workers].evaluate.remote(w, indices))
-            sent[0] += 1
-        return lambda: ray.get(refs)
+        # spread over the actors, trials shifted so that restarts share them; an actor's share of the
+        # batch goes in one call and shares its forward passes (a fixed split: reproducible)
+        shares: dict[int, list[int]] = {}
+        for j in range(len(candidates)):
+            shares.setdefault((restart + sent[0] + j) % workers, []).append(j)
+        sent[0] += len(candidates)
+        calls = [(js, evaluators[a].evaluate_many.remote([candidates[j] for j in js], indices))
+                 for a, js in shares.items()]
+
+        def collect() -> list[float]:
+            values = [0.0] * len(candidates)
+            for js, part in zip((js for js, _ in calls), ray.get([ref for _, ref in calls])):
+                for j, v in zip(js, part):
+                    values[j] = v
+            return values
+
+        return collect
 
     pending: list[tuple[Evaluation, float]] = []
 

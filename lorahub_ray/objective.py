@@ -34,29 +34,51 @@ Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, list[Batch]], float]
 
 
-@torch.inference_mode()
-def reference_loss(model, batches: list[Batch]) -> float:
-    """Σ over batches of the batch's token-mean CE, divided by the number of examples."""
-    total = sum(float(model(**batch, use_cache=False).loss) for batch in batches)
-    return total / sum(len(b["input_ids"]) for b in batches)
+def token_losses(model, batch: Batch, candidates: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's summed token cross-entropy (float64) and its number of label tokens (padding
+    labels, -100, left out), as ``[candidates, examples]``. With ``candidates`` > 1 the batch runs
+    once with its rows repeated per candidate, candidate-major (see :meth:`LoraComposer.candidates`)."""
+    if candidates > 1:
+        batch = {k: v.repeat(candidates, *([1] * (v.dim() - 1))) for k, v in batch.items()}
+    logits = model(**batch, use_cache=False).logits
+    labels = batch["labels"]
+    token_ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="none").view(labels.shape)
+    return token_ce.double().sum(1).view(candidates, -1), (labels != -100).sum(1).view(candidates, -1)
 
 
 def example_losses(model, batch: Batch) -> torch.Tensor:
-    """Each example's token-mean cross-entropy in one batch (padding labels, -100, left out)."""
-    logits = model(**batch, use_cache=False).logits
-    labels = batch["labels"]
-    token_ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
-                                                 reduction="none")
-    return token_ce.sum(1) / (labels != -100).sum(1).clamp(min=1)
+    """Each example's token-mean cross-entropy in one batch."""
+    sums, counts = token_losses(model, batch)
+    return (sums / counts.clamp(min=1))[0]
+
+
+def _reference(model, batches: list[Batch], candidates: int = 1) -> torch.Tensor:
+    total = sum(sums.sum(1) / counts.sum(1).clamp(min=1)
+                for sums, counts in (token_losses(model, batch, candidates) for batch in batches))
+    return total / sum(len(b["input_ids"]) for b in batches)
+
+
+def _mean(model, batches: list[Batch], candidates: int = 1) -> torch.Tensor:
+    parts = [token_losses(model, batch, candidates) for batch in batches]
+    return torch.cat([sums / counts.clamp(min=1) for sums, counts in parts], dim=1).mean(1)
+
+
+@torch.inference_mode()
+def reference_loss(model, batches: list[Batch]) -> float:
+    """Σ over batches of the batch's token-mean CE, divided by the number of examples."""
+    return float(_reference(model, batches)[0])
 
 
 @torch.inference_mode()
 def mean_loss(model, batches: list[Batch]) -> float:
     """Mean over examples of each example's token-mean cross-entropy."""
-    return float(torch.cat([example_losses(model, batch) for batch in batches]).mean())
+    return float(_mean(model, batches)[0])
 
 
 LOSSES: dict[str, LossFn] = {"reference": reference_loss, "mean": mean_loss}
+# the named losses for several candidates in one forward pass: (model, batches, candidates) -> [candidates]
+CANDIDATE_LOSSES = {reference_loss: _reference, mean_loss: _mean}
 
 
 def l1_regularization(weights: Sequence[float], alpha: float = 0.05) -> float:
@@ -105,3 +127,20 @@ class FewShotObjective:
     def __call__(self, weights: Sequence[float]) -> float:
         value = self.loss(weights) + float(self.regularizer(weights))
         return value if math.isfinite(value) else math.inf
+
+    def losses(self, candidates: Sequence[Sequence[float]]) -> list[float]:
+        """The loss of each candidate. With a named loss the candidates share forward passes (the
+        examples repeated once per candidate), which costs less than one pass each when the passes
+        are small, as few-shot ones are. Each value equals :meth:`loss` of that candidate alone up
+        to rounding (matrix products over more rows may round differently; about 1e-6 relative). A
+        custom loss runs one candidate at a time."""
+        batched = CANDIDATE_LOSSES.get(self.loss_fn)
+        if batched is None or len(candidates) == 1:
+            return [self.loss(w) for w in candidates]
+        with torch.inference_mode(), self.composer.candidates(candidates) as count:
+            return [float(v) for v in batched(self.composer.model, self.batches, count)]
+
+    def evaluate_many(self, candidates: Sequence[Sequence[float]]) -> list[float]:
+        """``[objective(w) for w in candidates]``, sharing forward passes (see :meth:`losses`)."""
+        values = [loss + float(self.regularizer(w)) for loss, w in zip(self.losses(candidates), candidates)]
+        return [v if math.isfinite(v) else math.inf for v in values]

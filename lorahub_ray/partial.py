@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import LoraHubError
-from .objective import Batch, example_losses, l1_regularization, tokenize_examples
+from .objective import Batch, example_losses, l1_regularization, token_losses, tokenize_examples
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,11 @@ def shard_ranges(num_examples: int, *, num_shards: int, batch_size: int | None) 
 
 @torch.inference_mode()
 def reference_partial(model, batches: list[Batch]) -> Partial:
-    return Partial(sum(float(model(**b, use_cache=False).loss) for b in batches), sum(len(b["input_ids"]) for b in batches))
+    total = 0.0
+    for batch in batches:
+        sums, counts = token_losses(model, batch)
+        total += float(sums.sum() / counts.sum().clamp(min=1))
+    return Partial(total, sum(len(b["input_ids"]) for b in batches))
 
 
 @torch.inference_mode()

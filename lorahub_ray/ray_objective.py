@@ -56,14 +56,23 @@ class Evaluator:
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
     def evaluate(self, weights: Sequence[float], indices: Sequence[int] | None = None) -> float:
-        self.calls += 1
-        if indices is None:
-            return float(self.objective(weights))
-        full = [0.0] * self.k
-        for i, w in zip(indices, weights):
-            full[i] = float(w)
-        value = self.objective.loss(full) + float(self.objective.regularizer(weights))
-        return value if math.isfinite(value) else math.inf
+        return self.evaluate_many([weights], indices)[0]
+
+    def evaluate_many(self, candidates: Sequence[Sequence[float]], indices: Sequence[int] | None = None) -> list[float]:
+        """The objective of each candidate; they share forward passes (see ``FewShotObjective.losses``)."""
+        self.calls += len(candidates)
+        full = []
+        for weights in candidates:
+            if indices is None:
+                full.append([float(w) for w in weights])
+                continue
+            row = [0.0] * self.k
+            for i, w in zip(indices, weights):
+                row[i] = float(w)
+            full.append(row)
+        values = [loss + float(self.objective.regularizer(w))
+                  for loss, w in zip(self.objective.losses(full), candidates)]
+        return [v if math.isfinite(v) else math.inf for v in values]
 
     def forward_seconds(self, repeats: int = 3) -> float:
         """The time of one bare objective evaluation here (for the overhead benchmark)."""

@@ -11,7 +11,7 @@ import lorahub_ray as lr
 from helpers import EXAMPLES, make_module, write_jsonl
 from lorahub_ray.compose import LoraComposer
 from lorahub_ray.model import load_base_model
-from lorahub_ray.objective import FewShotObjective
+from lorahub_ray.objective import FewShotObjective, reference_loss
 
 INPUTS = [e["input"] for e in EXAMPLES]
 OUTPUTS = [e["output"] for e in EXAMPLES]
@@ -188,6 +188,37 @@ def test_lean_lora_forward_equals_peft_forward(world):
     with torch.inference_mode(), composer.model.disable_adapter():
         base_logits = composer.model(**enc, labels=labels).logits
     assert (plain - base_logits).abs().max() > 1e-3  # the composed LoRA does change the outputs
+
+
+@pytest.mark.parametrize("loss,batch_size", [("reference", None), ("reference", 2), ("mean", 3)])
+def test_candidates_sharing_forward_passes_get_their_own_objective(world, loss, batch_size):
+    """evaluate_many runs several candidates in one forward pass (examples repeated per candidate,
+    each its own composed LoRA): each value is that candidate's objective alone, up to rounding."""
+    composer, tok = composer_for(world)
+    objective = FewShotObjective(composer, tok, INPUTS, OUTPUTS, loss=loss, batch_size=batch_size)
+    rng = np.random.default_rng(1)
+    candidates = [list(rng.uniform(-1.5, 1.5, 4)) for _ in range(3)] + [[0.0] * 4]
+    alone = [objective(w) for w in candidates]
+    assert len({round(v, 6) for v in alone}) == len(alone)  # the candidates really differ
+    together = objective.evaluate_many(candidates)
+    assert together == pytest.approx(alone, rel=1e-6, abs=1e-6)
+    assert objective.evaluate_many(candidates[::-1]) == pytest.approx(alone[::-1], rel=1e-6, abs=1e-6)
+    assert objective.evaluate_many(candidates[:1]) == [alone[0]]  # one candidate: the single path itself
+    assert objective(candidates[1]) == alone[1]  # the slot is left usable for single evaluations
+
+
+def test_custom_loss_evaluates_candidates_one_at_a_time(world):
+    composer, tok = composer_for(world)
+    seen = []
+
+    def loss(model, batches):
+        seen.append(len(batches[0]["input_ids"]))
+        return reference_loss(model, batches)
+
+    objective = FewShotObjective(composer, tok, INPUTS, OUTPUTS, loss=loss)
+    values = objective.evaluate_many([[0.5, 0, 0, 0], [0, 0.5, 0, 0]])
+    assert seen == [len(INPUTS)] * 2
+    assert values == [objective([0.5, 0, 0, 0]), objective([0, 0.5, 0, 0])]
 
 
 def test_mean_loss_is_batch_size_independent_and_reference_loss_is_not(world):

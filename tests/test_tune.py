@@ -54,6 +54,26 @@ def test_one_worker_equals_the_local_engine(world, ray_cluster, tmp_path):
     assert np.allclose(steps, [e.weights for e in local.search.history], rtol=0, atol=1e-6)
 
 
+def test_more_asks_than_workers_share_forward_passes_reproducibly(world, ray_cluster, tmp_path):
+    """3 candidates at a time on 1 actor: one call evaluates them together (one forward pass); each
+    value is that candidate's objective, and the run repeats exactly."""
+    from lorahub_ray.compose import LoraComposer
+    from lorahub_ray.data import read_examples
+    from lorahub_ray.model import load_base_model
+    from lorahub_ray.objective import FewShotObjective
+
+    first = run(world, tmp_path / "a", workers=1, asks=3)
+    again = run(world, tmp_path / "b", workers=1, asks=3)
+    steps = first.trials[0].history
+    assert len(steps) == BUDGET and first.recipe.search["asks_per_trial"] == 3
+    assert [e.objective for e in steps] == [e.objective for e in again.trials[0].history]
+    base, tok, _ = load_base_model(str(world["base"]), device="cpu")
+    examples = read_examples(str(world["examples"]))
+    objective = FewShotObjective(LoraComposer(base, lr.load_modules([str(world["hub"])])), tok, examples.inputs,
+                                 examples.outputs)
+    assert [e.objective for e in steps] == pytest.approx([objective(e.weights) for e in steps], rel=1e-6, abs=1e-6)
+
+
 def test_killed_actor_is_restarted_and_the_search_finishes(world, ray_cluster, tmp_path):
     import ray
 
