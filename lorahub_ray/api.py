@@ -100,6 +100,7 @@ def lorahub_learning(
     input_field: str = "input",
     output_field: str = "output",
     device: str | None = None,
+    asks: int = 1,
     progress: bool = True,
 ) -> LoraHubResult:
     """LoraHub learning: find weights for ``modules`` on the few-shot ``examples``, merge them into
@@ -108,7 +109,9 @@ def lorahub_learning(
     ``model`` and each of ``modules`` is a Hub id, a local directory or an ``s3://`` URI; a
     module entry may also be a folder of adapter directories. ``loss`` is ``"reference"`` (the
     reference's batch-size-dependent loss, see :mod:`lorahub_ray.objective`), ``"mean"`` or a
-    callable; ``batch_size=None`` puts all examples in one batch, as the reference does.
+    callable; ``batch_size=None`` puts all examples in one batch, as the reference does. ``asks``
+    candidates are asked at once (nevergrad's ``num_workers``: NGOpt may pick another algorithm) and
+    evaluated together, sharing forward passes, which buys wall time on small few-shot sets.
     """
     started = _now()
     # cheap checks first: bad input fails before any model is loaded
@@ -116,6 +119,8 @@ def lorahub_learning(
     check_optimizer(optimizer)
     if budget < 1:
         raise LoraHubError(f"budget must be at least 1, got {budget}")
+    if asks < 1:
+        raise LoraHubError(f"asks must be at least 1, got {asks}")
     if isinstance(loss, str) and loss not in LOSSES:
         raise LoraHubError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)}")
     if output is not None:
@@ -126,7 +131,8 @@ def lorahub_learning(
     objective = FewShotObjective(composer, tokenizer, data.inputs, data.outputs, loss=loss, batch_size=batch_size,
                                  regularizer=regularizer)
     with progress_bar(f"search ({optimizer})", budget, enabled=progress) as advance:
-        result = minimize(objective, len(loaded), budget=budget, optimizer=optimizer, seed=seed,
+        result = minimize(objective, len(loaded), budget=budget, optimizer=optimizer, seed=seed, num_workers=asks,
+                          evaluate_batch=objective.evaluate_many if asks > 1 else None,
                           callback=lambda e, best: advance(info=f"best {best:.4f}"))
     recipe = Recipe(
         base_model=str(model), base_model_sha256=storage.sha256_dir(base_path),
@@ -136,6 +142,7 @@ def lorahub_learning(
         batch_size=batch_size,
         regularizer="l1(0.05)" if regularizer is l1_regularization else getattr(regularizer, "__name__", "custom"),
         merge_method=composer.merge_method, num_examples=len(data), started=started, finished=_now(),
+        search={"backend": "local", "asks": asks},
     )
     merged = composer.merge_and_unload(result.weights)
     saved = write_output(output, recipe, merged, tokenizer, result) if output is not None else None

@@ -101,7 +101,7 @@ def search(
     cpus_per_worker: Annotated[Optional[float], typer.Option(help="CPUs per evaluator actor (default: an equal share of the cluster, at most 1).", rich_help_panel="Ray")] = None,
     gpus_per_worker: Annotated[float, typer.Option(help="GPUs per evaluator actor; fractions such as 0.25 let actors share a GPU.", rich_help_panel="Ray")] = 0.0,
     scheduler: Annotated[Optional[str], typer.Option(help="'asha' stops hopeless restarts early; default: run all to the budget.", rich_help_panel="Ray")] = None,
-    asks: Annotated[Optional[int], typer.Option(help="Candidates evaluated at once per restart (default: ceil(workers / restarts)); more asks buy wall time at some cost in quality.", rich_help_panel="Ray")] = None,
+    asks: Annotated[Optional[int], typer.Option(help="Candidates asked at once per search (nevergrad's num_workers) and evaluated together, sharing forward passes; default 1 in this process, ceil(workers / restarts) on Ray. More asks buy wall time at some cost in quality.")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Ray Tune experiment storage (default: OUTPUT.tune; use shared storage such as s3:// on a multi-node cluster).", rich_help_panel="Ray")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Resume an interrupted Ray search: its --output directory (everything else is read from the saved run).", rich_help_panel="Ray")] = None,
 ):
@@ -126,7 +126,7 @@ def search(
         raise LoraHubError("--filter selects modules of a hub catalogue: give --hub CATALOGUE too")
     elif not all_modules and resume is None:
         raise LoraHubError("no modules: give --modules or --hub")
-    if any(v is not None for v in (workers, restarts, modules_per_restart, address, resume, scheduler, asks, storage)):
+    if any(v is not None for v in (workers, restarts, modules_per_restart, address, resume, scheduler, storage)):
         from .distributed import SearchFailed, SearchInterrupted, lorahub_learning_ray
 
         try:
@@ -151,7 +151,7 @@ def search(
         raise LoraHubError("--model, --examples and --output are required (or --resume DIR with --workers)")
     result = lorahub_learning(model, all_modules, examples, output=output, budget=budget, optimizer=optimizer,
                               seed=seed, loss=loss, batch_size=batch_size, input_field=input_field,
-                              output_field=output_field, device=device)
+                              output_field=output_field, device=device, asks=asks or 1)
     _print_weights(result.recipe)
     console.print(f"objective {result.recipe.objective:.4f} ({result.recipe.algorithm}); wrote {output}/recipe.json and {output}/model/")
 

@@ -221,6 +221,35 @@ def test_custom_loss_evaluates_candidates_one_at_a_time(world):
     assert values == [objective([0.5, 0, 0, 0]), objective([0, 0.5, 0, 0])]
 
 
+def test_cli_search_with_asks_runs_in_process_and_shares_forward_passes(world, tmp_path):
+    """--asks without --workers: the local engine asks 3 candidates at a time and evaluates them together."""
+    import pyarrow.parquet as pq
+    import ray
+    from typer.testing import CliRunner
+
+    from lorahub_ray.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["search", "--model", str(world["base"]), "--modules", str(world["hub"]),
+                                      "--examples", str(world["examples"]), "--output", str(out), "--budget", "7",
+                                      "--asks", "3"])
+    assert result.exit_code == 0, result.output
+    assert not ray.is_initialized()
+    recipe = lr.Recipe.load(out)
+    assert recipe.search == {"backend": "local", "asks": 3}
+    rows = pq.read_table(out / "history.parquet").to_pylist()
+    assert [r["step"] for r in rows] == list(range(7))
+    from lorahub_ray.data import read_examples
+
+    composer, tok = composer_for(world, lr.load_modules([str(world["hub"])]))  # the search's module order
+    examples = read_examples(str(world["examples"]))
+    objective = FewShotObjective(composer, tok, examples.inputs, examples.outputs)
+    assert [r["objective"] for r in rows] == pytest.approx([objective(r["weights"]) for r in rows], rel=1e-6, abs=1e-6)
+    with pytest.raises(lr.LoraHubError, match="asks must be at least 1"):
+        lr.lorahub_learning(str(world["base"]), [str(world["hub"])], str(world["examples"]), budget=3, asks=0,
+                            progress=False)
+
+
 def test_mean_loss_is_batch_size_independent_and_reference_loss_is_not(world):
     composer, tok = composer_for(world)
     w = [0.5, -0.5, 0.2, 0.1]
