@@ -47,21 +47,28 @@ def token_losses(model, batch: Batch, candidates: int = 1) -> tuple[torch.Tensor
     return token_ce.double().sum(1).view(candidates, -1), (labels != -100).sum(1).view(candidates, -1)
 
 
-def example_losses(model, batch: Batch) -> torch.Tensor:
-    """Each example's token-mean cross-entropy in one batch."""
-    sums, counts = token_losses(model, batch)
-    return (sums / counts.clamp(min=1))[0]
+def reference_total(model, batches: list[Batch], candidates: int = 1) -> torch.Tensor:
+    """Σ over batches of the batch's token-mean CE, per candidate (``[candidates]``)."""
+    return sum(sums.sum(1) / counts.sum(1).clamp(min=1)
+               for sums, counts in (token_losses(model, batch, candidates) for batch in batches))
+
+
+def mean_total(model, batches: list[Batch], candidates: int = 1) -> torch.Tensor:
+    """Σ over examples of the example's token-mean CE, per candidate (``[candidates]``)."""
+    return sum((sums / counts.clamp(min=1)).sum(1)
+               for sums, counts in (token_losses(model, batch, candidates) for batch in batches))
+
+
+def _num_examples(batches: list[Batch]) -> int:
+    return sum(len(b["input_ids"]) for b in batches)
 
 
 def _reference(model, batches: list[Batch], candidates: int = 1) -> torch.Tensor:
-    total = sum(sums.sum(1) / counts.sum(1).clamp(min=1)
-                for sums, counts in (token_losses(model, batch, candidates) for batch in batches))
-    return total / sum(len(b["input_ids"]) for b in batches)
+    return reference_total(model, batches, candidates) / _num_examples(batches)
 
 
 def _mean(model, batches: list[Batch], candidates: int = 1) -> torch.Tensor:
-    parts = [token_losses(model, batch, candidates) for batch in batches]
-    return torch.cat([sums / counts.clamp(min=1) for sums, counts in parts], dim=1).mean(1)
+    return mean_total(model, batches, candidates) / _num_examples(batches)
 
 
 @torch.inference_mode()

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import LoraHubError
-from .objective import Batch, example_losses, l1_regularization, token_losses, tokenize_examples
+from .objective import Batch, l1_regularization, mean_total, reference_total, tokenize_examples
 
 
 @dataclass(frozen=True)
@@ -67,23 +67,21 @@ def shard_ranges(num_examples: int, *, num_shards: int, batch_size: int | None) 
     return ranges
 
 
+# each named loss as (Σ of its terms per candidate, counted examples): the terms are the batches'
+# token-mean CEs for "reference" and the examples' token-mean CEs for "mean"
+PARTIAL_TOTALS: dict[str, Callable[[torch.nn.Module, list[Batch], int], torch.Tensor]] = {
+    "reference": reference_total, "mean": mean_total,
+}
+
+
 @torch.inference_mode()
 def reference_partial(model, batches: list[Batch]) -> Partial:
-    total = 0.0
-    for batch in batches:
-        sums, counts = token_losses(model, batch)
-        total += float(sums.sum() / counts.sum().clamp(min=1))
-    return Partial(total, sum(len(b["input_ids"]) for b in batches))
+    return Partial(float(reference_total(model, batches)[0]), sum(len(b["input_ids"]) for b in batches))
 
 
 @torch.inference_mode()
 def mean_partial(model, batches: list[Batch]) -> Partial:
-    total, count = 0.0, 0
-    for batch in batches:
-        per_example = example_losses(model, batch)
-        total += float(per_example.double().sum())
-        count += len(per_example)
-    return Partial(total, count)
+    return Partial(float(mean_total(model, batches)[0]), sum(len(b["input_ids"]) for b in batches))
 
 
 PARTIAL_LOSSES: dict[str, Callable[[torch.nn.Module, list[Batch]], Partial]] = {
@@ -103,11 +101,21 @@ class PartialObjective:
             raise LoraHubError(f"loss {loss!r} cannot be computed in shards; use one of {sorted(PARTIAL_LOSSES)}")
         self.composer = composer
         self.loss_fn = PARTIAL_LOSSES[loss]
+        self.total_fn = PARTIAL_TOTALS[loss]
         self.batches = tokenize_examples(tokenizer, inputs, outputs, batch_size=batch_size, device=composer.device)
+        self.count = sum(len(b["input_ids"]) for b in self.batches)
 
     def __call__(self, weights: Sequence[float]) -> Partial:
         self.composer.compose(weights)
         return self.loss_fn(self.composer.model, self.batches)
+
+    def many(self, candidates: Sequence[Sequence[float]]) -> list[Partial]:
+        """Each candidate's part, the candidates sharing forward passes (as ``FewShotObjective.losses``)."""
+        if len(candidates) == 1:
+            return [self(candidates[0])]
+        with torch.inference_mode(), self.composer.candidates(candidates) as count:
+            totals = self.total_fn(self.composer.model, self.batches, count)
+        return [Partial(float(t), self.count) for t in totals]
 
 
 def combine(parts: Sequence[Partial], weights: Sequence[float],

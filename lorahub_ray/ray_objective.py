@@ -101,7 +101,7 @@ class ShardEvaluator:
         return self.partial(weights)
 
     def many(self, candidates: Sequence[Sequence[float]]) -> list[Partial]:
-        return [self.partial(w) for w in candidates]
+        return self.partial.many(candidates)
 
 
 class ShardedObjective:

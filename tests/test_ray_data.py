@@ -192,8 +192,12 @@ def test_partial_sums_equal_the_unsharded_objective(world, loss, batch_size):
     parts = [PartialObjective(composer, tok, inputs[r.start : r.stop], outputs[r.start : r.stop], loss=loss,
                               batch_size=batch_size)
              for r in shard_ranges(len(inputs), num_shards=3, batch_size=batch_size)]
-    for w in ([0.0, 0.0, 0.0, 0.0], [0.5, -1.2, 0.3, 1.4], [1.5, 1.5, -1.5, 0.1]):
+    candidates = ([0.0, 0.0, 0.0, 0.0], [0.5, -1.2, 0.3, 1.4], [1.5, 1.5, -1.5, 0.1])
+    for w in candidates:
         assert combine([p(w) for p in parts], w) == pytest.approx(whole(w), abs=1e-6)
+    shared = [p.many(candidates) for p in parts]  # the candidates sharing forward passes, per shard
+    assert [combine([s[i] for s in shared], w) for i, w in enumerate(candidates)] == pytest.approx(
+        [whole(w) for w in candidates], abs=1e-6)
 
 
 def test_sharded_objective_on_ray_actors(ray_cluster, world):
