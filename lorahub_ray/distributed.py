@@ -3,8 +3,9 @@
 Design (see the README section "Distributed search on Ray Tune" for the measured overhead):
 
 * ``W`` :class:`Evaluator` actors each load the base model once, take the stacked modules from
-  the object store once, and tokenise the examples once; they then answer ``evaluate(weights)``
-  calls for the whole run. An actor is created with ``max_restarts``/``max_task_retries``, so
+  the object store once, and tokenise the examples once; they then answer
+  ``evaluate_many(candidates, indices)`` calls for the whole run (an actor's share of a batch in
+  one call, sharing forward passes). An actor is created with ``max_restarts``/``max_task_retries``, so
   one that dies is restarted by Ray and the calls it had in flight are retried on it.
 * One Tune trial is one whole coefficient search (a *restart*: its own seed and, with
   ``modules_per_restart``, its own random subset of the hub). A trial does not hold a model: it

@@ -32,7 +32,8 @@ class Evaluator:
 
     ``evaluate(weights, indices)`` composes ``weights`` for the modules at ``indices`` (all modules
     when ``None``; the others get weight 0, which is the composition of the subset alone) and
-    returns loss + regulariser(weights).
+    returns loss + regulariser(weights); ``evaluate_many`` does so for several candidates, which
+    share forward passes.
     """
 
     def __init__(self, model: str, modules, inputs, outputs, *, loss, batch_size, regularizer, device, threads):
