@@ -179,12 +179,15 @@ class LoraComposer:
         """The wrapped model, whose forward uses the composed LoRA."""
         return self.peft_model
 
-    def compose(self, weights: Sequence[float]) -> None:
-        """Write the composition of the modules with ``weights`` into the model's LoRA slot."""
+    def _weights(self, weights: Sequence[float]) -> torch.Tensor:
         w = torch.as_tensor(list(map(float, weights)), dtype=self.dtype, device=self.device)
         if w.shape != (self.num_modules,):
             raise ValueError(f"expected {self.num_modules} weights, got {w.numel()}")
-        self._merge(w, self.stacked, self.buffer)
+        return w
+
+    def compose(self, weights: Sequence[float]) -> None:
+        """Write the composition of the modules with ``weights`` into the model's LoRA slot."""
+        self._merge(self._weights(weights), self.stacked, self.buffer)
 
     @contextlib.contextmanager
     def candidates(self, weights: Sequence[Sequence[float]]):
@@ -192,19 +195,17 @@ class LoraComposer:
         forward pass whose rows are the candidates' copies of the examples, candidate-major (each
         copy the same size), gives each candidate its own composed LoRA. A candidate's composition
         is computed exactly as :meth:`compose` computes it. Yields the number of candidates."""
-        rows = [list(map(float, w)) for w in weights]
+        rows = [self._weights(w) for w in weights]
         if not rows:
             raise ValueError("no candidates")
-        if any(len(w) != self.num_modules for w in rows):
-            raise ValueError(f"expected {self.num_modules} weights per candidate")
         if len(rows) == 1:
-            self.compose(rows[0])
+            self._merge(rows[0], self.stacked, self.buffer)
             yield 1
             return
         if self._batch.rows is None or self._batch.rows.shape[0] < len(rows):
             self._batch.rows = torch.empty(len(rows), self.buffer.numel(), dtype=self.dtype, device=self.device)
         for i, w in enumerate(rows):  # one matrix-vector product each, as compose: the same values
-            self._merge(torch.as_tensor(w, dtype=self.dtype, device=self.device), self.stacked, self._batch.rows[i])
+            self._merge(w, self.stacked, self._batch.rows[i])
         self._batch.count = len(rows)
         try:
             yield len(rows)

@@ -720,14 +720,13 @@ def _recommendation(spec: dict, plan: dict, history: list[Evaluation], optimizer
     """The optimizer's recommendation after ``history``, as the trial's own final report would give
     it: the optimizer is rebuilt by replaying the history (nevergrad is deterministic for a seed).
     A recommended point that was never evaluated (e.g. a CMA mean) gives way to the best evaluated."""
-    from .search import algorithm_name, make_optimizer
+    from .search import algorithm_name, make_optimizer, recommended
 
     opt = make_optimizer(optimizer, len(plan["modules"]), budget=spec["budget"], seed=plan["seed"],
                          num_workers=spec["asks"])
     replay(opt, history, spec["asks"])
-    weights = [float(x) for x in opt.provide_recommendation().value]
-    seen = [e for e in history if np.allclose(e.weights, weights, rtol=0, atol=1e-12)]
-    best = seen[0] if seen else min(history, key=lambda e: e.objective)
+    _, seen = recommended(opt, history)
+    best = seen if seen is not None else min(history, key=lambda e: e.objective)
     return best.weights, best.objective, algorithm_name(opt)
 
 

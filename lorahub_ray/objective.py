@@ -59,16 +59,16 @@ def mean_total(model, batches: list[Batch], candidates: int = 1) -> torch.Tensor
                for sums, counts in (token_losses(model, batch, candidates) for batch in batches))
 
 
-def _num_examples(batches: list[Batch]) -> int:
+def num_examples(batches: list[Batch]) -> int:
     return sum(len(b["input_ids"]) for b in batches)
 
 
 def _reference(model, batches: list[Batch], candidates: int = 1) -> torch.Tensor:
-    return reference_total(model, batches, candidates) / _num_examples(batches)
+    return reference_total(model, batches, candidates) / num_examples(batches)
 
 
 def _mean(model, batches: list[Batch], candidates: int = 1) -> torch.Tensor:
-    return mean_total(model, batches, candidates) / _num_examples(batches)
+    return mean_total(model, batches, candidates) / num_examples(batches)
 
 
 @torch.inference_mode()
@@ -147,7 +147,18 @@ class FewShotObjective:
         with torch.inference_mode(), self.composer.candidates(candidates) as count:
             return [float(v) for v in batched(self.composer.model, self.batches, count)]
 
-    def evaluate_many(self, candidates: Sequence[Sequence[float]]) -> list[float]:
-        """``[objective(w) for w in candidates]``, sharing forward passes (see :meth:`losses`)."""
-        values = [loss + float(self.regularizer(w)) for loss, w in zip(self.losses(candidates), candidates)]
+    def evaluate_many(self, candidates: Sequence[Sequence[float]], indices: Sequence[int] | None = None) -> list[float]:
+        """``[objective(w) for w in candidates]``, sharing forward passes (see :meth:`losses`).
+
+        With ``indices``, each candidate holds the weights of the modules at ``indices`` only: the
+        others get weight 0 (the composition of the subset alone), and the regulariser sees the
+        candidate's own weights, as a search over that subset would."""
+        if indices is None:
+            full = [list(map(float, w)) for w in candidates]
+        else:
+            full = [[0.0] * self.composer.num_modules for _ in candidates]
+            for row, weights in zip(full, candidates):
+                for i, w in zip(indices, weights):
+                    row[i] = float(w)
+        values = [loss + float(self.regularizer(w)) for loss, w in zip(self.losses(full), candidates)]
         return [v if math.isfinite(v) else math.inf for v in values]

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import LoraHubError
-from .objective import Batch, l1_regularization, mean_total, reference_total, tokenize_examples
+from .objective import Batch, l1_regularization, mean_total, num_examples, reference_total, tokenize_examples
 
 
 @dataclass(frozen=True)
@@ -67,25 +67,10 @@ def shard_ranges(num_examples: int, *, num_shards: int, batch_size: int | None) 
     return ranges
 
 
-# each named loss as (Σ of its terms per candidate, counted examples): the terms are the batches'
-# token-mean CEs for "reference" and the examples' token-mean CEs for "mean"
+# each named loss as the Σ of its terms per candidate, over ``num_examples`` examples: the terms are
+# the batches' token-mean CEs for "reference" and the examples' token-mean CEs for "mean"
 PARTIAL_TOTALS: dict[str, Callable[[torch.nn.Module, list[Batch], int], torch.Tensor]] = {
     "reference": reference_total, "mean": mean_total,
-}
-
-
-@torch.inference_mode()
-def reference_partial(model, batches: list[Batch]) -> Partial:
-    return Partial(float(reference_total(model, batches)[0]), sum(len(b["input_ids"]) for b in batches))
-
-
-@torch.inference_mode()
-def mean_partial(model, batches: list[Batch]) -> Partial:
-    return Partial(float(mean_total(model, batches)[0]), sum(len(b["input_ids"]) for b in batches))
-
-
-PARTIAL_LOSSES: dict[str, Callable[[torch.nn.Module, list[Batch]], Partial]] = {
-    "reference": reference_partial, "mean": mean_partial,
 }
 
 
@@ -97,22 +82,18 @@ class PartialObjective:
 
     def __init__(self, composer, tokenizer, inputs: Sequence[str], outputs: Sequence[str], *,
                  loss: str = "reference", batch_size: int | None = None):
-        if loss not in PARTIAL_LOSSES:
-            raise LoraHubError(f"loss {loss!r} cannot be computed in shards; use one of {sorted(PARTIAL_LOSSES)}")
+        if loss not in PARTIAL_TOTALS:
+            raise LoraHubError(f"loss {loss!r} cannot be computed in shards; use one of {sorted(PARTIAL_TOTALS)}")
         self.composer = composer
-        self.loss_fn = PARTIAL_LOSSES[loss]
         self.total_fn = PARTIAL_TOTALS[loss]
         self.batches = tokenize_examples(tokenizer, inputs, outputs, batch_size=batch_size, device=composer.device)
-        self.count = sum(len(b["input_ids"]) for b in self.batches)
+        self.count = num_examples(self.batches)
 
     def __call__(self, weights: Sequence[float]) -> Partial:
-        self.composer.compose(weights)
-        return self.loss_fn(self.composer.model, self.batches)
+        return self.many([weights])[0]
 
     def many(self, candidates: Sequence[Sequence[float]]) -> list[Partial]:
         """Each candidate's part, the candidates sharing forward passes (as ``FewShotObjective.losses``)."""
-        if len(candidates) == 1:
-            return [self(candidates[0])]
         with torch.inference_mode(), self.composer.candidates(candidates) as count:
             totals = self.total_fn(self.composer.model, self.batches, count)
         return [Partial(float(t), self.count) for t in totals]

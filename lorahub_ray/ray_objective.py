@@ -17,23 +17,21 @@ evaluation's cost divides across the workers::
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
 
 from .errors import LoraHubError
 from .objective import l1_regularization
-from .partial import PARTIAL_LOSSES, Partial, PartialObjective, combine, shard_ranges
+from .partial import PARTIAL_TOTALS, Partial, PartialObjective, combine, shard_ranges
 
 
 class Evaluator:
     """Holds the base model with the K modules stacked in one LoRA slot and the tokenised examples.
 
-    ``evaluate(weights, indices)`` composes ``weights`` for the modules at ``indices`` (all modules
-    when ``None``; the others get weight 0, which is the composition of the subset alone) and
-    returns loss + regulariser(weights); ``evaluate_many`` does so for several candidates, which
-    share forward passes.
+    ``evaluate_many(candidates, indices)`` returns each candidate's objective, the candidates
+    sharing forward passes; a candidate holds the weights of the modules at ``indices`` (all
+    modules when ``None``; the others get weight 0, which is the composition of the subset alone).
     """
 
     def __init__(self, model: str, modules, inputs, outputs, *, loss, batch_size, regularizer, device, threads):
@@ -49,31 +47,14 @@ class Evaluator:
         self.k = len(modules)
         self.objective = FewShotObjective(LoraComposer(base, modules), tokenizer, inputs, outputs, loss=loss,
                                           batch_size=batch_size, regularizer=regularizer)
-        self.calls = 0
 
     def ready(self) -> dict:
         import ray
 
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
-    def evaluate(self, weights: Sequence[float], indices: Sequence[int] | None = None) -> float:
-        return self.evaluate_many([weights], indices)[0]
-
     def evaluate_many(self, candidates: Sequence[Sequence[float]], indices: Sequence[int] | None = None) -> list[float]:
-        """The objective of each candidate; they share forward passes (see ``FewShotObjective.losses``)."""
-        self.calls += len(candidates)
-        full = []
-        for weights in candidates:
-            if indices is None:
-                full.append([float(w) for w in weights])
-                continue
-            row = [0.0] * self.k
-            for i, w in zip(indices, weights):
-                row[i] = float(w)
-            full.append(row)
-        values = [loss + float(self.objective.regularizer(w))
-                  for loss, w in zip(self.objective.losses(full), candidates)]
-        return [v if math.isfinite(v) else math.inf for v in values]
+        return self.objective.evaluate_many(candidates, indices)
 
     def forward_seconds(self, repeats: int = 3) -> float:
         """The time of one bare objective evaluation here (for the overhead benchmark)."""
@@ -122,8 +103,8 @@ class ShardedObjective:
         from .modules import load_modules
         from .ray_data import connect, runtime_env
 
-        if loss not in PARTIAL_LOSSES:
-            raise LoraHubError(f"loss {loss!r} cannot be computed in shards; use one of {sorted(PARTIAL_LOSSES)}")
+        if loss not in PARTIAL_TOTALS:
+            raise LoraHubError(f"loss {loss!r} cannot be computed in shards; use one of {sorted(PARTIAL_TOTALS)}")
         data = as_examples(examples, input_field=input_field, output_field=output_field)  # checked first
         self.dim = len(load_modules(list(modules)))  # checks the modules before any actor starts
         self.regularizer = regularizer

@@ -148,12 +148,19 @@ def minimize(objective: Callable[[Sequence[float]], float], dim: int, *, budget:
     return finish(opt, history, objective, optimizer=optimizer, budget=budget, seed=seed, num_workers=num_workers)
 
 
+def recommended(opt, history: list[Evaluation]) -> tuple[list[float], Evaluation | None]:
+    """The optimizer's recommendation, and its evaluation in ``history`` (``None`` when the point was
+    never evaluated, e.g. a CMA mean)."""
+    weights = [float(x) for x in opt.provide_recommendation().value]
+    seen = [e for e in history if np.allclose(e.weights, weights, rtol=0, atol=1e-12)]
+    return weights, seen[0] if seen else None
+
+
 def finish(opt, history: list[Evaluation], objective, *, optimizer: str, budget: int, seed: int,
            num_workers: int) -> SearchResult:
     """The recommendation as the reference takes it, with its objective (evaluated once more only
-    when the recommended point was never evaluated, e.g. a CMA mean)."""
-    weights = [float(x) for x in opt.provide_recommendation().value]
-    seen = [e for e in history if np.allclose(e.weights, weights, rtol=0, atol=1e-12)]
-    value = seen[0].objective if seen else _finite(objective(weights))
+    when the recommended point was never evaluated)."""
+    weights, seen = recommended(opt, history)
+    value = seen.objective if seen is not None else _finite(objective(weights))
     return SearchResult(weights=weights, objective=value, optimizer=optimizer_label(optimizer), algorithm=algorithm_name(opt),
                         budget=budget, seed=seed, num_workers=num_workers, history=history)
