@@ -245,6 +245,10 @@ def test_cli_search_with_asks_runs_in_process_and_shares_forward_passes(world, t
     examples = read_examples(str(world["examples"]))
     objective = FewShotObjective(composer, tok, examples.inputs, examples.outputs)
     assert [r["objective"] for r in rows] == pytest.approx([objective(r["weights"]) for r in rows], rel=1e-6, abs=1e-6)
+    refused = CliRunner().invoke(app, ["search", "--model", "missing", "--modules", "missing", "--examples",
+                                       str(world["examples"]), "--output", str(tmp_path / "never"), "--asks", "0"])
+    assert refused.exit_code == 2 and "--asks" in refused.output  # refused before any module is looked up
+    assert not (tmp_path / "never").exists()
     with pytest.raises(lr.LoraHubError, match="asks must be at least 1"):
         lr.lorahub_learning(str(world["base"]), [str(world["hub"])], str(world["examples"]), budget=3, asks=0,
                             progress=False)
