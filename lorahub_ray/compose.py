@@ -60,7 +60,8 @@ def _lean_lora_forward(layer, batch: "_Candidates", a_offset: int, b_offset: int
     """
     peft_forward = types.MethodType(type(layer).forward, layer)
     base = layer.base_layer
-    a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight  # views of the composer's row 0
+    a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight  # views of the composer's buffer
+    a_t, b_t = a.T, b.T  # views too: they follow every compose
     a_size, b_size = a.numel(), b.numel()
     linear, grad_enabled = torch.nn.functional.linear, torch.is_grad_enabled
 
@@ -71,7 +72,7 @@ def _lean_lora_forward(layer, batch: "_Candidates", a_offset: int, b_offset: int
         result = linear(x, base.weight, base.bias)
         scaling = layer.scaling[ADAPTER_NAME]
         if batch.count <= 1:
-            result.view(-1, result.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ a.T, b.T, alpha=scaling)
+            result.view(-1, result.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ a_t, b_t, alpha=scaling)
             return result
         xs, outs = x.reshape(batch.count, -1, x.shape[-1]), result.view(batch.count, -1, result.shape[-1])
         for i in range(batch.count):

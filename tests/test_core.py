@@ -190,6 +190,36 @@ def test_lean_lora_forward_equals_peft_forward(world):
     assert (plain - base_logits).abs().max() > 1e-3  # the composed LoRA does change the outputs
 
 
+def test_token_losses_feed_the_decoder_inputs_the_model_would_shift_from_the_labels(world):
+    """The objective's forwards get decoder inputs instead of labels (so the model computes no loss of
+    its own); a model without ``prepare_decoder_input_ids_from_labels`` gets the labels. Both give the
+    same per-example losses, and those are the model's own cross-entropy."""
+    from lorahub_ray.objective import token_losses, tokenize_examples
+
+    composer, tok = composer_for(world)
+    composer.compose([0.9, -1.3, 0.4, 1.1])
+    batch = tokenize_examples(tok, INPUTS, OUTPUTS, batch_size=None)[0]
+
+    class LabelsOnly(torch.nn.Module):  # no prepare_decoder_input_ids_from_labels: the labels go in
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.seen = model, []
+
+        def forward(self, **kwargs):
+            self.seen.append(sorted(kwargs))
+            return self.model(**kwargs)
+
+    labels_only = LabelsOnly(composer.model)
+    with torch.inference_mode():
+        sums, counts = token_losses(composer.model, batch)
+        sums_l, counts_l = token_losses(labels_only, batch)
+        own = composer.model(**batch, use_cache=False).loss
+    assert "labels" in labels_only.seen[0] and "decoder_input_ids" not in labels_only.seen[0]
+    torch.testing.assert_close(sums, sums_l, rtol=1e-6, atol=1e-6)
+    assert torch.equal(counts, counts_l)
+    assert float(sums.sum() / counts.sum()) == pytest.approx(float(own), rel=1e-6)
+
+
 @pytest.mark.parametrize("loss,batch_size", [("reference", None), ("reference", 2), ("mean", 3)])
 def test_candidates_sharing_forward_passes_get_their_own_objective(world, loss, batch_size):
     """evaluate_many runs several candidates in one forward pass (examples repeated per candidate,
