@@ -199,7 +199,7 @@ def main() -> None:
     print(f"    bare forward {fwd * 1e3:.1f} ms, with the objective's loss code {fwd_like * 1e3:.1f} ms; our step "
           f"{step * 1e3:.1f} ms (compose alone {comp * 1e3:.2f} ms); reference step {ref_step * 1e3:.1f} ms")
     # the ratio of medians, of the fastest of each, and the median of the ratios within a round (the
-    # step and the bare passes of one round run back to back, so slow drift of the machine cancels)
+    # passes of one round run within about two seconds, so slow drift of the machine cancels)
     paired = statistics.median(s / b for s, b in zip(step_times, bare_times))
     paired_like = statistics.median(s / b for s, b in zip(step_times, like_times))
     print(f"    ratio step/plain bare forward: {step / fwd:.3f}   (goal <= 1.05); of the fastest of each: "
