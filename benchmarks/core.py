@@ -8,6 +8,9 @@ K=20 rank-16 LoRA modules on q and v and 5 examples. Prints ratios measured in t
 (b) our load of the 20 modules / the reference's load                               goal <= 0.2
 (d) candidates sharing forward passes (FewShotObjective.evaluate_many, as an evaluator actor runs
     the candidates a search asks at once): time per candidate / one search step alone
+(e) a restart over a subset of a large hub (the paper's 20 of 196 modules): composing the subset
+    from its own rows / composing the whole hub with zeros for the others (random tensors of the
+    benchmark's LoRA shapes, caches flushed before each)
 (c) peak memory of ours / the reference's, each in a fresh process that loads the base model,
     then loads the modules and runs 10 search steps: the peak RSS in all, and the peak above
     the RSS of the loaded base model (what the modules and the search add)
@@ -122,6 +125,35 @@ def peak_rss(which: str, root: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def subset_compose(n: int, hub: int = 196, k: int = 20, repeat: int = 7) -> None:
+    import statistics
+
+    import torch
+
+    from lorahub_ray.compose import linear
+
+    print(f"\n(e) composing {k} of {hub} modules ({hub} x {n} stacked numbers; median of {repeat})")
+    stacked, out = torch.randn(hub, n), torch.empty(n)
+    subset = sorted(random.Random(1).sample(range(hub), k))
+    weights = torch.randn(k)
+    full = torch.zeros(hub)
+    full[subset] = weights
+    flush = torch.empty(512 * 2**20 // 4)  # more than the last-level cache
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(repeat):
+            flush.add_(1.0)
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    own = timed(lambda: linear(weights, stacked, out, subset))
+    zeros = timed(lambda: linear(full, stacked, out))
+    print(f"    subset's own rows {own * 1e3:.1f} ms, whole hub with zeros {zeros * 1e3:.1f} ms, ratio {own / zeros:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=default_root())
@@ -214,6 +246,7 @@ def main() -> None:
         shared = timeit(lambda: objective.evaluate_many(candidates), repeat=5) / count
         alone = timeit(lambda: [objective(w) for w in candidates], repeat=5) / count
         print(f"    {count} candidates: {shared * 1e3:.1f} ms vs {alone * 1e3:.1f} ms each, ratio {shared / alone:.3f}")
+    subset_compose(objective.composer.stacked.shape[1])
     del mine, theirs, objective, bare
     print("\n(c) peak memory, fresh process each, load + %d steps" % STEPS)
     rss_ours, rss_ref = peak_rss("ours", args.root), peak_rss("reference", args.root)

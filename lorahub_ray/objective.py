@@ -144,15 +144,17 @@ class FewShotObjective:
         self.regularizer = regularizer
         self.batches = tokenize_examples(tokenizer, inputs, outputs, batch_size=batch_size, device=composer.device)
 
-    def loss(self, weights: Sequence[float]) -> float:
-        self.composer.compose(weights)
+    def loss(self, weights: Sequence[float], modules: Sequence[int] | None = None) -> float:
+        """The loss of the composition with ``weights`` (of the modules at ``modules``, the others 0:
+        see :meth:`LoraComposer.compose`)."""
+        self.composer.compose(weights, modules)
         return float(self.loss_fn(self.composer.model, self.batches))
 
     def __call__(self, weights: Sequence[float]) -> float:
         value = self.loss(weights) + float(self.regularizer(weights))
         return value if math.isfinite(value) else math.inf
 
-    def losses(self, candidates: Sequence[Sequence[float]]) -> list[float]:
+    def losses(self, candidates: Sequence[Sequence[float]], modules: Sequence[int] | None = None) -> list[float]:
         """The loss of each candidate. With a named loss the candidates share forward passes (the
         examples repeated once per candidate), which costs less than one pass each when the passes
         are small, as few-shot ones are. Each value equals :meth:`loss` of that candidate alone up
@@ -160,22 +162,17 @@ class FewShotObjective:
         custom loss runs one candidate at a time."""
         batched = CANDIDATE_LOSSES.get(self.loss_fn)
         if batched is None or len(candidates) == 1:
-            return [self.loss(w) for w in candidates]
-        with torch.inference_mode(), self.composer.candidates(candidates) as count:
+            return [self.loss(w, modules) for w in candidates]
+        with torch.inference_mode(), self.composer.candidates(candidates, modules) as count:
             return [float(v) for v in batched(self.composer.model, self.batches, count)]
 
     def evaluate_many(self, candidates: Sequence[Sequence[float]], indices: Sequence[int] | None = None) -> list[float]:
         """``[objective(w) for w in candidates]``, sharing forward passes (see :meth:`losses`).
 
         With ``indices``, each candidate holds the weights of the modules at ``indices`` only: the
-        others get weight 0 (the composition of the subset alone), and the regulariser sees the
-        candidate's own weights, as a search over that subset would."""
-        if indices is None:
-            full = [list(map(float, w)) for w in candidates]
-        else:
-            full = [[0.0] * self.composer.num_modules for _ in candidates]
-            for row, weights in zip(full, candidates):
-                for i, w in zip(indices, weights):
-                    row[i] = float(w)
-        values = [loss + float(self.regularizer(w)) for loss, w in zip(self.losses(full), candidates)]
+        others get weight 0 (the composition of the subset alone, which reads only the subset's
+        rows when it is at most half of the hub), and the regulariser sees the candidate's own
+        weights, as a search over that subset would."""
+        losses = self.losses(candidates, indices)
+        values = [loss + float(self.regularizer(w)) for loss, w in zip(losses, candidates)]
         return [v if math.isfinite(v) else math.inf for v in values]

@@ -237,6 +237,53 @@ def test_candidates_sharing_forward_passes_get_their_own_objective(world, loss, 
     assert objective(candidates[1]) == alone[1]  # the slot is left usable for single evaluations
 
 
+def test_composing_a_subset_reads_only_its_rows_and_equals_zero_weights_for_the_others(world):
+    """compose(weights, modules): the subset's composition. At most half of the hub is summed from its
+    own rows (so another module's tensors, even NaN, are never read); a larger subset gets zeros."""
+    composer, _ = composer_for(world)
+    rng = np.random.default_rng(3)
+    for subset in ([2], [3, 0], [0, 1, 3]):
+        weights = list(rng.uniform(-1.5, 1.5, len(subset)))
+        full = [0.0] * 4
+        for i, w in zip(subset, weights):
+            full[i] = w
+        composer.compose(full)
+        expected = composer.buffer.clone()
+        composer.compose(weights, subset)
+        torch.testing.assert_close(composer.buffer, expected, rtol=1e-6, atol=1e-7)
+        with composer.candidates([weights, [0.5] * len(subset)], subset):
+            torch.testing.assert_close(composer._batch.rows[0], expected, rtol=1e-6, atol=1e-7)
+    saved = composer.stacked[1].clone()
+    composer.stacked[1] = float("nan")  # a module outside the subset
+    try:
+        composer.compose([0.7, -0.2], [3, 0])
+        assert torch.isfinite(composer.buffer).all()
+        torch.testing.assert_close(composer.buffer, 0.7 * composer.stacked[3] - 0.2 * composer.stacked[0])
+        composer.compose([0.7, -0.2, 0.1], [3, 0, 2])  # more than half: summed like the whole hub, NaN·0
+        assert not torch.isfinite(composer.buffer).all()
+    finally:
+        composer.stacked[1] = saved
+    for weights, modules, message in [([1.0], [4], "distinct module indices below 4"), ([1.0, 2.0], [1, 1], "distinct"),
+                                      ([1.0], [], "distinct"), ([1.0, 2.0], [1], "expected 1 weights")]:
+        with pytest.raises(ValueError, match=message):
+            composer.compose(weights, modules)
+
+
+def test_evaluate_many_on_a_subset_equals_the_objective_with_zeros_for_the_others(world):
+    composer, tok = composer_for(world)
+    objective = FewShotObjective(composer, tok, INPUTS, OUTPUTS, batch_size=2)
+    rng = np.random.default_rng(4)
+    subset = [1, 3]
+    candidates = [list(rng.uniform(-1.5, 1.5, 2)) for _ in range(3)]
+    expected = []
+    for w in candidates:
+        full = [0.0, w[0], 0.0, w[1]]
+        # the loss of the subset's composition, the regulariser of the candidate's own weights
+        expected.append(objective.loss(full) + objective.regularizer(w))
+    assert objective.evaluate_many(candidates, subset) == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    assert objective.evaluate_many(candidates[:1], subset) == pytest.approx(expected[:1], rel=1e-6, abs=1e-6)
+
+
 def test_custom_loss_evaluates_candidates_one_at_a_time(world):
     composer, tok = composer_for(world)
     seen = []
