@@ -6,8 +6,9 @@ default, ``linear``, is the reference ``lorahub`` 0.1.0 rule: composed ``A = Σ 
 
 :class:`LoraComposer` wraps the base model with PEFT once, stacks the K modules' tensors once
 into a ``[K, n]`` matrix, and makes every LoRA parameter of the model a view into one flat
-buffer of length ``n``. A search step is then one matrix-vector product written in place:
-no re-wrapping of the model and no copies of state dicts.
+buffer of length ``n``. A search step is then one matrix-vector product written in place (for a
+subset of at most half of the modules, one pass over each of its rows): no re-wrapping of the
+model and no copies of state dicts.
 """
 
 from __future__ import annotations
