@@ -50,9 +50,9 @@ def _quiet():
 
 def ours(world, steps=STEPS):
     import lorahub_ray as lr
-    from lorahub_ray.compose import LoraComposer
-    from lorahub_ray.model import load_base_model
-    from lorahub_ray.objective import FewShotObjective
+    from lorahub_ray.core.compose import LoraComposer
+    from lorahub_ray.core.model import load_base_model
+    from lorahub_ray.core.objective import FewShotObjective
 
     t0 = time.perf_counter()
     base, tok, _ = load_base_model(str(world["base"]), device="cpu")
@@ -95,7 +95,7 @@ def peak_rss_child(which: str, root: str) -> None:
     world = build_world(Path(root))
     from transformers import AutoModelForSeq2SeqLM
 
-    from lorahub_ray.objective import tokenize_examples
+    from lorahub_ray.core.objective import tokenize_examples
     from transformers import AutoTokenizer
 
     base = AutoModelForSeq2SeqLM.from_pretrained(world["base"]).eval()
@@ -105,7 +105,7 @@ def peak_rss_child(which: str, root: str) -> None:
     # both sides get this loaded base model instead of loading their own
     loader = type("Preloaded", (), {"from_pretrained": staticmethod(lambda *a, **k: base)})
     if which == "ours":
-        import transformers  # lorahub_ray.model imports it from transformers when called
+        import transformers  # lorahub_ray.core.model imports it from transformers when called
 
         transformers.AutoModelForSeq2SeqLM = loader
     else:
@@ -130,7 +130,7 @@ def subset_compose(n: int, hub: int = 196, k: int = 20, repeat: int = 7) -> None
 
     import torch
 
-    from lorahub_ray.compose import linear
+    from lorahub_ray.core.compose import linear
 
     print(f"\n(e) composing {k} of {hub} modules ({hub} x {n} stacked numbers; median of {repeat})")
     stacked, out = torch.randn(hub, n), torch.empty(n)
@@ -173,7 +173,7 @@ def main() -> None:
     # --load-repeat rounds, interleaved, each side's median
     import statistics
 
-    from lorahub_ray.model import load_base_model
+    from lorahub_ray.core.model import load_base_model
 
     rounds = {"base": [], "modules": [], "reference": [], "bare_base": []}
     for i in range(args.load_repeat + 1):
@@ -191,7 +191,7 @@ def main() -> None:
     # (a) search step against a bare forward of the base model, interleaved
     from transformers import AutoModelForSeq2SeqLM
 
-    from lorahub_ray.objective import token_losses, tokenize_examples
+    from lorahub_ray.core.objective import token_losses, tokenize_examples
 
     objective, tok = mine["objective"], mine["tokenizer"]
     bare = AutoModelForSeq2SeqLM.from_pretrained(world["base"]).eval()

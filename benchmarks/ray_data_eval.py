@@ -6,7 +6,7 @@ For two models (the embedded default's base model, or a tiny byte-level T5 stand
 when the default hub is not installed, and a randomly initialised Flan-T5-base-shaped T5), it
 times in one run, end to end (model loading included):
 
-* ``plain``: a plain in-process batched loop (lorahub_ray.inference.generate in file order) on
+* ``plain``: a plain in-process batched loop (lorahub_ray.evaluation.generate.generate in file order) on
   one thread, as one worker would run it;
 * ``ray W=1`` and ``ray W=2``: ``evaluate_data(..., workers=W)`` on a private local Ray with
   2 CPUs (actors get 1 CPU with W=1, 0.5 with W=2 so that read tasks keep room);
@@ -62,7 +62,7 @@ def base_shaped(path: Path) -> Path:
 
 def default_model(root: Path) -> tuple[str, Path]:
     try:
-        from lorahub_ray.default_hub import build_default_hub
+        from lorahub_ray.demo.world import build_default_hub
 
         return "embedded default", Path(build_default_hub(None).base_model)
     except ImportError:
@@ -74,8 +74,8 @@ def default_model(root: Path) -> tuple[str, Path]:
 def plain_loop(model_path: Path, inputs: list[str], batch_size: int, max_new_tokens: int) -> float:
     import torch
 
-    from lorahub_ray.api import load_model
-    from lorahub_ray.inference import generate
+    from lorahub_ray.core.model import load_model
+    from lorahub_ray.evaluation.generate import generate
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -89,7 +89,7 @@ def plain_loop(model_path: Path, inputs: list[str], batch_size: int, max_new_tok
 
 
 def ray_run(model_path: Path, data: Path, workers: int, batch_size: int, max_new_tokens: int) -> float:
-    from lorahub_ray.evaluation import evaluate_data
+    from lorahub_ray.api import evaluate_data
 
     start = time.perf_counter()
     evaluate_data(str(model_path), str(data), workers=workers, cpus_per_worker=1.0 if workers == 1 else 0.5,

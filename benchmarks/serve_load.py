@@ -43,9 +43,10 @@ def build_world(root: Path, *, d_model: int, layers: int, modules: int) -> dict:
     from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
 
     from helpers import make_module
-    from lorahub_ray import api, storage
-    from lorahub_ray.modules import load_module
-    from lorahub_ray.recipe import Recipe
+    from lorahub_ray.core import learning
+    from lorahub_ray.io import storage
+    from lorahub_ray.core.modules import load_module
+    from lorahub_ray.core.recipe import Recipe
 
     torch.manual_seed(0)
     base = root / "base"
@@ -64,8 +65,8 @@ def build_world(root: Path, *, d_model: int, layers: int, modules: int) -> dict:
         recipe = Recipe(base_model=str(base), base_model_sha256=storage.sha256_dir(base),
                         modules=[{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in mods], weights=weights,
                         objective=0.0, optimizer="none", algorithm="benchmark", budget=0, seed=seed)
-        model, tokenizer = api.build_model(recipe, device="cpu")
-        api.write_output(root / name, recipe, model, tokenizer)
+        model, tokenizer = learning.build_model(recipe, device="cpu")
+        learning.write_output(root / name, recipe, model, tokenizer)
         recipes[name] = str(root / name)
     return recipes
 
@@ -134,10 +135,10 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from lorahub_ray.api import load_model
-    from lorahub_ray.inference import generate
-    from lorahub_ray.serve import app
-    from lorahub_ray.serving import ModelHost
+    from lorahub_ray.core.model import load_model
+    from lorahub_ray.evaluation.generate import generate
+    from lorahub_ray.cluster.serve_app import app
+    from lorahub_ray.serving.host import ModelHost
 
     threads = max(1, math.ceil(opts.num_cpus))
     torch.set_num_threads(threads)

@@ -92,7 +92,7 @@ def main() -> None:
     import ray
 
     from helpers import EXAMPLES
-    from lorahub_ray.distributed import lorahub_learning_ray
+    from lorahub_ray.cluster.tune_search import lorahub_learning_ray
 
     inputs = [e["input"] for e in EXAMPLES]
     outputs = [e["output"] for e in EXAMPLES]
@@ -115,9 +115,9 @@ def main() -> None:
 
         parallel, wall, curve = ours("parallel", None)
         # one bare objective evaluation, on an actor with the same resources as the search's
-        from lorahub_ray.compose import LoraComposer  # noqa: F401  (import cost outside the timing)
-        from lorahub_ray.distributed import Evaluator
-        from lorahub_ray.modules import load_modules
+        from lorahub_ray.core.compose import LoraComposer  # noqa: F401  (import cost outside the timing)
+        from lorahub_ray.cluster.tune_search import Evaluator
+        from lorahub_ray.core.modules import load_modules
 
         loaded = load_modules([str(m) for m in modules])
         cpus = parallel.recipe.search["cpus_per_worker"]

@@ -1,7 +1,7 @@
 """lorahub-ray: LoraHub (gradient-free composition of LoRA modules) at cluster scale on Ray.
 
 The public names below are imported on first use (PEP 562), so that light modules such as
-``lorahub_ray.data`` or ``lorahub_ray.evaluation`` (which Ray tasks import to read and check
+``lorahub_ray.io.examples`` or ``lorahub_ray.evaluation.evaluate`` (which Ray tasks import to read and check
 data) do not pay for torch, transformers and nevergrad.
 """
 
@@ -15,13 +15,13 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "api": ["LoraHubResult", "build_model", "evaluate", "load_model", "lorahub_learning"],
-    "compose": ["MERGE_METHODS", "LoraComposer"],
-    "data": ["Examples", "read_examples"],
+    "core.compose": ["MERGE_METHODS", "LoraComposer"],
+    "io.examples": ["Examples", "read_examples"],
     "errors": ["DataError", "IncompatibleModulesError", "IntegrityError", "LoraHubError", "ModuleLoadError"],
-    "modules": ["LoraModule", "check_compatible", "load_module", "load_modules"],
-    "objective": ["FewShotObjective", "l1_regularization", "mean_loss", "reference_loss"],
-    "recipe": ["Recipe"],
-    "search": ["SearchResult", "minimize"],
+    "core.modules": ["LoraModule", "check_compatible", "load_module", "load_modules"],
+    "core.objective": ["FewShotObjective", "l1_regularization", "mean_loss", "reference_loss"],
+    "core.recipe": ["Recipe"],
+    "core.search": ["SearchResult", "minimize"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
@@ -42,11 +42,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from .api import LoraHubResult, build_model, evaluate, load_model, lorahub_learning  # noqa: F401
-    from .compose import MERGE_METHODS, LoraComposer  # noqa: F401
-    from .data import Examples, read_examples  # noqa: F401
-    from .errors import DataError, IncompatibleModulesError, IntegrityError, LoraHubError, ModuleLoadError  # noqa: F401
-    from .modules import LoraModule, check_compatible, load_module, load_modules  # noqa: F401
-    from .objective import FewShotObjective, l1_regularization, mean_loss, reference_loss  # noqa: F401
-    from .recipe import Recipe  # noqa: F401
-    from .search import SearchResult, minimize  # noqa: F401
+    from lorahub_ray.api import LoraHubResult, build_model, evaluate, load_model, lorahub_learning  # noqa: F401
+    from lorahub_ray.core.compose import MERGE_METHODS, LoraComposer  # noqa: F401
+    from lorahub_ray.io.examples import Examples, read_examples  # noqa: F401
+    from lorahub_ray.errors import DataError, IncompatibleModulesError, IntegrityError, LoraHubError, ModuleLoadError  # noqa: F401
+    from lorahub_ray.core.modules import LoraModule, check_compatible, load_module, load_modules  # noqa: F401
+    from lorahub_ray.core.objective import FewShotObjective, l1_regularization, mean_loss, reference_loss  # noqa: F401
+    from lorahub_ray.core.recipe import Recipe  # noqa: F401
+    from lorahub_ray.core.search import SearchResult, minimize  # noqa: F401

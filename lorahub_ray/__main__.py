@@ -1,3 +1,3 @@
-from .cli import app
+from lorahub_ray.cli import app
 
 app()

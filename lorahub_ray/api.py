@@ -1,200 +1,82 @@
-"""The Python API: LoraHub learning and evaluation on one machine. The CLI is a thin layer over it.
+"""The Python API, as ``from lorahub_ray import ...`` gives it. The CLI is a thin layer over it.
 
 >>> from lorahub_ray import lorahub_learning, evaluate
 >>> result = lorahub_learning("google/flan-t5-large", ["lorahub/flan_t5_large-coqa", ...],
 ...                           "fewshot.jsonl", output="runs/mytask")
 >>> evaluate("runs/mytask", "test.jsonl")["accuracy"]
+
+This module sits above the Ray-free layers and the Ray layer: :func:`evaluate_data` is where an
+evaluation goes in-process (:mod:`lorahub_ray.evaluation.evaluate`) or to Ray Data
+(:mod:`lorahub_ray.cluster.data_eval`, imported only then, so that ``import lorahub_ray`` never
+imports Ray).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
-from . import storage
-from .compose import LoraComposer
-from .data import as_examples
-from .errors import LoraHubError
-from .model import load_base_model, load_model  # noqa: F401  (load_model is part of the API)
-from .modules import LoraModule, check_compatible, load_module, load_modules
-from .objective import LOSSES, FewShotObjective, LossFn, l1_regularization
-from .progress import progress_bar
-from .recipe import HISTORY_FILE, MODEL_DIR, RECIPE_FILE, Recipe
-from .search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, SearchResult, check_optimizer, minimize
+from lorahub_ray.core.learning import LoraHubResult, build_model, lorahub_learning  # noqa: F401  (the API)
+from lorahub_ray.core.model import load_model  # noqa: F401  (the API)
+from lorahub_ray.errors import DataError
+from lorahub_ray.evaluation import compare as comparison
+from lorahub_ray.evaluation.evaluate import EvaluationResult, Transform, evaluate_local, write_results
 
 
-@dataclass
-class LoraHubResult:
-    recipe: Recipe
-    search: SearchResult
-    model: torch.nn.Module  # the base model with the composed LoRA merged in
-    tokenizer: object
-    output: Path | str | None = None  # a str for remote (s3://) outputs
+def evaluate_data(model, data, *, output: str | Path | None = None, workers: int = 0,
+                  gpus_per_worker: float = 0.0, cpus_per_worker: float | None = None, address: str | None = None,
+                  tokenizer=None, batch_size: int = 32, max_new_tokens: int = 64, input_field: str = "input",
+                  output_field: str = "output", transform: Transform | None = None, device: str | None = None,
+                  progress: bool = True) -> EvaluationResult:
+    """Evaluate ``model`` on ``data`` in this process (``workers=0``, see
+    :func:`lorahub_ray.evaluation.evaluate.evaluate_local`) or sharded across ``workers`` Ray Data
+    actors on the cluster that ``address`` names (see :mod:`lorahub_ray.cluster.connect`), with exactly
+    the same predictions and metrics; with ``output``, writes ``metrics.json`` and ``predictions.parquet``."""
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    options = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, input_field=input_field,
+                   output_field=output_field, transform=transform, device=device)
+    if workers and workers > 0:
+        if not isinstance(data, (str, Path)):
+            raise DataError("sharded evaluation reads files: pass a path or URI as data, not examples in memory")
+        if tokenizer is not None:
+            raise DataError("sharded evaluation loads the model on each worker: pass a path or URI, not a loaded model")
+        from lorahub_ray.cluster.data_eval import evaluate_sharded  # Ray is imported only when it is asked for
 
-    @property
-    def weights(self) -> dict[str, float]:
-        return self.recipe.module_weights
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _load_modules(modules: Sequence[str | LoraModule], progress: bool) -> list[LoraModule]:
-    if all(isinstance(m, LoraModule) for m in modules):
-        check_compatible(list(modules))
-        return list(modules)
-    uris = [str(m) for m in modules]
-    with progress_bar("loading modules", None, enabled=progress) as advance:
-        return load_modules(uris, progress=lambda m: advance(info=m.name))
-
-
-def write_output(output: str | Path, recipe: Recipe, model, tokenizer, history: SearchResult | None = None,
-                 extra: Callable[[Path], None] | None = None) -> Path | str:
-    """Write ``recipe.json``, ``model/`` (merged, ``save_pretrained``) and ``history.parquet`` atomically
-    (to a local directory, or to ``s3://...`` with ``recipe.json`` uploaded last); ``extra(directory)``
-    may add more files before the output is published."""
-    with storage.output_directory(output, marker=RECIPE_FILE) as tmp:
-        model.save_pretrained(tmp / MODEL_DIR)
-        tokenizer.save_pretrained(tmp / MODEL_DIR)
-        if history is not None:
-            write_history(tmp / HISTORY_FILE, history)
-        if extra is not None:
-            extra(tmp)
-        recipe.save(tmp)  # last: a directory with recipe.json is complete
-    return str(output) if storage.is_remote(str(output)) else Path(output)
-
-
-def write_history(path: Path, search: SearchResult) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows = search.history
-    table = pa.table({
-        "trial": [e.trial for e in rows],
-        "step": [e.step for e in rows],
-        "weights": [e.weights for e in rows],
-        "objective": [e.objective for e in rows],
-        "seconds": [e.seconds for e in rows],
-        "algorithm": [search.algorithm] * len(rows),
-    })
-    pq.write_table(table, path)
-
-
-def lorahub_learning(
-    model: str,
-    modules: Sequence[str | LoraModule],
-    examples,
-    *,
-    output: str | Path | None = None,
-    budget: int = DEFAULT_BUDGET,
-    optimizer: str = DEFAULT_OPTIMIZER,
-    seed: int = 42,
-    loss: str | LossFn = "reference",
-    batch_size: int | None = None,
-    regularizer: Callable[[Sequence[float]], float] = l1_regularization,
-    input_field: str = "input",
-    output_field: str = "output",
-    device: str | None = None,
-    asks: int = 1,
-    progress: bool = True,
-) -> LoraHubResult:
-    """LoraHub learning: find weights for ``modules`` on the few-shot ``examples``, merge them into
-    ``model`` and (with ``output``) save ``recipe.json``, ``model/`` and ``history.parquet``.
-
-    ``model`` and each of ``modules`` is a Hub id, a local directory or an ``s3://`` URI; a
-    module entry may also be a folder of adapter directories. ``loss`` is ``"reference"`` (the
-    reference's batch-size-dependent loss, see :mod:`lorahub_ray.objective`), ``"mean"`` or a
-    callable; ``batch_size=None`` puts all examples in one batch, as the reference does. ``asks``
-    candidates are asked at once (nevergrad's ``num_workers``: NGOpt may pick another algorithm) and
-    evaluated together, sharing forward passes, which buys wall time on small few-shot sets.
-    """
-    started = _now()
-    # cheap checks first: bad input fails before any model is loaded
-    data = as_examples(examples, input_field=input_field, output_field=output_field)
-    check_optimizer(optimizer)
-    if budget < 1:
-        raise LoraHubError(f"budget must be at least 1, got {budget}")
-    if asks < 1:
-        raise LoraHubError(f"asks must be at least 1, got {asks}")
-    if isinstance(loss, str) and loss not in LOSSES:
-        raise LoraHubError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)}")
+        result = evaluate_sharded(str(model), data, workers=workers, gpus_per_worker=gpus_per_worker,
+                                  cpus_per_worker=cpus_per_worker, address=address, **options)
+    else:
+        result = evaluate_local(model, data, tokenizer=tokenizer, progress=progress, **options)
     if output is not None:
-        storage.check_output(output, marker=RECIPE_FILE)
-    loaded = _load_modules(modules, progress)
-    base, tokenizer, base_path = load_base_model(model, device=device)
-    composer = LoraComposer(base, loaded)
-    objective = FewShotObjective(composer, tokenizer, data.inputs, data.outputs, loss=loss, batch_size=batch_size,
-                                 regularizer=regularizer)
-    with progress_bar(f"search ({optimizer})", budget, enabled=progress) as advance:
-        result = minimize(objective, len(loaded), budget=budget, optimizer=optimizer, seed=seed, num_workers=asks,
-                          evaluate_batch=objective.evaluate_many if asks > 1 else None,
-                          callback=lambda e, best: advance(info=f"best {best:.4f}"))
-    recipe = Recipe(
-        base_model=str(model), base_model_sha256=storage.sha256_dir(base_path),
-        modules=[{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in loaded],
-        weights=result.weights, objective=result.objective, optimizer=result.optimizer, algorithm=result.algorithm,
-        budget=budget, seed=seed, loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),
-        batch_size=batch_size,
-        regularizer="l1(0.05)" if regularizer is l1_regularization else getattr(regularizer, "__name__", "custom"),
-        merge_method=composer.merge_method, num_examples=len(data), started=started, finished=_now(),
-        search={"backend": "local", "asks": asks},
-    )
-    merged = composer.merge_and_unload(result.weights)
-    saved = write_output(output, recipe, merged, tokenizer, result) if output is not None else None
-    return LoraHubResult(recipe=recipe, search=result, model=merged, tokenizer=tokenizer, output=saved)
+        write_results(output, result)
+    return result
 
 
-def build_model(recipe: Recipe | str | Path, *, device: str | None = None, verify: bool = True):
-    """Rebuild the merged model of a recipe from its base model and modules: ``(model, tokenizer)``.
-
-    With ``verify`` the content hashes recorded in the recipe are checked, so a changed module
-    or base model is a clear error instead of a silently different model.
-    """
-    if not isinstance(recipe, Recipe):
-        recipe = Recipe.load(recipe)
-    modules = [load_module(m["uri"], m["name"], expected_sha256=m["sha256"] if verify else None)
-               for m in recipe.modules]
-    check_compatible(modules)
-    base, tokenizer, base_path = load_base_model(recipe.base_model, device=device)
-    if verify and storage.sha256_dir(base_path) != recipe.base_model_sha256:
-        from .errors import IntegrityError
-
-        raise IntegrityError(f"base model '{recipe.base_model}' differs from the one the recipe was made with")
-    return LoraComposer(base, modules, merge_method=recipe.merge_method).merge_and_unload(recipe.weights), tokenizer
-
-
-def evaluate(
-    model,
-    data,
-    *,
-    output: str | Path | None = None,
-    tokenizer=None,
-    batch_size: int = 32,
-    max_new_tokens: int = 64,
-    input_field: str = "input",
-    output_field: str = "output",
-    device: str | None = None,
-    workers: int = 0,
-    gpus_per_worker: float = 0.0,
-    progress: bool = True,
-) -> dict:
+def evaluate(model, data, *, output: str | Path | None = None, tokenizer=None, batch_size: int = 32,
+             max_new_tokens: int = 64, input_field: str = "input", output_field: str = "output",
+             device: str | None = None, workers: int = 0, gpus_per_worker: float = 0.0, address: str | None = None,
+             progress: bool = True) -> dict:
     """Exact-match accuracy of ``model`` on ``data``: what ``lorahub-ray evaluate`` does.
 
-    ``model`` is a lorahub-ray output directory, any seq2seq model path/URI, or a loaded model
-    with ``tokenizer``; ``data`` a file, a folder or prefix of one file per task, or in-memory
-    examples (``Examples`` or ``(inputs, outputs)``). Returns the metrics (``accuracy`` in percent,
-    per task and macro-averaged; see :func:`lorahub_ray.evaluation.evaluate_data`); with
-    ``output``, writes ``metrics.json`` and ``predictions.parquet`` there. ``workers=W`` shards
-    the generation over W Ray Data actors, with the same predictions.
+    ``model`` is a lorahub-ray output directory, any model path/URI, or a loaded model with
+    ``tokenizer``; ``data`` a file, a folder or prefix of one file per task, or in-memory examples
+    (``Examples`` or ``(inputs, outputs)``). Returns the metrics (``accuracy`` in percent, per task and
+    macro-averaged; see :func:`evaluate_data`); with ``output``, writes ``metrics.json`` and
+    ``predictions.parquet`` there. ``workers=W`` shards the generation over W Ray Data actors, with
+    the same predictions.
     """
-    from .evaluation import evaluate_data
-
     return evaluate_data(model, data, output=output, workers=workers, gpus_per_worker=gpus_per_worker,
-                         tokenizer=tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                         address=address, tokenizer=tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
                          input_field=input_field, output_field=output_field, device=device,
                          progress=progress).metrics
+
+
+def compare(model: str, recipe: str | Path, examples, data: str, *, workers: int = 0, gpus_per_worker: float = 0.0,
+            cpus_per_worker: float | None = None, address: str | None = None, **options) -> dict:
+    """Zero-shot, in-context learning and LoraHub on one test set (see
+    :func:`lorahub_ray.evaluation.compare.compare`), each evaluated by :func:`evaluate_data`."""
+
+    def run(model, data, **kwargs) -> EvaluationResult:
+        return evaluate_data(model, data, workers=workers, gpus_per_worker=gpus_per_worker,
+                             cpus_per_worker=cpus_per_worker, address=address, **kwargs)
+
+    return comparison.compare(model, recipe, examples, data, evaluate=run, workers=workers, **options)

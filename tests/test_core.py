@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import lorahub_ray as lr
+from lorahub_ray.evaluation import generate as generation
 from helpers import EXAMPLES, make_module, write_jsonl
-from lorahub_ray.compose import LoraComposer
-from lorahub_ray.model import load_base_model
-from lorahub_ray.objective import FewShotObjective, reference_loss
+from lorahub_ray.core.compose import LoraComposer
+from lorahub_ray.core.model import load_base_model
+from lorahub_ray.core.objective import FewShotObjective, reference_loss
 
 INPUTS = [e["input"] for e in EXAMPLES]
 OUTPUTS = [e["output"] for e in EXAMPLES]
@@ -194,7 +195,7 @@ def test_token_losses_feed_the_decoder_inputs_the_model_would_shift_from_the_lab
     """The objective's forwards get decoder inputs instead of labels (so the model computes no loss of
     its own); a model without ``prepare_decoder_input_ids_from_labels`` gets the labels. Both give the
     same per-example losses, and those are the model's own cross-entropy."""
-    from lorahub_ray.objective import token_losses, tokenize_examples
+    from lorahub_ray.core.objective import token_losses, tokenize_examples
 
     composer, tok = composer_for(world)
     composer.compose([0.9, -1.3, 0.4, 1.1])
@@ -316,7 +317,7 @@ def test_cli_search_with_asks_runs_in_process_and_shares_forward_passes(world, t
     assert recipe.search == {"backend": "local", "asks": 3}
     rows = pq.read_table(out / "history.parquet").to_pylist()
     assert [r["step"] for r in rows] == list(range(7))
-    from lorahub_ray.data import read_examples
+    from lorahub_ray.io.examples import read_examples
 
     composer, tok = composer_for(world, lr.load_modules([str(world["hub"])]))  # the search's module order
     examples = read_examples(str(world["examples"]))
@@ -435,8 +436,8 @@ def test_merged_model_equals_composed_model(learned, world):
         a = composer.model(**enc, labels=labels).logits
         b = saved(**enc, labels=labels).logits
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    gen_a = lr.inference.generate(composer.model, tok, INPUTS, max_new_tokens=8)
-    gen_b = lr.inference.generate(saved, tok, INPUTS, max_new_tokens=8)
+    gen_a = generation.generate(composer.model, tok, INPUTS, max_new_tokens=8)
+    gen_b = generation.generate(saved, tok, INPUTS, max_new_tokens=8)
     assert gen_a == gen_b
 
 
@@ -497,17 +498,17 @@ def test_evaluate_writes_metrics(learned, world, tmp_path):
     assert saved["accuracy"] == metrics["accuracy"] and saved["examples"] == 5
     rows = pq.read_table(tmp_path / "eval" / "predictions.parquet").to_pylist()
     assert len(rows) == 5
-    expected = lr.inference.generate(result.model, result.tokenizer, INPUTS)
+    expected = generation.generate(result.model, result.tokenizer, INPUTS)
     assert {r["input"]: r["prediction"] for r in rows} == dict(zip(INPUTS, expected))
-    assert metrics["accuracy"] == pytest.approx(lr.inference.accuracy(expected, OUTPUTS))
+    assert metrics["accuracy"] == pytest.approx(generation.accuracy(expected, OUTPUTS))
     in_memory = lr.evaluate(result.model, (INPUTS, OUTPUTS), tokenizer=result.tokenizer, progress=False)
     assert in_memory["accuracy"] == metrics["accuracy"] and in_memory["examples"] == 5
 
 
 def test_exact_match_normalisation():
-    assert lr.inference.exact_match("  The Answer. ", "the answer")
-    assert not lr.inference.exact_match("answer b", "answer a")
-    assert lr.inference.accuracy(["a", "b.", "c"], ["A", "b", "x"]) == pytest.approx(200 / 3)
+    assert generation.exact_match("  The Answer. ", "the answer")
+    assert not generation.exact_match("answer b", "answer a")
+    assert generation.accuracy(["a", "b.", "c"], ["A", "b", "x"]) == pytest.approx(200 / 3)
 
 
 def test_examples_in_memory_are_checked_before_any_model_loads(tmp_path):

@@ -7,8 +7,8 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from lorahub_ray import default_hub
-from lorahub_ray.default_hub import BuildConfig, build_default_hub
+from lorahub_ray.demo import world as default_hub
+from lorahub_ray.demo.world import BuildConfig, build_default_hub
 
 TINY = BuildConfig(d_model=32, layers=1, batch_size=8, base_steps=10, lora_steps=3, test=100)
 

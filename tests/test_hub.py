@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 import lorahub_ray as lr
 from helpers import make_base, make_module
-from lorahub_ray import hub, storage
+from lorahub_ray.io import catalogue as hub
+from lorahub_ray.io import storage
 from lorahub_ray.cli import app
 from s3 import moto_server, s3fs_client, upload_dir
 

@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 import lorahub_ray as lr
-from lorahub_ray import hub, jobs
+from lorahub_ray.io import catalogue as hub
+from lorahub_ray.cluster import jobs
 from lorahub_ray.cli import app
 from s3 import S3_ENV, moto_server, s3fs_client, upload_dir
 

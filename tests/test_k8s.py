@@ -7,17 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorahub_ray import k8s
+from k8s import kuberay as k8s
 
 REPO = Path(__file__).parents[1]
-CRDS = Path(__file__).parents[2] / "shared" / "kuberay-crds"
+CRDS = REPO / "k8s" / "crds"
 MANIFESTS = sorted(p for p in (REPO / "k8s").glob("*.yaml") if not p.name.endswith((".template.yaml", ".placeholder.yaml")))
 
 
 @pytest.fixture(scope="module")
 def schemas():
-    if not CRDS.is_dir():
-        pytest.skip(f"KubeRay CRDs not found at {CRDS} (../shared/kuberay-crds from the repository root)")
     return k8s.load_crd_schemas(CRDS)
 
 
@@ -87,7 +85,7 @@ def test_rayservice_serve_config_is_the_deployments_file():
 
 def test_committed_rayservice_is_what_the_generator_renders():
     """Fails when k8s/rayservice.yaml drifts from its template or the Serve config:
-    run `python -m lorahub_ray.k8s render`."""
+    run `python k8s/kuberay.py render`."""
     assert (REPO / k8s.RAYSERVICE).read_text() == k8s.render(REPO)
     assert k8s.main(["render", "--check", "--root", str(REPO)]) == 0
 

@@ -8,18 +8,19 @@ import pyarrow.parquet as pq
 import pytest
 
 import lorahub_ray as lr
+from lorahub_ray.evaluation import generate as generation
 from helpers import EXAMPLES, write_jsonl
-from lorahub_ray.compare import InContextPrompt, compare, icl_prompt
+from lorahub_ray.api import compare, evaluate_data
+from lorahub_ray.evaluation.compare import InContextPrompt, icl_prompt
 from lorahub_ray.errors import DataError
-from lorahub_ray.evaluation import (
+from lorahub_ray.evaluation.evaluate import (
     METRICS_FILE,
     PREDICTIONS_FILE,
-    evaluate_data,
     group_batches,
     group_of,
     list_data_files,
 )
-from lorahub_ray.partial import PartialObjective, combine, shard_ranges
+from lorahub_ray.core.partial import PartialObjective, combine, shard_ranges
 
 TIMING = ("seconds", "examples_per_second", "workers", "cpus_per_worker", "gpus_per_worker")
 
@@ -96,7 +97,7 @@ def test_folder_of_tasks_in_three_formats(in_process, tasks):
 
 def test_evaluation_equals_plain_generation_on_its_batches(learned_model, tasks, in_process):
     """The in-process path is generate() on the planned batches: recompute one group by hand."""
-    from lorahub_ray.api import load_model
+    from lorahub_ray.core.model import load_model
 
     model, tok = load_model(str(learned_model))
     p = in_process.predictions
@@ -109,7 +110,7 @@ def test_evaluation_equals_plain_generation_on_its_batches(learned_model, tasks,
         members = [k for k, x in enumerate(inputs) if group_of("beta", x, 2) == g]
         sub_in, sub_t = [inputs[k] for k in members], [targets[k] for k in members]
         for batch in group_batches(sub_in, sub_t, 4):
-            expected = lr.inference.generate(model, tok, [sub_in[k] for k in batch], max_new_tokens=6)
+            expected = generation.generate(model, tok, [sub_in[k] for k in batch], max_new_tokens=6)
             got = [p["prediction"][idx[members[k]]] for k in batch]
             assert got == expected
 
@@ -181,8 +182,8 @@ def test_shard_ranges_hold_whole_batches():
 
 @pytest.mark.parametrize("loss, batch_size", [("reference", 3), ("reference", None), ("mean", 2)])
 def test_partial_sums_equal_the_unsharded_objective(world, loss, batch_size):
-    from lorahub_ray.compose import LoraComposer
-    from lorahub_ray.model import load_base_model
+    from lorahub_ray.core.compose import LoraComposer
+    from lorahub_ray.core.model import load_base_model
 
     rows = _rows(23, 5)
     inputs, outputs = [r["input"] for r in rows], [r["output"] for r in rows]
@@ -201,10 +202,10 @@ def test_partial_sums_equal_the_unsharded_objective(world, loss, batch_size):
 
 
 def test_sharded_objective_on_ray_actors(ray_cluster, world):
-    from lorahub_ray.compose import LoraComposer
-    from lorahub_ray.model import load_base_model
-    from lorahub_ray.ray_objective import ShardedObjective
-    from lorahub_ray.search import minimize
+    from lorahub_ray.core.compose import LoraComposer
+    from lorahub_ray.core.model import load_base_model
+    from lorahub_ray.cluster.evaluators import ShardedObjective
+    from lorahub_ray.core.search import minimize
 
     rows = _rows(12, 7)
     data = (tuple(r["input"] for r in rows), tuple(r["output"] for r in rows))
@@ -294,7 +295,7 @@ def test_cli_bad_data_is_one_line_exit_2(learned_model, tmp_path):
 
 
 def test_compare_on_the_embedded_default_shows_lorahub_above_zero_shot(tmp_path_factory):
-    default_hub = pytest.importorskip("lorahub_ray.default_hub", reason="the embedded default hub has not landed")
+    default_hub = pytest.importorskip("lorahub_ray.demo.world", reason="the embedded default hub has not landed")
     cache = tmp_path_factory.getbasetemp() / "cache" / "default-hub"
     hub = default_hub.build_default_hub(cache)
     name, task = sorted(hub.unseen_tasks.items())[0]

@@ -8,8 +8,9 @@ import httpx
 import pytest
 
 import lorahub_ray as lr
-from lorahub_ray.inference import generate
-from lorahub_ray.serving import ModelHost, RecipeSpec, ServeConfigError, parse_specs
+from lorahub_ray.evaluation.generate import generate
+from lorahub_ray.core.learning import write_output
+from lorahub_ray.serving.host import ModelHost, RecipeSpec, ServeConfigError, parse_specs
 
 INPUTS = ["reverse: abc", "reverse: hello world", "upper: ray", "xy"]
 OTHER_WEIGHTS = [1.2, -0.9, 0.6, -0.4]
@@ -24,7 +25,7 @@ def recipes(world, tmp_path_factory):
                                  budget=6, progress=False)
     recipe_b = lr.Recipe(**{**json.loads(result.recipe.to_json()), "weights": OTHER_WEIGHTS})
     model_b, tok = lr.build_model(recipe_b)
-    lr.api.write_output(root / "b", recipe_b, model_b, tok)
+    write_output(root / "b", recipe_b, model_b, tok)
     (root / "c").mkdir()
     shutil.copy(root / "b" / "recipe.json", root / "c" / "recipe.json")
     expected = {}
@@ -50,7 +51,7 @@ def test_recipe_specs_parse_and_reject_bad_ids(tmp_path):
 
 
 def test_serve_args_errors_name_the_field():
-    from lorahub_ray.serve import parse_args
+    from lorahub_ray.cluster.serve_app import parse_args
 
     with pytest.raises(ServeConfigError, match="recipes: Field required"):
         parse_args({})
@@ -71,12 +72,12 @@ def test_config_file_parses_and_builds(tmp_path):
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from lorahub_ray.serve import INGRESS, MODEL, parse_args
+    from lorahub_ray.cluster.serve_app import INGRESS, MODEL, parse_args
 
     text = (Path(__file__).parents[1] / "deployments" / "lorahub_serve.yaml").read_text()
     config = ServeDeploySchema.model_validate(yaml.safe_load(text))
     (application,) = config.applications
-    assert application.import_path == "lorahub_ray.serve:app"
+    assert application.import_path == "lorahub_ray.cluster.serve_app:app"
     parse_args(application.args)
     assert {d.name for d in application.deployments} == {INGRESS, MODEL}
 
@@ -110,7 +111,7 @@ def test_lookup_is_a_dictionary_lookup_without_file_access(monkeypatch):
 
     from fastapi import HTTPException
 
-    from lorahub_ray.serve import lookup_recipe
+    from lorahub_ray.cluster.serve_app import lookup_recipe
 
     def no_files(*args, **kwargs):
         raise AssertionError("file access during recipe lookup")
@@ -143,7 +144,7 @@ def served(ray_cluster, recipes):
     from ray import serve
     from ray.serve.api import RunTarget
 
-    from lorahub_ray.serve import app
+    from lorahub_ray.cluster.serve_app import app
 
     root = recipes["root"]
     port = _free_port()

@@ -8,7 +8,7 @@ import pytest
 
 import lorahub_ray as lr
 from helpers import EXAMPLES, write_jsonl
-from lorahub_ray import storage
+from lorahub_ray.io import storage
 from s3 import moto_server, s3fs_client, upload_dir
 
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import lorahub_ray as lr
-from lorahub_ray.distributed import ResourceError, SearchFailed, SearchInterrupted, lorahub_learning_ray
+from lorahub_ray.cluster.tune_search import ResourceError, SearchFailed, SearchInterrupted, lorahub_learning_ray
 
 BUDGET = 8
 
@@ -57,10 +57,10 @@ def test_one_worker_equals_the_local_engine(world, ray_cluster, tmp_path):
 def test_more_asks_than_workers_share_forward_passes_reproducibly(world, ray_cluster, tmp_path):
     """3 candidates at a time on 1 actor: one call evaluates them together (one forward pass); each
     value is that candidate's objective, and the run repeats exactly."""
-    from lorahub_ray.compose import LoraComposer
-    from lorahub_ray.data import read_examples
-    from lorahub_ray.model import load_base_model
-    from lorahub_ray.objective import FewShotObjective
+    from lorahub_ray.core.compose import LoraComposer
+    from lorahub_ray.io.examples import read_examples
+    from lorahub_ray.core.model import load_base_model
+    from lorahub_ray.core.objective import FewShotObjective
 
     first = run(world, tmp_path / "a", workers=1, asks=3)
     again = run(world, tmp_path / "b", workers=1, asks=3)
@@ -241,7 +241,7 @@ def test_asha_stops_restarts_early_and_the_best_restart_still_wins(world, ray_cl
 
 
 def test_restarts_that_would_repeat_one_search_are_warned_about():
-    from lorahub_ray.distributed import restarts_warning
+    from lorahub_ray.cluster.tune_search import restarts_warning
 
     # NGOpt at 20 weights, budget 40, one ask at a time runs Cobyla, which ignores the seed
     note = restarts_warning("NGOpt", 20, budget=40, asks=1, restarts=5, modules_per_restart=None)
@@ -253,7 +253,7 @@ def test_restarts_that_would_repeat_one_search_are_warned_about():
 
 
 def test_cli_prints_the_restarts_warning_in_one_line(capsys):
-    from lorahub_ray.cli import _show_warning
+    from lorahub_ray.cli.app import show_warning as _show_warning
     from lorahub_ray.errors import LoraHubWarning
 
     _show_warning(LoraHubWarning("the 5 restarts differ only by their seed"), LoraHubWarning, "x.py", 1)

@@ -1,0 +1,69 @@
+"""The ``lorahub-ray`` Typer app and what every command shares: the console, one-line errors and
+warnings, and the options that several commands take. Each command group lives in its own module
+of this package and registers itself on :data:`app`."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from lorahub_ray.errors import LoraHubError, LoraHubWarning
+
+app = typer.Typer(
+    name="lorahub-ray",
+    help="LoraHub on Ray: adapt a language model to a new task from a few examples by composing LoRA modules "
+    "with a gradient-free search, then evaluate, compare and serve the result.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """lorahub-ray's own warnings as one line on the console, others as Python shows them."""
+    if issubclass(category, LoraHubWarning):
+        console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
+warnings.showwarning = show_warning
+
+SeedOpt = Annotated[int, typer.Option(help="Seed of the optimizer (the reference's default is 42).")]
+BudgetOpt = Annotated[int, typer.Option(help="Number of objective evaluations (the paper uses 40).")]
+OptimizerOpt = Annotated[str, typer.Option(help="nevergrad optimizer by name: NGOpt (default, picks an algorithm from dimension and budget), CMA, OnePlusOne, RandomSearch, Cobyla, ...")]
+InputFieldOpt = Annotated[str, typer.Option(help="Name of the input column/field in the data files.")]
+OutputFieldOpt = Annotated[str, typer.Option(help="Name of the target column/field in the data files.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")]
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' own chatter (transformers' logging and progress bars, their
+    UserWarnings and FutureWarnings), but never lorahub-ray's own warnings."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    # LoraHubWarning subclasses UserWarning: this filter goes in front of the one above
+    warnings.filterwarnings("default", category=LoraHubWarning)
+
+
+def fail_cleanly(fn):
+    """Bad input ends in one clear line (exit 2), not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LoraHubError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line
+            raise typer.Exit(2) from None
+
+    return wrapper

@@ -1,0 +1,125 @@
+"""``lorahub-ray search``: LoraHub learning, in this process or on Ray Tune."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from lorahub_ray.cli.app import (BudgetOpt, DeviceOpt, InputFieldOpt, OptimizerOpt, OutputFieldOpt, SeedOpt, app,
+                                 console, fail_cleanly, quiet_libraries)
+
+
+def _expand_modules(modules: list[str]) -> list[str]:
+    # `--modules a b c` arrives as one option followed by stray arguments; typer collects them in ctx.args
+    return [m for item in modules for m in item.split(",") if m]
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+@fail_cleanly
+def search(
+    ctx: typer.Context,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Base seq2seq model: a Hugging Face Hub id, a local directory or an s3:// URI.")] = None,
+    examples: Annotated[Optional[str], typer.Option("--examples", "-e", help="Few-shot examples: JSON Lines, Parquet or CSV with input/output fields, local or s3://.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Directory or s3:// prefix to write recipe.json, model/ (merged, loadable with from_pretrained) and history.parquet (on S3, recipe.json is uploaded last).")] = None,
+    modules: Annotated[Optional[list[str]], typer.Option("--modules", help="LoRA modules: PEFT adapter directories, folders of them, Hub ids or s3:// prefixes. Repeat the option or list several after it. Or use --hub.")] = None,
+    hub: Annotated[Optional[str], typer.Option("--hub", help="Draw the modules from this hub catalogue (Parquet, local or s3://); their sha256 are checked on load.")] = None,
+    filter: Annotated[Optional[list[str]], typer.Option("--filter", help="With --hub: keep modules with FIELD=VALUE, FIELD!=VALUE, FIELD~REGEX or FIELD!~REGEX (repeatable, all must hold), e.g. task~^qa.")] = None,
+    budget: BudgetOpt = 40,
+    optimizer: OptimizerOpt = "NGOpt",
+    seed: SeedOpt = 42,
+    loss: Annotated[str, typer.Option(help="'reference': the reference's loss (sum of batch-mean CE / number of examples, so it depends on --batch-size); 'mean': mean per-example CE.")] = "reference",
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size of the loss; default: all examples in one batch, as the reference.")] = None,
+    input_field: InputFieldOpt = "input",
+    output_field: OutputFieldOpt = "output",
+    device: DeviceOpt = None,
+    workers: Annotated[Optional[int], typer.Option(help="Run on Ray with this many evaluator actors (each holds the model once). Without it (and without --restarts/--address/--resume) the search runs in this process.", rich_help_panel="Ray")] = None,
+    restarts: Annotated[Optional[int], typer.Option(help="Independent searches (seeds seed, seed+1, ...) run as concurrent Ray Tune trials; the best wins.", rich_help_panel="Ray")] = None,
+    modules_per_restart: Annotated[Optional[int], typer.Option(help="Each restart searches a random subset of this many modules (the paper: 20).", rich_help_panel="Ray")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster: 'auto', host:port or ray://host:10001 (default: start a local Ray).", rich_help_panel="Ray")] = None,
+    cpus_per_worker: Annotated[Optional[float], typer.Option(help="CPUs per evaluator actor (default: an equal share of the cluster, at most 1).", rich_help_panel="Ray")] = None,
+    gpus_per_worker: Annotated[float, typer.Option(help="GPUs per evaluator actor; fractions such as 0.25 let actors share a GPU.", rich_help_panel="Ray")] = 0.0,
+    scheduler: Annotated[Optional[str], typer.Option(help="'asha' stops hopeless restarts early; default: run all to the budget.", rich_help_panel="Ray")] = None,
+    asks: Annotated[Optional[int], typer.Option(min=1, help="Candidates asked at once per search (nevergrad's num_workers) and evaluated together, sharing forward passes; default 1 in this process, ceil(workers / restarts) on Ray. More asks buy wall time at some cost in quality.")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Ray Tune experiment storage (default: OUTPUT.tune; use shared storage such as s3:// on a multi-node cluster).", rich_help_panel="Ray")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Resume an interrupted Ray search: its --output directory (everything else is read from the saved run).", rich_help_panel="Ray")] = None,
+):
+    """Find module weights on a few examples (LoraHub learning) and save the merged model and its recipe.
+
+    Example:
+
+        lorahub-ray search --model google/flan-t5-large --modules hub/ --examples fewshot.jsonl --output runs/task
+
+    On Ray (a local one, or a cluster with --address), 5 restarts over 2 model-holding actors:
+
+        lorahub-ray search -m google/flan-t5-large --modules hub/ -e fewshot.jsonl -o runs/task --workers 2 --restarts 5
+    """
+    quiet_libraries()
+    from lorahub_ray.api import lorahub_learning
+    from lorahub_ray.errors import LoraHubError
+
+    all_modules = _expand_modules(list(modules or []) + list(ctx.args))
+    if hub is not None:
+        all_modules = _hub_modules(hub, filter or [], all_modules, examples, input_field, output_field, output)
+    elif filter:
+        raise LoraHubError("--filter selects modules of a hub catalogue: give --hub CATALOGUE too")
+    elif not all_modules and resume is None:
+        raise LoraHubError("no modules: give --modules or --hub")
+    if any(v is not None for v in (workers, restarts, modules_per_restart, address, resume, scheduler, storage)):
+        from lorahub_ray.cluster.tune_search import SearchFailed, SearchInterrupted, lorahub_learning_ray
+
+        try:
+            result = lorahub_learning_ray(
+            model, all_modules, examples, output=output, workers=workers or 2, restarts=restarts or 1,
+            modules_per_restart=modules_per_restart, budget=budget, optimizer=optimizer, seed=seed, loss=loss,
+            batch_size=batch_size, input_field=input_field, output_field=output_field, address=address,
+            cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, device=device, scheduler=scheduler,
+            asks=asks, storage_path=storage, resume=resume)
+        except SearchInterrupted as exc:
+            console.print(f"[bold yellow]interrupted:[/] {exc}", highlight=False)
+            raise typer.Exit(130) from None
+        except SearchFailed as exc:
+            console.print(f"[bold red]search failed:[/] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+        _print_weights(result.recipe)
+        console.print(f"objective {result.recipe.objective:.4f} ({result.recipe.algorithm}, restart "
+                      f"{result.best.restart} of {len(result.trials)}) in {result.seconds:.1f} s; wrote "
+                      f"{result.output}/recipe.json, model/, history.parquet and search.png")
+        return
+    if model is None or examples is None or output is None:
+        raise LoraHubError("--model, --examples and --output are required (or --resume DIR with --workers)")
+    result = lorahub_learning(model, all_modules, examples, output=output, budget=budget, optimizer=optimizer,
+                              seed=seed, loss=loss, batch_size=batch_size, input_field=input_field,
+                              output_field=output_field, device=device, asks=asks or 1)
+    _print_weights(result.recipe)
+    console.print(f"objective {result.recipe.objective:.4f} ({result.recipe.algorithm}); wrote {output}/recipe.json and {output}/model/")
+
+
+def _hub_modules(hub: str, filters: list[str], extra: list[str], examples: str, input_field: str,
+                 output_field: str, output: str):
+    """Modules drawn from a hub catalogue, loaded with their recorded sha256 (a changed module is an
+    error naming its id). The cheap checks (examples, output) run first, as in lorahub_learning."""
+    from lorahub_ray.io import catalogue as hub_lib
+    from lorahub_ray.io import storage
+    from lorahub_ray.io.examples import as_examples
+    from lorahub_ray.errors import LoraHubError
+    from lorahub_ray.core.recipe import RECIPE_FILE
+
+    if extra:
+        raise LoraHubError("give either --modules or --hub, not both")
+    as_examples(examples, input_field=input_field, output_field=output_field)
+    storage.check_output(output, marker=RECIPE_FILE)
+    modules = hub_lib.load_selected(hub, filters)  # also checks that they fit together
+    console.print(f"{len(modules)} module(s) from {hub}: {', '.join(m.name for m in modules)}", highlight=False)
+    return modules
+
+
+def _print_weights(recipe, top: int = 10) -> None:
+    from rich.table import Table
+
+    table = Table(title="module weights", show_header=True)
+    table.add_column("module")
+    table.add_column("weight", justify="right")
+    for name, weight in sorted(recipe.module_weights.items(), key=lambda kv: -abs(kv[1]))[:top]:
+        table.add_row(name, f"{weight:+.3f}")
+    console.print(table)

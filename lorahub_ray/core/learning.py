@@ -1,0 +1,165 @@
+"""LoraHub learning in one process: load, search, merge, and write the output (recipe, model, history).
+
+The search on Ray (:mod:`lorahub_ray.cluster.tune_search`) shares what lies around the search
+itself: :func:`load_module_list`, :func:`make_recipe` and :func:`write_output`, whose history
+table (:func:`write_history`) has one schema for both backends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from lorahub_ray.io import storage
+from lorahub_ray.core.compose import LoraComposer
+from lorahub_ray.io.examples import as_examples
+from lorahub_ray.errors import IntegrityError, LoraHubError
+from lorahub_ray.core.model import load_base_model
+from lorahub_ray.core.modules import LoraModule, check_compatible, load_module, load_modules
+from lorahub_ray.core.objective import LOSSES, FewShotObjective, LossFn, l1_regularization
+from lorahub_ray.progress import progress_bar
+from lorahub_ray.core.recipe import HISTORY_FILE, MODEL_DIR, RECIPE_FILE, Recipe
+from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, SearchResult, check_optimizer, minimize
+
+
+@dataclass
+class LoraHubResult:
+    recipe: Recipe
+    search: SearchResult
+    model: torch.nn.Module  # the base model with the composed LoRA merged in
+    tokenizer: object
+    output: Path | str | None = None  # a str for remote (s3://) outputs
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return self.recipe.module_weights
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def load_module_list(modules: Sequence[str | LoraModule], progress: bool) -> list[LoraModule]:
+    if all(isinstance(m, LoraModule) for m in modules):
+        check_compatible(list(modules))
+        return list(modules)
+    uris = [str(m) for m in modules]
+    with progress_bar("loading modules", None, enabled=progress) as advance:
+        return load_modules(uris, progress=lambda m: advance(info=m.name))
+
+
+def write_output(output: str | Path, recipe: Recipe, model, tokenizer, history: SearchResult | None = None,
+                 extra: Callable[[Path], None] | None = None) -> Path | str:
+    """Write ``recipe.json``, ``model/`` (merged, ``save_pretrained``) and ``history.parquet`` atomically
+    (to a local directory, or to ``s3://...`` with ``recipe.json`` uploaded last); ``extra(directory)``
+    may add more files before the output is published."""
+    with storage.output_directory(output, marker=RECIPE_FILE) as tmp:
+        model.save_pretrained(tmp / MODEL_DIR)
+        tokenizer.save_pretrained(tmp / MODEL_DIR)
+        if history is not None:
+            write_history(tmp / HISTORY_FILE, history)
+        if extra is not None:
+            extra(tmp)
+        recipe.save(tmp)  # last: a directory with recipe.json is complete
+    return str(output) if storage.is_remote(str(output)) else Path(output)
+
+
+def write_history(path: Path, search: SearchResult) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = search.history
+    table = pa.table({
+        "trial": [e.trial for e in rows],
+        "step": [e.step for e in rows],
+        "weights": [e.weights for e in rows],
+        "objective": [e.objective for e in rows],
+        "seconds": [e.seconds for e in rows],
+        "algorithm": [search.algorithm] * len(rows),
+    })
+    pq.write_table(table, path)
+
+
+def lorahub_learning(
+    model: str,
+    modules: Sequence[str | LoraModule],
+    examples,
+    *,
+    output: str | Path | None = None,
+    budget: int = DEFAULT_BUDGET,
+    optimizer: str = DEFAULT_OPTIMIZER,
+    seed: int = 42,
+    loss: str | LossFn = "reference",
+    batch_size: int | None = None,
+    regularizer: Callable[[Sequence[float]], float] = l1_regularization,
+    input_field: str = "input",
+    output_field: str = "output",
+    device: str | None = None,
+    asks: int = 1,
+    progress: bool = True,
+) -> LoraHubResult:
+    """LoraHub learning: find weights for ``modules`` on the few-shot ``examples``, merge them into
+    ``model`` and (with ``output``) save ``recipe.json``, ``model/`` and ``history.parquet``.
+
+    ``model`` and each of ``modules`` is a Hub id, a local directory or an ``s3://`` URI; a
+    module entry may also be a folder of adapter directories. ``loss`` is ``"reference"`` (the
+    reference's batch-size-dependent loss, see :mod:`lorahub_ray.core.objective`), ``"mean"`` or a
+    callable; ``batch_size=None`` puts all examples in one batch, as the reference does. ``asks``
+    candidates are asked at once (nevergrad's ``num_workers``: NGOpt may pick another algorithm) and
+    evaluated together, sharing forward passes, which buys wall time on small few-shot sets.
+    """
+    started = now()
+    # cheap checks first: bad input fails before any model is loaded
+    data = as_examples(examples, input_field=input_field, output_field=output_field)
+    check_optimizer(optimizer)
+    if budget < 1:
+        raise LoraHubError(f"budget must be at least 1, got {budget}")
+    if asks < 1:
+        raise LoraHubError(f"asks must be at least 1, got {asks}")
+    if isinstance(loss, str) and loss not in LOSSES:
+        raise LoraHubError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)}")
+    if output is not None:
+        storage.check_output(output, marker=RECIPE_FILE)
+    loaded = load_module_list(modules, progress)
+    base, tokenizer, base_path = load_base_model(model, device=device)
+    composer = LoraComposer(base, loaded)
+    objective = FewShotObjective(composer, tokenizer, data.inputs, data.outputs, loss=loss, batch_size=batch_size,
+                                 regularizer=regularizer)
+    with progress_bar(f"search ({optimizer})", budget, enabled=progress) as advance:
+        result = minimize(objective, len(loaded), budget=budget, optimizer=optimizer, seed=seed, num_workers=asks,
+                          evaluate_batch=objective.evaluate_many if asks > 1 else None,
+                          callback=lambda e, best: advance(info=f"best {best:.4f}"))
+    recipe = Recipe(
+        base_model=str(model), base_model_sha256=storage.sha256_dir(base_path),
+        modules=[{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in loaded],
+        weights=result.weights, objective=result.objective, optimizer=result.optimizer, algorithm=result.algorithm,
+        budget=budget, seed=seed, loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),
+        batch_size=batch_size,
+        regularizer="l1(0.05)" if regularizer is l1_regularization else getattr(regularizer, "__name__", "custom"),
+        merge_method=composer.merge_method, num_examples=len(data), started=started, finished=now(),
+        search={"backend": "local", "asks": asks},
+    )
+    merged = composer.merge_and_unload(result.weights)
+    saved = write_output(output, recipe, merged, tokenizer, result) if output is not None else None
+    return LoraHubResult(recipe=recipe, search=result, model=merged, tokenizer=tokenizer, output=saved)
+
+
+def build_model(recipe: Recipe | str | Path, *, device: str | None = None, verify: bool = True):
+    """Rebuild the merged model of a recipe from its base model and modules: ``(model, tokenizer)``.
+
+    With ``verify`` the content hashes recorded in the recipe are checked, so a changed module
+    or base model is a clear error instead of a silently different model.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.load(recipe)
+    modules = [load_module(m["uri"], m["name"], expected_sha256=m["sha256"] if verify else None)
+               for m in recipe.modules]
+    check_compatible(modules)
+    base, tokenizer, base_path = load_base_model(recipe.base_model, device=device)
+    if verify and storage.sha256_dir(base_path) != recipe.base_model_sha256:
+        raise IntegrityError(f"base model '{recipe.base_model}' differs from the one the recipe was made with")
+    return LoraComposer(base, modules, merge_method=recipe.merge_method).merge_and_unload(recipe.weights), tokenizer

@@ -1,0 +1,91 @@
+"""The recipe: everything needed to rebuild a composed model, saved as ``recipe.json``."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import fsspec
+
+from lorahub_ray.errors import LoraHubError
+
+RECIPE_FILE = "recipe.json"
+MODEL_DIR = "model"
+HISTORY_FILE = "history.parquet"
+FORMAT = "lorahub-ray/recipe/v1"
+
+
+def versions() -> dict[str, str]:
+    import nevergrad
+    import peft
+    import torch
+    import transformers
+
+    from lorahub_ray import __version__
+
+    return {"lorahub_ray": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "nevergrad": nevergrad.__version__}
+
+
+@dataclass
+class Recipe:
+    base_model: str
+    base_model_sha256: str
+    modules: list[dict]  # [{"name", "uri", "sha256"}], in the order of ``weights``
+    weights: list[float]
+    objective: float
+    optimizer: str
+    algorithm: str
+    budget: int
+    seed: int
+    loss: str = "reference"
+    batch_size: int | None = None
+    regularizer: str = "l1(0.05)"
+    merge_method: str = "linear"
+    num_examples: int = 0
+    started: str = ""
+    finished: str = ""
+    search: dict = field(default_factory=dict)  # how the search ran (e.g. on Ray: workers, restarts, trials)
+    versions: dict = field(default_factory=versions)
+    format: str = FORMAT
+
+    def __post_init__(self):
+        if len(self.modules) != len(self.weights):
+            raise LoraHubError(f"recipe has {len(self.modules)} modules but {len(self.weights)} weights")
+
+    @property
+    def module_weights(self) -> dict[str, float]:
+        return {m["name"]: w for m, w in zip(self.modules, self.weights)}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / RECIPE_FILE
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def load(cls, uri: str | Path) -> "Recipe":
+        """Read a recipe from ``recipe.json``, or from a directory holding one (local or ``s3://``)."""
+        uri = str(uri)
+        if not uri.endswith(".json"):
+            uri = uri.rstrip("/") + "/" + RECIPE_FILE
+        try:
+            with fsspec.open(uri, "r") as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            raise LoraHubError(f"no recipe at '{uri}'") from None
+        except json.JSONDecodeError as exc:
+            raise LoraHubError(f"recipe '{uri}' is not valid JSON ({exc})") from None
+        import dataclasses
+
+        fields = dataclasses.fields(cls)
+        known = {f.name for f in fields}
+        required = {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise LoraHubError(f"recipe '{uri}' lacks {', '.join(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in known})
