@@ -1,0 +1,1 @@
+"""Hosting composed models for serving, without Ray (what a Ray Serve replica runs)."""
