@@ -26,7 +26,7 @@ def evaluate_data(model, data, *, output: str | Path | None = None, workers: int
                   gpus_per_worker: float = 0.0, cpus_per_worker: float | None = None, address: str | None = None,
                   tokenizer=None, batch_size: int = 32, max_new_tokens: int = 64, input_field: str = "input",
                   output_field: str = "output", transform: Transform | None = None, device: str | None = None,
-                  progress: bool = True) -> EvaluationResult:
+                  template: str | None = None, progress: bool = True) -> EvaluationResult:
     """Evaluate ``model`` on ``data`` in this process (``workers=0``, see
     :func:`lorahub_ray.evaluation.evaluate.evaluate_local`) or sharded across ``workers`` Ray Data
     actors on the cluster that ``address`` names (see :mod:`lorahub_ray.cluster.connect`), with exactly
@@ -34,7 +34,7 @@ def evaluate_data(model, data, *, output: str | Path | None = None, workers: int
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
     options = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, input_field=input_field,
-                   output_field=output_field, transform=transform, device=device)
+                   output_field=output_field, transform=transform, device=device, template=template)
     if workers and workers > 0:
         if not isinstance(data, (str, Path)):
             raise DataError("sharded evaluation reads files: pass a path or URI as data, not examples in memory")
@@ -54,7 +54,7 @@ def evaluate_data(model, data, *, output: str | Path | None = None, workers: int
 def evaluate(model, data, *, output: str | Path | None = None, tokenizer=None, batch_size: int = 32,
              max_new_tokens: int = 64, input_field: str = "input", output_field: str = "output",
              device: str | None = None, workers: int = 0, gpus_per_worker: float = 0.0, address: str | None = None,
-             progress: bool = True) -> dict:
+             template: str | None = None, progress: bool = True) -> dict:
     """Exact-match accuracy of ``model`` on ``data``: what ``lorahub-ray evaluate`` does.
 
     ``model`` is a lorahub-ray output directory, any model path/URI, or a loaded model with
@@ -67,7 +67,7 @@ def evaluate(model, data, *, output: str | Path | None = None, tokenizer=None, b
     return evaluate_data(model, data, output=output, workers=workers, gpus_per_worker=gpus_per_worker,
                          address=address, tokenizer=tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
                          input_field=input_field, output_field=output_field, device=device,
-                         progress=progress).metrics
+                         template=template, progress=progress).metrics
 
 
 def compare(model: str, recipe: str | Path, examples, data: str, *, workers: int = 0, gpus_per_worker: float = 0.0,

@@ -58,3 +58,68 @@ EXAMPLES = [
     {"input": "reverse: lora", "output": "arol"},
     {"input": "reverse: ray", "output": "yar"},
 ]
+
+
+# --- a tiny causal LM (Llama architecture, grouped-query attention) ----------------------------------
+
+LLAMA_ID = "tests/tiny-llama"
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def make_byte_tokenizer(*, chat: bool = False):
+    """A byte-level BPE tokenizer built offline that adds BOS and no EOS, and has no pad token (as
+    Llama's); with ``chat``, a small chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab.setdefault(ch, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  additional_special_tokens=specials[3:])
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_llama_base(path: Path, *, seed: int = 0, chat: bool = False) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = make_byte_tokenizer(chat=chat)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=0, eos_token_id=1, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_llama_module(base: Path, path: Path, *, seed: int, r: int = 4, targets=LLAMA_TARGETS, scale: float = 0.3,
+                      base_id: str = LLAMA_ID) -> Path:
+    """A CAUSAL_LM LoRA module with random A and B on ``targets`` of the tiny Llama."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), task_type="CAUSAL_LM",
+                        init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * scale)
+    peft_model.save_pretrained(path)
+    cfg_file = path / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["base_model_name_or_path"] = base_id
+    cfg_file.write_text(json.dumps(cfg, indent=2))
+    return path

@@ -33,6 +33,7 @@ from lorahub_ray.evaluation.evaluate import (
     generate_group,
     group_of,
     list_data_files,
+    model_template,
     num_groups,
     sort_results,
     summarize,
@@ -147,7 +148,7 @@ class Generator:
     groups in the fixed plan."""
 
     def __init__(self, model: str, *, batch_size: int, max_new_tokens: int, device: str | None = None,
-                 transform: Transform | None = None):
+                 transform: Transform | None = None, template: str | None = None):
         import warnings
 
         from transformers.utils import logging as hf_logging
@@ -160,6 +161,7 @@ class Generator:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.transform = transform
+        self.template = model_template(model, template)
 
     def __call__(self, group):
         import pandas as pd
@@ -167,7 +169,8 @@ class Generator:
         inputs = [str(x) for x in group["input"]]
         prompts = [self.transform(x) for x in inputs] if self.transform else None
         out = generate_group(self.model, self.tokenizer, list(group["task"]), inputs, [str(t) for t in group["target"]],
-                             prompts=prompts, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+                             prompts=prompts, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
+                             template=self.template)
         return pd.DataFrame(out, columns=list(COLUMNS))
 
 
@@ -183,7 +186,8 @@ def default_cpus_per_worker(workers: int, gpus_per_worker: float) -> float:
 def evaluate_sharded(model: str, data: str, *, workers: int, gpus_per_worker: float = 0.0,
                      cpus_per_worker: float | None = None, batch_size: int = 32, max_new_tokens: int = 64,
                      input_field: str = "input", output_field: str = "output", transform: Transform | None = None,
-                     device: str | None = None, address: str | None = None) -> EvaluationResult:
+                     device: str | None = None, address: str | None = None,
+                     template: str | None = None) -> EvaluationResult:
     """The sharded path of :func:`lorahub_ray.api.evaluate_data` (see there)."""
     if workers < 1:
         raise LoraHubError(f"workers must be at least 1, got {workers}")
@@ -218,7 +222,7 @@ def evaluate_sharded(model: str, data: str, *, workers: int, gpus_per_worker: fl
         Generator, compute=ray.data.ActorPoolStrategy(size=workers), batch_format="pandas",
         fn_constructor_kwargs={"model": model, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                                "device": device or ("cuda" if gpus_per_worker > 0 else None),
-                               "transform": transform},
+                               "transform": transform, "template": template},
         **remote_args)
     columns: dict[str, list] = {c: [] for c in COLUMNS}
     for batch in predicted.iter_batches(batch_format="pandas", batch_size=None):
@@ -232,5 +236,6 @@ def evaluate_sharded(model: str, data: str, *, workers: int, gpus_per_worker: fl
     columns["input_tokens"] = [int(x) for x in columns["input_tokens"]]
     result = EvaluationResult(sort_results(columns))
     result.metrics = summarize(result.predictions, seconds, data=str(data), workers=workers,
-                               gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus, batch_size=batch_size)
+                               gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus, batch_size=batch_size,
+                               template=model_template(model, template))
     return result

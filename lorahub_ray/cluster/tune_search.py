@@ -375,13 +375,13 @@ def lorahub_learning_ray(
     custom = {"optimizer": optimizer if not isinstance(optimizer, str) else None,
               "loss": loss if not isinstance(loss, str) else None,
               "regularizer": regularizer if regularizer is not l1_regularization else None}
-    from lorahub_ray.core.model import check_base_model
+    from lorahub_ray.core.model import base_model_sha256, check_base_model
 
     base_path = check_base_model(spec["model"])  # a wrong model fails here, not in every evaluator
     from concurrent.futures import ThreadPoolExecutor
 
     hashing = ThreadPoolExecutor(1, thread_name_prefix="lorahub-hash")  # the recipe's base hash, while the search runs
-    base_sha256 = hashing.submit(storage.sha256_dir, base_path)
+    base_sha256 = hashing.submit(base_model_sha256, base_path)
     hashing.shutdown(wait=False)
     loaded = _load_spec_modules(spec, progress)
     if resume is None:

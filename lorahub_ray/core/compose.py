@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lorahub_ray.errors import IncompatibleModulesError
+from lorahub_ray.core.families import family_of
 from lorahub_ray.core.modules import LoraModule
 
 ADAPTER_NAME = "lorahub"
@@ -119,8 +120,16 @@ class LoraComposer:
         self.modules = list(modules)
         self.merge_method = merge_method
         self._merge = MERGE_METHODS[merge_method]
-        config = lora_config(self.modules[0], base_model_name_or_path=getattr(model, "name_or_path", None))
-        self.peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+        self.family = family_of(model.config)
+        for module in self.modules:  # a CAUSAL_LM adapter on a seq2seq base (or the reverse) fails here, by name
+            self.family.check_module(module, model.config.model_type)
+        first = self.modules[0]
+        config = lora_config(first, base_model_name_or_path=getattr(model, "name_or_path", None))
+        try:
+            self.peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+        except ValueError as exc:  # PEFT's "Target modules {...} not found in the base model"
+            raise IncompatibleModulesError(f"module '{first.name}' ({first.path / 'adapter_config.json'}) does not fit "
+                                           f"the base model: {str(exc).splitlines()[0]}") from None
         self.peft_model.eval()
         self._bind()
 

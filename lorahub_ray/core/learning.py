@@ -18,7 +18,8 @@ from lorahub_ray.io import storage
 from lorahub_ray.core.compose import LoraComposer
 from lorahub_ray.io.examples import as_examples
 from lorahub_ray.errors import IntegrityError, LoraHubError
-from lorahub_ray.core.model import load_base_model
+from lorahub_ray.core.families import check_template
+from lorahub_ray.core.model import base_model_sha256, load_base_model
 from lorahub_ray.core.modules import LoraModule, check_compatible, load_module, load_modules
 from lorahub_ray.core.objective import LOSSES, FewShotObjective, LossFn, l1_regularization
 from lorahub_ray.progress import progress_bar
@@ -100,6 +101,7 @@ def lorahub_learning(
     output_field: str = "output",
     device: str | None = None,
     asks: int = 1,
+    template: str = "plain",
     progress: bool = True,
 ) -> LoraHubResult:
     """LoraHub learning: find weights for ``modules`` on the few-shot ``examples``, merge them into
@@ -111,6 +113,8 @@ def lorahub_learning(
     callable; ``batch_size=None`` puts all examples in one batch, as the reference does. ``asks``
     candidates are asked at once (nevergrad's ``num_workers``: NGOpt may pick another algorithm) and
     evaluated together, sharing forward passes, which buys wall time on small few-shot sets.
+    ``template`` ("plain" or "chat", see :mod:`lorahub_ray.core.families`) turns the inputs into
+    prompts; the recipe records it, and evaluation and serving apply it from there.
     """
     started = now()
     # cheap checks first: bad input fails before any model is loaded
@@ -120,27 +124,29 @@ def lorahub_learning(
         raise LoraHubError(f"budget must be at least 1, got {budget}")
     if asks < 1:
         raise LoraHubError(f"asks must be at least 1, got {asks}")
+    check_template(template)
     if isinstance(loss, str) and loss not in LOSSES:
         raise LoraHubError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)}")
     if output is not None:
         storage.check_output(output, marker=RECIPE_FILE)
     loaded = load_module_list(modules, progress)
     base, tokenizer, base_path = load_base_model(model, device=device)
+    check_template(template, tokenizer)
     composer = LoraComposer(base, loaded)
     objective = FewShotObjective(composer, tokenizer, data.inputs, data.outputs, loss=loss, batch_size=batch_size,
-                                 regularizer=regularizer)
+                                 regularizer=regularizer, template=template)
     with progress_bar(f"search ({optimizer})", budget, enabled=progress) as advance:
         result = minimize(objective, len(loaded), budget=budget, optimizer=optimizer, seed=seed, num_workers=asks,
                           evaluate_batch=objective.evaluate_many if asks > 1 else None,
                           callback=lambda e, best: advance(info=f"best {best:.4f}"))
     recipe = Recipe(
-        base_model=str(model), base_model_sha256=storage.sha256_dir(base_path),
+        base_model=str(model), base_model_sha256=base_model_sha256(base_path),
         modules=[{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in loaded],
         weights=result.weights, objective=result.objective, optimizer=result.optimizer, algorithm=result.algorithm,
         budget=budget, seed=seed, loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),
         batch_size=batch_size,
         regularizer="l1(0.05)" if regularizer is l1_regularization else getattr(regularizer, "__name__", "custom"),
-        merge_method=composer.merge_method, num_examples=len(data), started=started, finished=now(),
+        merge_method=composer.merge_method, template=template, num_examples=len(data), started=started, finished=now(),
         search={"backend": "local", "asks": asks},
     )
     merged = composer.merge_and_unload(result.weights)
@@ -160,6 +166,6 @@ def build_model(recipe: Recipe | str | Path, *, device: str | None = None, verif
                for m in recipe.modules]
     check_compatible(modules)
     base, tokenizer, base_path = load_base_model(recipe.base_model, device=device)
-    if verify and storage.sha256_dir(base_path) != recipe.base_model_sha256:
+    if verify and base_model_sha256(base_path) != recipe.base_model_sha256:
         raise IntegrityError(f"base model '{recipe.base_model}' differs from the one the recipe was made with")
     return LoraComposer(base, modules, merge_method=recipe.merge_method).merge_and_unload(recipe.weights), tokenizer

@@ -13,9 +13,10 @@ Two losses, chosen by name:
     The plain mean over examples of each example's token-mean cross-entropy, independent of
     batching.
 
-The forward passes skip the decoder's key/value cache (``use_cache=False``): a loss needs none, and
-building it costs about 2% of a forward pass of Flan-T5-base on CPU. They get the decoder inputs
-instead of the labels, so that the model does not compute a cross-entropy of its own next to ours.
+The forward passes skip the key/value cache (``use_cache=False``): a loss needs none, and building it
+costs about 2% of a forward pass of Flan-T5-base on CPU. The model's family
+(:mod:`lorahub_ray.core.families`) builds the batches and aligns the logits with the labels, without
+letting the model compute a cross-entropy of its own next to ours.
 
 The regulariser defaults to the reference's ``0.05 · mean|w|``. Both parts can be replaced by
 any callable: ``loss(model, batches) -> float`` and ``regularizer(weights) -> float``. A NaN or
@@ -30,35 +31,18 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lorahub_ray.core.compose import LoraComposer
+from lorahub_ray.core.families import SEQ2SEQ, Family, family_of_model
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, list[Batch]], float]
 
 
-def _without_labels(model, batch: Batch) -> Batch:
-    """The batch as forward arguments with the labels replaced by the decoder inputs the model itself
-    would shift from them, so that the forward skips its own loss: :func:`token_losses` computes the
-    loss from the logits, and a second cross-entropy over the vocabulary costs about 2 ms (0.5–1%) of
-    a Flan-T5-base-shaped step on CPU. A model without ``prepare_decoder_input_ids_from_labels`` gets
-    the labels."""
-    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
-    if prepare is None or "decoder_input_ids" in batch:
-        return batch
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    inputs["decoder_input_ids"] = prepare(labels=batch["labels"])
-    return inputs
-
-
 def token_losses(model, batch: Batch, candidates: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Each example's summed token cross-entropy (float64) and its number of label tokens (padding
     labels, -100, left out), as ``[candidates, examples]``. With ``candidates`` > 1 the batch runs
-    once with its rows repeated per candidate, candidate-major (see :meth:`LoraComposer.candidates`)."""
-    labels = batch["labels"]
-    inputs = _without_labels(model, batch)
-    if candidates > 1:
-        inputs = {k: v.repeat(candidates, *([1] * (v.dim() - 1))) for k, v in inputs.items()}
-        labels = labels.repeat(candidates, 1)
-    logits = model(**inputs, use_cache=False).logits
+    once with its rows repeated per candidate, candidate-major (see :meth:`LoraComposer.candidates`).
+    The model's family (:mod:`lorahub_ray.core.families`) aligns the logits with the labels."""
+    logits, labels = family_of_model(model).logits_and_labels(model, batch, candidates)
     token_ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                  ignore_index=-100, reduction="none").view(labels.shape)
     return token_ce.double().sum(1).view(candidates, -1), (labels != -100).sum(1).view(candidates, -1)
@@ -111,19 +95,12 @@ def l1_regularization(weights: Sequence[float], alpha: float = 0.05) -> float:
 
 
 def tokenize_examples(tokenizer, inputs: Sequence[str], outputs: Sequence[str], *, batch_size: int | None,
-                      device="cpu", max_length: int = 2048) -> list[Batch]:
-    """Batches as the reference builds them: padded inputs, padded labels with pad -> -100."""
-    size = len(inputs) if batch_size is None else max(1, min(batch_size, len(inputs)))
-    batches = []
-    for start in range(0, len(inputs), size):
-        enc = tokenizer(list(inputs[start : start + size]), max_length=max_length, padding=True,
-                        truncation=True, return_tensors="pt")
-        labels = tokenizer(list(outputs[start : start + size]), max_length=max_length, padding=True,
-                           truncation=True, return_tensors="pt")["input_ids"]
-        labels[labels == tokenizer.pad_token_id] = -100
-        batches.append({"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
-                        "labels": labels.to(device)})
-    return batches
+                      device="cpu", max_length: int = 2048, family: Family = SEQ2SEQ,
+                      template: str = "plain") -> list[Batch]:
+    """Loss batches of ``family`` (seq2seq: as the reference builds them, padded inputs and padded
+    labels with pad -> -100; causal: see :mod:`lorahub_ray.core.families`)."""
+    return family.loss_batches(tokenizer, inputs, outputs, batch_size=batch_size, device=device,
+                               max_length=max_length, template=template)
 
 
 class FewShotObjective:
@@ -134,7 +111,7 @@ class FewShotObjective:
 
     def __init__(self, composer: LoraComposer, tokenizer, inputs: Sequence[str], outputs: Sequence[str], *,
                  loss: str | LossFn = "reference", batch_size: int | None = None,
-                 regularizer: Callable[[Sequence[float]], float] = l1_regularization):
+                 regularizer: Callable[[Sequence[float]], float] = l1_regularization, template: str = "plain"):
         if isinstance(loss, str):
             if loss not in LOSSES:
                 raise ValueError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)} or pass a callable")
@@ -142,7 +119,8 @@ class FewShotObjective:
         self.composer = composer
         self.loss_fn = loss
         self.regularizer = regularizer
-        self.batches = tokenize_examples(tokenizer, inputs, outputs, batch_size=batch_size, device=composer.device)
+        self.batches = tokenize_examples(tokenizer, inputs, outputs, batch_size=batch_size, device=composer.device,
+                                         family=composer.family, template=template)
 
     def loss(self, weights: Sequence[float], modules: Sequence[int] | None = None) -> float:
         """The loss of the composition with ``weights`` (of the modules at ``modules``, the others 0:

@@ -81,12 +81,13 @@ class PartialObjective:
     into batches of ``batch_size`` exactly as the unsharded objective cuts them."""
 
     def __init__(self, composer, tokenizer, inputs: Sequence[str], outputs: Sequence[str], *,
-                 loss: str = "reference", batch_size: int | None = None):
+                 loss: str = "reference", batch_size: int | None = None, template: str = "plain"):
         if loss not in PARTIAL_TOTALS:
             raise LoraHubError(f"loss {loss!r} cannot be computed in shards; use one of {sorted(PARTIAL_TOTALS)}")
         self.composer = composer
         self.total_fn = PARTIAL_TOTALS[loss]
-        self.batches = tokenize_examples(tokenizer, inputs, outputs, batch_size=batch_size, device=composer.device)
+        self.batches = tokenize_examples(tokenizer, inputs, outputs, batch_size=batch_size, device=composer.device,
+                                         family=composer.family, template=template)
         self.count = num_examples(self.batches)
 
     def __call__(self, weights: Sequence[float]) -> Partial:

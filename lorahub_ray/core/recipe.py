@@ -44,6 +44,7 @@ class Recipe:
     batch_size: int | None = None
     regularizer: str = "l1(0.05)"
     merge_method: str = "linear"
+    template: str = "plain"  # how inputs become prompts (lorahub_ray.core.families.TEMPLATES)
     num_examples: int = 0
     started: str = ""
     finished: str = ""

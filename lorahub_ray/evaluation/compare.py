@@ -24,7 +24,7 @@ from pathlib import Path
 from lorahub_ray.io import storage
 from lorahub_ray.io.examples import Examples, as_examples
 from lorahub_ray.errors import LoraHubError
-from lorahub_ray.evaluation.evaluate import EvaluationResult, evaluate_local, read_tasks, write_results
+from lorahub_ray.evaluation.evaluate import EvaluationResult, evaluate_local, model_template, read_tasks, write_results
 from lorahub_ray.core.recipe import MODEL_DIR, RECIPE_FILE
 
 ARMS = ("zero-shot", "ICL", "LoraHub")
@@ -71,19 +71,21 @@ def _recipe_model(recipe: str | Path) -> str:
 def compare(model: str, recipe: str | Path, examples, data: str, *, output: str | Path | None = None,
             evaluate=evaluate_local, workers: int = 0, batch_size: int = 32, max_new_tokens: int = 64,
             input_field: str = "input", output_field: str = "output", device: str | None = None,
-            progress: bool = True) -> dict:
+            template: str | None = None, progress: bool = True) -> dict:
     """Zero-shot, ICL and LoraHub on ``data``; returns ``{"arms": {arm: metrics}, ...}`` and, with
     ``output``, writes ``compare.json``, ``compare.png`` and each arm's ``predictions.parquet``
     and ``metrics.json`` under ``output/<arm>/``. ``evaluate(model, data, **options)`` runs each arm:
     in this process by default, or :func:`lorahub_ray.api.evaluate_data` bound to Ray workers
-    (``workers`` is then recorded in the report)."""
+    (``workers`` is then recorded in the report). Every arm renders its prompts with ``template``
+    (default: the recipe's), the in-context prompt of ICL as one user turn under ``chat``."""
     # every input is checked before any model loads
     lorahub_model = _recipe_model(recipe)
     shots = as_examples(examples, input_field=input_field, output_field=output_field)
     read_tasks(data, input_field=input_field, output_field=output_field)
     prompt = InContextPrompt.from_examples(shots)
+    template = model_template(lorahub_model, template)
     common = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, input_field=input_field,
-                  output_field=output_field, device=device, progress=progress)
+                  output_field=output_field, device=device, template=template, progress=progress)
     results: dict[str, EvaluationResult] = {
         "zero-shot": evaluate(model, data, **common),
         "ICL": evaluate(model, data, transform=prompt, **common),
@@ -91,7 +93,7 @@ def compare(model: str, recipe: str | Path, examples, data: str, *, output: str 
     }
     report = {
         "model": str(model), "recipe": str(recipe), "examples": len(shots), "data": str(data),
-        "workers": workers,
+        "workers": workers, "template": template,
         "arms": {arm: {k: r.metrics[k] for k in ("accuracy", "macro_accuracy", "input_tokens_per_example",
                                                  "examples_per_second", "examples", "seconds", "tasks")}
                  for arm, r in results.items()},

@@ -37,8 +37,10 @@ import fsspec
 
 from lorahub_ray.io import storage
 from lorahub_ray.io.examples import FORMATS, Examples, as_examples, data_format, read_examples
-from lorahub_ray.errors import DataError
+from lorahub_ray.errors import DataError, LoraHubError
+from lorahub_ray.core.families import check_template, prompt_ids
 from lorahub_ray.core.model import load_model
+from lorahub_ray.core.recipe import RECIPE_FILE, Recipe
 from lorahub_ray.evaluation.generate import exact_match, generate
 from lorahub_ray.progress import progress_bar
 
@@ -137,17 +139,18 @@ def group_batches(inputs: Sequence[str], targets: Sequence[str], batch_size: int
 
 def generate_group(model, tokenizer, task: str | Sequence[str], inputs: Sequence[str], targets: Sequence[str], *,
                    batch_size: int, max_new_tokens: int, prompts: Sequence[str] | None = None,
-                   max_length: int = 2048, progress=None) -> dict[str, list]:
+                   max_length: int = 2048, progress=None, template: str = "plain") -> dict[str, list]:
     """Predictions for one whole group, batched by :func:`group_batches` over the prompts (the
-    inputs themselves unless ``prompts`` is given); returns result columns in the fixed order."""
+    inputs themselves unless ``prompts`` is given), each rendered with ``template``; returns result
+    columns in the fixed order. ``input_tokens`` counts the tokens the model is given."""
     tasks = [task] * len(inputs) if isinstance(task, str) else list(task)
     prompts = list(inputs) if prompts is None else list(prompts)
     out: dict[str, list] = {c: [] for c in COLUMNS}
     for batch in group_batches(prompts, targets, batch_size):
         chunk = [prompts[i] for i in batch]
         predictions = generate(model, tokenizer, chunk, batch_size=len(chunk), max_new_tokens=max_new_tokens,
-                               max_length=max_length)
-        lengths = [len(ids) for ids in tokenizer(chunk, max_length=max_length, truncation=True)["input_ids"]]
+                               max_length=max_length, template=template)
+        lengths = [len(ids) for ids in prompt_ids(tokenizer, chunk, template, max_length=max_length)]
         for i, prediction, n in zip(batch, predictions, lengths):
             out["task"].append(tasks[i])
             out["input"].append(inputs[i])
@@ -158,6 +161,24 @@ def generate_group(model, tokenizer, task: str | Sequence[str], inputs: Sequence
         if progress is not None:
             progress(len(chunk))
     return out
+
+
+def model_template(model, template: str | None = None) -> str:
+    """The template to evaluate ``model`` with: ``template`` if given, else the one its recipe
+    records (a lorahub-ray output directory, local or ``s3://``), else ``plain``."""
+    if template is not None:
+        return check_template(template)
+    if isinstance(model, (str, Path)):
+        uri = str(model)
+        local = Path(uri).expanduser()
+        remote = storage.is_remote(uri) and not uri.lower().endswith(".gguf")
+        if remote or (local.is_dir() and (local / RECIPE_FILE).is_file()):
+            try:
+                return check_template(Recipe.load(uri).template)
+            except LoraHubError:
+                if not remote:
+                    raise
+    return "plain"
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -241,7 +262,8 @@ def read_tasks(data: str, *, input_field: str = "input", output_field: str = "ou
 
 
 def evaluate_examples(model, tokenizer, tasks: Sequence[tuple[DataFile, Examples]], *, batch_size: int = 32,
-                      max_new_tokens: int = 64, transform: Transform | None = None, progress=None) -> dict[str, list]:
+                      max_new_tokens: int = 64, transform: Transform | None = None, progress=None,
+                      template: str = "plain") -> dict[str, list]:
     """Generate for every group in-process, in the fixed plan; returns the result columns (unsorted).
 
     ``transform`` rewrites each input before generation (e.g. the in-context prompt); the
@@ -258,7 +280,8 @@ def evaluate_examples(model, tokenizer, tasks: Sequence[tuple[DataFile, Examples
             targets = [examples.outputs[i] for i in idx]
             prompts = [transform(x) for x in inputs] if transform else None
             out = generate_group(model, tokenizer, datafile.task, inputs, targets, prompts=prompts,
-                                 batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+                                 batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
+                                 template=template)
             for c in COLUMNS:
                 results[c].extend(out[c])
     return results
@@ -266,13 +289,15 @@ def evaluate_examples(model, tokenizer, tasks: Sequence[tuple[DataFile, Examples
 
 def evaluate_local(model, data, *, tokenizer=None, batch_size: int = 32, max_new_tokens: int = 64,
                    input_field: str = "input", output_field: str = "output", transform: Transform | None = None,
-                   device: str | None = None, progress: bool = True) -> EvaluationResult:
+                   device: str | None = None, template: str | None = None, progress: bool = True) -> EvaluationResult:
     """Evaluate ``model`` (a lorahub-ray output directory, any model path/URI, or a loaded model with
     ``tokenizer``) on ``data`` (a file, or a folder/prefix of one file per task, or in-memory
     examples: an :class:`~lorahub_ray.io.examples.Examples` or ``(inputs, outputs)``, one task named
     ``examples``), in this process. :func:`lorahub_ray.api.evaluate_data` also shards it on Ray Data,
-    with exactly the same predictions and metrics.
+    with exactly the same predictions and metrics. ``template`` renders each input (see
+    :func:`model_template`: by default the one the model's recipe records).
     """
+    template = model_template(model, template)
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
     in_memory = not isinstance(data, (str, Path))
@@ -289,9 +314,10 @@ def evaluate_local(model, data, *, tokenizer=None, batch_size: int = 32, max_new
     start = time.perf_counter()
     with progress_bar("generating", total, enabled=progress) as advance:
         columns = evaluate_examples(model, tokenizer, tasks, batch_size=batch_size,
-                                    max_new_tokens=max_new_tokens, transform=transform, progress=advance)
+                                    max_new_tokens=max_new_tokens, transform=transform, progress=advance,
+                                    template=template)
     seconds = time.perf_counter() - start
     result = EvaluationResult(sort_results(columns))
     result.metrics = summarize(result.predictions, seconds, data=tasks[0][1].source if in_memory else str(data),
-                               workers=0, batch_size=batch_size)
+                               workers=0, batch_size=batch_size, template=template)
     return result

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from lorahub_ray.core.families import family_of_model
+
 
 def normalize(text: str) -> str:
     """The reference's normalisation: strip, lower-case, drop '.'."""
@@ -22,18 +24,16 @@ def accuracy(predictions: Sequence[str], targets: Sequence[str]) -> float:
 
 
 def generate(model, tokenizer, inputs: Sequence[str], *, batch_size: int = 32, max_new_tokens: int = 64,
-             max_length: int = 2048, progress=None) -> list[str]:
-    """Greedy generation in batches, in input order."""
-    import torch
-
-    device = next(model.parameters()).device
+             max_length: int = 2048, progress=None, template: str = "plain") -> list[str]:
+    """Greedy generation in batches, in input order: only the generated text, as the model's family
+    generates it (a causal LM with left padding, see :mod:`lorahub_ray.core.families`), each input
+    rendered with ``template``."""
+    family = family_of_model(model)
     outputs: list[str] = []
     for start in range(0, len(inputs), batch_size):
         chunk = list(inputs[start : start + batch_size])
-        enc = tokenizer(chunk, max_length=max_length, truncation=True, padding=True, return_tensors="pt").to(device)
-        with torch.inference_mode():
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-        outputs.extend(tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True))
+        outputs.extend(family.generate(model, tokenizer, chunk, max_new_tokens=max_new_tokens, max_length=max_length,
+                                       template=template))
         if progress is not None:
             progress(len(chunk))
     return outputs

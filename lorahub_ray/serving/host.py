@@ -126,6 +126,7 @@ def describe(spec: RecipeSpec, recipe: Recipe, mode: str) -> dict:
         "modules": [{"name": m["name"], "uri": m["uri"], "sha256": m["sha256"]} for m in recipe.modules],
         "weights": recipe.module_weights,
         "merge_method": recipe.merge_method,
+        "template": recipe.template,
         "objective": recipe.objective,
         "mode": mode,
     }
@@ -181,7 +182,7 @@ class ModelHost:
 
     def _load_composed(self, device, verify) -> None:
         from lorahub_ray.core.compose import LoraComposer
-        from lorahub_ray.core.model import load_base_model
+        from lorahub_ray.core.model import base_model_sha256, load_base_model
         from lorahub_ray.core.modules import check_compatible, load_module
 
         by_base: dict[tuple[str, str], list[str]] = {}
@@ -206,7 +207,7 @@ class ModelHost:
                 raise ServeConfigError(f"recipes {', '.join(ids)} cannot share one base model: {exc}") from None
             first = self.recipes[ids[0]]
             base, tokenizer, base_path = load_base_model(first.base_model, device=device)
-            if verify and storage.sha256_dir(base_path) != base_sha:
+            if verify and base_model_sha256(base_path) != base_sha:
                 from lorahub_ray.errors import IntegrityError
 
                 raise IntegrityError(f"base model '{first.base_model}' of recipe '{ids[0]}' differs from the one "
@@ -256,7 +257,7 @@ class ModelHost:
             self.calls += 1
             self.inputs_generated += len(inputs)
             return generate(model, tokenizer, list(inputs), batch_size=self.generate_batch_size,
-                            max_new_tokens=max_new_tokens)
+                            max_new_tokens=max_new_tokens, template=self.recipes[recipe_id].template)
 
     def switch(self, recipe_id: str) -> float:
         """Make ``recipe_id`` the active composition now; the seconds it took (0 when merged or already active)."""
