@@ -10,6 +10,7 @@ import torch
 
 import lorahub_ray as lr
 from helpers import EXAMPLES, LLAMA_TARGETS, make_llama_base, make_llama_module, write_jsonl
+from lorahub_ray.api import evaluate_data
 from lorahub_ray.core.compose import LoraComposer
 from lorahub_ray.core.families import CAUSAL, SEQ2SEQ, family_of
 from lorahub_ray.core.model import load_base_model
@@ -171,3 +172,134 @@ def test_generation_stops_at_eos(llama):
         head.bias[tok.eos_token_id] = 10.0
     base.lm_head = head
     assert generate(composer.model, tok, ["abc", "a longer prompt"], max_new_tokens=5) == ["", ""]
+
+
+# --- the whole search, templates, bad input --------------------------------------------------------
+
+
+def test_search_writes_a_merged_model_equal_to_the_composition_and_the_recipe_rebuilds_it(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    result = lr.lorahub_learning(str(llama["base"]), [str(llama["hub"])], str(llama["examples"]), output=out,
+                                 budget=6, progress=False)
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["template"] == "plain" and len(recipe["weights"]) == 3
+    composer, tok = _composer(llama)
+    names = [m.name for m in composer.modules]
+    composer.compose([result.weights[n] for n in names])
+    ids = tok(INPUTS, return_tensors="pt", padding=True)
+    merged = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    rebuilt, _ = lr.build_model(out, device="cpu")
+    with torch.inference_mode():
+        want = composer.model(**ids).logits
+        torch.testing.assert_close(merged(**ids).logits, want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(rebuilt(**ids).logits, want, atol=1e-5, rtol=1e-4)
+    metrics = lr.evaluate(out, str(llama["examples"]), progress=False, max_new_tokens=6)
+    assert metrics["examples"] == 5
+
+
+def test_a_causal_adapter_on_a_seq2seq_base_names_the_file(llama, world):
+    causal = lr.load_module(str(llama["modules"][0]))
+    base, _, _ = load_base_model(str(world["base"]), device="cpu")
+    with pytest.raises(lr.IncompatibleModulesError) as info:
+        LoraComposer(base, [causal])
+    message = str(info.value)
+    assert "\n" not in message and str(llama["modules"][0] / "adapter_config.json") in message
+    assert "CAUSAL_LM adapter" in message and "seq2seq" in message
+
+
+def test_a_seq2seq_adapter_on_a_causal_base_names_the_file(llama, world):
+    t5 = lr.load_module(str(world["modules"][0]))
+    base, _, _ = load_base_model(str(llama["base"]), device="cpu")
+    with pytest.raises(lr.IncompatibleModulesError) as info:
+        LoraComposer(base, [t5])
+    message = str(info.value)
+    assert "\n" not in message and str(world["modules"][0] / "adapter_config.json") in message
+    assert "SEQ_2_SEQ_LM adapter" in message and "causal" in message
+
+
+def test_a_chat_template_is_searched_with_recorded_and_applied_by_evaluate(llama, tmp_path):
+    from lorahub_ray.core.families import render
+
+    modules = [make_llama_module(llama["chat"], tmp_path / "hub" / n, seed=i) for i, n in enumerate(["a", "b"])]
+    out = tmp_path / "run"
+    lr.lorahub_learning(str(llama["chat"]), [str(tmp_path / "hub")], str(llama["examples"]), output=out, budget=4,
+                        template="chat", progress=False)
+    assert json.loads((out / "recipe.json").read_text())["template"] == "chat"
+    evaluated = evaluate_data(out, str(llama["examples"]), progress=False, max_new_tokens=6)
+    model, tok = lr.load_model(out, device="cpu")
+    assert render(tok, ["hi"], "chat") == ["<|user|>hi</s><|assistant|>"]
+    by_input = dict(zip(evaluated.predictions["input"], evaluated.predictions["prediction"]))
+    chat = generate(model, tok, INPUTS, max_new_tokens=6, template="chat")
+    assert [by_input[x] for x in INPUTS] == chat
+    plain = evaluate_data(out, str(llama["examples"]), progress=False, max_new_tokens=6, template="plain")
+    assert plain.metrics["input_tokens_per_example"] < evaluated.metrics["input_tokens_per_example"]
+    assert len(modules) == 2
+
+
+def test_chat_template_without_one_in_the_tokenizer_is_one_clear_error(llama, tmp_path):
+    with pytest.raises(lr.LoraHubError, match="has no chat template"):
+        lr.lorahub_learning(str(llama["base"]), [str(llama["hub"])], str(llama["examples"]), budget=2,
+                            template="chat", progress=False)
+
+
+def test_a_gguf_file_that_is_not_a_model_is_one_clear_line(tmp_path):
+    fake = tmp_path / "notes.gguf"
+    fake.write_text("hello")
+    with pytest.raises(lr.LoraHubError, match="not a GGUF file") as info:
+        load_base_model(str(fake), device="cpu")
+    assert "\n" not in str(info.value) and str(fake) in str(info.value)
+    gguf = pytest.importorskip("gguf")
+    empty = tmp_path / "empty.gguf"
+    writer = gguf.GGUFWriter(str(empty), "nothing")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(lr.LoraHubError, match="not a GGUF model") as info:
+        load_base_model(str(empty), device="cpu")
+    assert "\n" not in str(info.value) and str(empty) in str(info.value)
+
+
+# --- training a module -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["causal", "seq2seq"])
+def test_train_writes_an_adapter_load_modules_accepts_that_lowers_the_loss(llama, world, tmp_path, family):
+    from lorahub_ray.core.train import train_module
+    from lorahub_ray.io import catalogue
+
+    base = llama["base"] if family == "causal" else world["base"]
+    hub = tmp_path / "hub.parquet"
+    result = train_module(str(base), str(llama["examples"]), tmp_path / "mod", rank=4, steps=15, lr=2e-2,
+                          batch_size=4, seed=1, hub=str(hub), task="reverse", progress=False)
+    cfg = json.loads((tmp_path / "mod" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(base) and (tmp_path / "mod" / "adapter_model.safetensors").is_file()
+    assert cfg["task_type"] == ("CAUSAL_LM" if family == "causal" else "SEQ_2_SEQ_LM")
+    module = lr.load_modules([str(tmp_path / "mod")])[0]
+    rows = catalogue.read_catalogue(hub)
+    assert [(r["id"], r["task"], r["sha256"]) for r in rows] == [("mod", "reverse", module.sha256)]
+    base_model, tok, _ = load_base_model(str(base), device="cpu")
+    objective = FewShotObjective(LoraComposer(base_model, [module]), tok, INPUTS, OUTPUTS, loss="mean")
+    assert objective.loss([1.0]) < objective.loss([0.0]) - 0.1  # trained on these examples: a lower loss
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_cli_train_options_and_a_taken_hub_id_fails_before_training(llama, tmp_path):
+    from typer.testing import CliRunner
+
+    from lorahub_ray.cli import app
+
+    hub = tmp_path / "hub.parquet"
+    args = ["train", "-m", str(llama["base"]), "-d", str(llama["examples"]), "--rank", "2", "--alpha", "4",
+            "--targets", "q_proj,k_proj,o_proj", "--steps", "2", "--lr", "0.01", "--batch-size", "2", "--seed", "3",
+            "--hub", str(hub)]
+    done = CliRunner().invoke(app, args + ["-o", str(tmp_path / "m")])
+    assert done.exit_code == 0, done.output
+    cfg = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], sorted(cfg["target_modules"])) == (2, 4, ["k_proj", "o_proj", "q_proj"])
+    (tmp_path / "other").mkdir()
+    taken = CliRunner().invoke(app, args + ["-o", str(tmp_path / "other" / "m")])
+    assert taken.exit_code == 2 and "already holds a module 'm'" in taken.output
+    assert not (tmp_path / "other" / "m").exists()

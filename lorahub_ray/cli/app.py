@@ -39,6 +39,7 @@ BudgetOpt = Annotated[int, typer.Option(help="Number of objective evaluations (t
 OptimizerOpt = Annotated[str, typer.Option(help="nevergrad optimizer by name: NGOpt (default, picks an algorithm from dimension and budget), CMA, OnePlusOne, RandomSearch, Cobyla, ...")]
 InputFieldOpt = Annotated[str, typer.Option(help="Name of the input column/field in the data files.")]
 OutputFieldOpt = Annotated[str, typer.Option(help="Name of the target column/field in the data files.")]
+TemplateOpt = Annotated[Optional[str], typer.Option(help="How inputs become prompts: 'plain' (the text as it is) or 'chat' (the tokenizer's chat template, the input as the user turn, for instruct models). Default: the recipe's, else plain.")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")]
 
 

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from lorahub_ray.cli.app import (DeviceOpt, InputFieldOpt, OutputFieldOpt, app, console, fail_cleanly, quiet_libraries)
+from lorahub_ray.cli.app import (DeviceOpt, InputFieldOpt, OutputFieldOpt, TemplateOpt, app, console, fail_cleanly,
+                                 quiet_libraries)
 
 
 WorkersOpt = Annotated[int, typer.Option("--workers", "-w", help="Shard generation across this many Ray Data actor workers (one model per actor); 0: in this process. Results are the same either way.")]
@@ -21,7 +22,7 @@ MaxNewTokensOpt = Annotated[int, typer.Option(help="Longest generated answer, in
 @app.command()
 @fail_cleanly
 def evaluate(
-    model: Annotated[str, typer.Option("--model", "-m", help="A lorahub-ray output directory (its model/), or any seq2seq model: Hub id, local directory or s3:// URI.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="A lorahub-ray output directory (its model/), or any seq2seq or causal LM: Hub id, .gguf file, local directory or s3:// URI.")],
     data: Annotated[str, typer.Option("--data", "-d", help="Test set: a JSON Lines, Parquet or CSV file with input/output fields, or a folder or prefix of such files, one per task; local or s3://.")],
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Directory or s3:// prefix to write predictions.parquet and metrics.json (accuracy in percent, per task and macro average).")] = None,
     workers: WorkersOpt = 0,
@@ -33,6 +34,7 @@ def evaluate(
     input_field: InputFieldOpt = "input",
     output_field: OutputFieldOpt = "output",
     device: DeviceOpt = None,
+    template: TemplateOpt = None,
 ):
     """Exact-match accuracy (strip, lower-case, drop '.', as the reference) of a model on a test set,
     in this process or sharded across Ray Data workers.
@@ -48,7 +50,7 @@ def evaluate(
 
     result = evaluate_data(model, data, output=output, workers=workers, gpus_per_worker=gpus_per_worker, address=address,
                            cpus_per_worker=cpus_per_worker, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           input_field=input_field, output_field=output_field, device=device)
+                           input_field=input_field, output_field=output_field, device=device, template=template)
     m = result.metrics
     if len(m["tasks"]) > 1:
         from rich.table import Table
@@ -70,7 +72,7 @@ def evaluate(
 @app.command()
 @fail_cleanly
 def compare(
-    model: Annotated[str, typer.Option("--model", "-m", help="The base seq2seq model the recipe was made from: Hub id, local directory or s3:// URI.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="The base model the recipe was made from: Hub id, local directory or s3:// URI.")],
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="A lorahub-ray output directory (recipe.json and model/).")],
     examples: Annotated[str, typer.Option("--examples", "-e", help="The few-shot examples (prepended to every input for the in-context baseline).")],
     data: Annotated[str, typer.Option("--data", "-d", help="Test set: file, or folder/prefix of one file per task; local or s3://.")],
@@ -84,6 +86,7 @@ def compare(
     input_field: InputFieldOpt = "input",
     output_field: OutputFieldOpt = "output",
     device: DeviceOpt = None,
+    template: TemplateOpt = None,
 ):
     """The paper's comparison on your task: zero-shot, few-shot in-context learning and LoraHub on the
     same test set, with accuracy, input tokens per example and examples per second.
@@ -99,7 +102,7 @@ def compare(
     report = run_compare(model, recipe, examples, data, output=output, workers=workers, address=address,
                          gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, input_field=input_field, output_field=output_field,
-                         device=device)
+                         device=device, template=template)
     Console().print(format_table(report))
     if output is not None:
         console.print(f"wrote {output}/compare.json and {output}/compare.png")

@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from lorahub_ray.cli.app import (BudgetOpt, DeviceOpt, InputFieldOpt, OptimizerOpt, OutputFieldOpt, SeedOpt, app,
-                                 console, fail_cleanly, quiet_libraries)
+from lorahub_ray.cli.app import (BudgetOpt, DeviceOpt, InputFieldOpt, OptimizerOpt, OutputFieldOpt, SeedOpt,
+                                 TemplateOpt, app, console, fail_cleanly, quiet_libraries)
 
 
 def _expand_modules(modules: list[str]) -> list[str]:
@@ -19,7 +19,7 @@ def _expand_modules(modules: list[str]) -> list[str]:
 @fail_cleanly
 def search(
     ctx: typer.Context,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Base seq2seq model: a Hugging Face Hub id, a local directory or an s3:// URI.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Base model, seq2seq or causal LM: a Hugging Face Hub id, a local directory, an s3:// URI or a .gguf file (converted once, cached).")] = None,
     examples: Annotated[Optional[str], typer.Option("--examples", "-e", help="Few-shot examples: JSON Lines, Parquet or CSV with input/output fields, local or s3://.")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Directory or s3:// prefix to write recipe.json, model/ (merged, loadable with from_pretrained) and history.parquet (on S3, recipe.json is uploaded last).")] = None,
     modules: Annotated[Optional[list[str]], typer.Option("--modules", help="LoRA modules: PEFT adapter directories, folders of them, Hub ids or s3:// prefixes. Repeat the option or list several after it. Or use --hub.")] = None,
@@ -33,6 +33,7 @@ def search(
     input_field: InputFieldOpt = "input",
     output_field: OutputFieldOpt = "output",
     device: DeviceOpt = None,
+    template: TemplateOpt = None,
     workers: Annotated[Optional[int], typer.Option(help="Run on Ray with this many evaluator actors (each holds the model once). Without it (and without --restarts/--address/--resume) the search runs in this process.", rich_help_panel="Ray")] = None,
     restarts: Annotated[Optional[int], typer.Option(help="Independent searches (seeds seed, seed+1, ...) run as concurrent Ray Tune trials; the best wins.", rich_help_panel="Ray")] = None,
     modules_per_restart: Annotated[Optional[int], typer.Option(help="Each restart searches a random subset of this many modules (the paper: 20).", rich_help_panel="Ray")] = None,
@@ -74,7 +75,7 @@ def search(
             modules_per_restart=modules_per_restart, budget=budget, optimizer=optimizer, seed=seed, loss=loss,
             batch_size=batch_size, input_field=input_field, output_field=output_field, address=address,
             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, device=device, scheduler=scheduler,
-            asks=asks, storage_path=storage, resume=resume)
+            asks=asks, storage_path=storage, resume=resume, template=template or "plain")
         except SearchInterrupted as exc:
             console.print(f"[bold yellow]interrupted:[/] {exc}", highlight=False)
             raise typer.Exit(130) from None
@@ -90,7 +91,7 @@ def search(
         raise LoraHubError("--model, --examples and --output are required (or --resume DIR with --workers)")
     result = lorahub_learning(model, all_modules, examples, output=output, budget=budget, optimizer=optimizer,
                               seed=seed, loss=loss, batch_size=batch_size, input_field=input_field,
-                              output_field=output_field, device=device, asks=asks or 1)
+                              output_field=output_field, device=device, asks=asks or 1, template=template or "plain")
     _print_weights(result.recipe)
     console.print(f"objective {result.recipe.objective:.4f} ({result.recipe.algorithm}); wrote {output}/recipe.json and {output}/model/")
 

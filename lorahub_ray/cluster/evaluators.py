@@ -34,7 +34,8 @@ class Evaluator:
     modules when ``None``; the others get weight 0, which is the composition of the subset alone).
     """
 
-    def __init__(self, model: str, modules, inputs, outputs, *, loss, batch_size, regularizer, device, threads):
+    def __init__(self, model: str, modules, inputs, outputs, *, loss, batch_size, regularizer, device, threads,
+                 template: str = "plain"):
         import torch
 
         from lorahub_ray.core.compose import LoraComposer
@@ -46,7 +47,7 @@ class Evaluator:
         base, tokenizer, _ = load_base_model(model, device=device)
         self.k = len(modules)
         self.objective = FewShotObjective(LoraComposer(base, modules), tokenizer, inputs, outputs, loss=loss,
-                                          batch_size=batch_size, regularizer=regularizer)
+                                          batch_size=batch_size, regularizer=regularizer, template=template)
 
     def ready(self) -> dict:
         import ray

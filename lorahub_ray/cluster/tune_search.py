@@ -39,6 +39,7 @@ from ray import tune
 from lorahub_ray.io import storage
 from lorahub_ray.errors import LoraHubError, LoraHubWarning
 from lorahub_ray.core.objective import LOSSES, l1_regularization
+from lorahub_ray.core.families import check_template
 from lorahub_ray.cluster.evaluators import Evaluator
 from lorahub_ray.core.recipe import HISTORY_FILE, RECIPE_FILE, Recipe
 from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, Evaluation, SearchResult, check_optimizer, optimizer_label
@@ -341,6 +342,7 @@ def lorahub_learning_ray(
     ready_timeout: float = 600.0,
     progress: bool = True,
     callback: Callable[[dict], None] | None = None,
+    template: str = "plain",
 ) -> RayLoraHubResult:
     """LoraHub learning on Ray: ``restarts`` searches as Ray Tune trials over ``workers`` evaluator actors.
 
@@ -369,6 +371,7 @@ def lorahub_learning_ray(
                                output_field=output_field, cpus_per_worker=cpus_per_worker,
                                gpus_per_worker=gpus_per_worker, device=device, scheduler=scheduler, asks=asks,
                                storage_path=storage_path, max_failures=max_failures)
+        spec["template"] = check_template(template)
     if resume is not None and any(spec.get(k) == "<custom>" for k in ("optimizer", "loss", "regularizer")):
         raise LoraHubError("this run used a custom optimizer, loss or regularizer (Python objects): "
                            "pass them again through the Python API to resume it")
@@ -515,7 +518,8 @@ def _start_evaluators(spec, loaded, custom, run_id, actor_restarts):
     regularizer = custom["regularizer"] or l1_regularization
     actors = [remote.options(name=f"lorahub-evaluator-{run_id}-{i}", **options).remote(
         spec["model"], modules_ref, spec["inputs"], spec["outputs"], loss=loss, batch_size=spec["batch_size"],
-        regularizer=regularizer, device=device, threads=max(1, int(cpus))) for i in range(spec["workers"])]
+        regularizer=regularizer, device=device, threads=max(1, int(cpus)), template=spec.get("template", "plain"))
+        for i in range(spec["workers"])]
     # no waiting here: the actors start (import torch, load the model) while Tune starts its trials,
     # and each trial waits for them first (see wait_for_evaluators)
     return actors, modules_ref
@@ -751,7 +755,7 @@ def _finish(spec, loaded, outcomes: list[TrialOutcome], experiment: str, started
         weights=best.weights, objective=best.objective, optimizer=spec["optimizer_label"], algorithm=best.algorithm,
         budget=spec["budget"], seed=best.seed, loss=spec["loss_label"], batch_size=spec["batch_size"],
         regularizer=spec["regularizer"] if spec["regularizer"] != "<custom>" else _label(custom["regularizer"]),
-        merge_method="linear", num_examples=len(spec["inputs"]), started=started, finished=now(),
+        merge_method="linear", template=spec.get("template", "plain"), num_examples=len(spec["inputs"]), started=started, finished=now(),
         search={"backend": "ray-tune", "workers": spec["workers"], "restarts": spec["restarts"],
                 "modules_per_restart": spec["modules_per_restart"], "asks_per_trial": spec["asks"],
                 "scheduler": spec["scheduler"], "cpus_per_worker": spec["cpus_per_worker"],
