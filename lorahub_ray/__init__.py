@@ -22,6 +22,7 @@ _EXPORTS = {
     "core.objective": ["FewShotObjective", "l1_regularization", "mean_loss", "reference_loss"],
     "core.recipe": ["Recipe"],
     "core.search": ["SearchResult", "minimize"],
+    "core.train": ["train_module"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
@@ -50,3 +51,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from lorahub_ray.core.objective import FewShotObjective, l1_regularization, mean_loss, reference_loss  # noqa: F401
     from lorahub_ray.core.recipe import Recipe  # noqa: F401
     from lorahub_ray.core.search import SearchResult, minimize  # noqa: F401
+    from lorahub_ray.core.train import train_module  # noqa: F401

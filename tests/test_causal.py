@@ -303,3 +303,28 @@ def test_cli_train_options_and_a_taken_hub_id_fails_before_training(llama, tmp_p
     taken = CliRunner().invoke(app, args + ["-o", str(tmp_path / "other" / "m")])
     assert taken.exit_code == 2 and "already holds a module 'm'" in taken.output
     assert not (tmp_path / "other" / "m").exists()
+
+
+# --- serving ---------------------------------------------------------------------------------------
+
+
+def test_the_model_host_serves_causal_recipes_merged_and_composed_each_with_its_template(llama, tmp_path):
+    from lorahub_ray.serving.host import ModelHost
+
+    hub = tmp_path / "hub"
+    for i, n in enumerate(["a", "b", "c"]):
+        make_llama_module(llama["chat"], hub / n, seed=10 + i)
+    runs = {}
+    for template in ("plain", "chat"):
+        runs[template] = tmp_path / template
+        lr.lorahub_learning(str(llama["chat"]), [str(hub)], str(llama["examples"]), output=runs[template], budget=3,
+                            seed=7 if template == "plain" else 8, template=template, progress=False)
+    specs = [f"{t}={p}" for t, p in runs.items()]
+    composed = ModelHost(specs, mode="composed", device="cpu")
+    merged = ModelHost(specs, mode="merged", device="cpu")
+    for template, path in runs.items():
+        model, tok = lr.load_model(path, device="cpu")
+        want = generate(model, tok, INPUTS, max_new_tokens=6, template=template)
+        assert composed.generate(template, INPUTS, max_new_tokens=6) == want
+        assert merged.generate(template, INPUTS, max_new_tokens=6) == want
+    assert {d["id"]: d["template"] for d in composed.describe()} == {"plain": "plain", "chat": "chat"}

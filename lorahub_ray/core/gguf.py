@@ -18,6 +18,7 @@ from pathlib import Path
 
 import fsspec
 
+from lorahub_ray.core.families import family_of
 from lorahub_ray.errors import LoraHubError
 from lorahub_ray.io import storage
 
@@ -77,8 +78,6 @@ def recorded_sha256(directory: Path) -> str | None:
 
 def converted_directory(uri: str) -> Path:
     """The cached transformers directory of the GGUF model at ``uri``, converting it the first time."""
-    from lorahub_ray.core.families import family_of  # families imports nothing from here: no cycle
-
     path = local_file(uri)
     digest = file_sha256(path)
     target = storage.cache_root() / "gguf" / digest[:32]
