@@ -328,3 +328,14 @@ def test_the_model_host_serves_causal_recipes_merged_and_composed_each_with_its_
         assert composed.generate(template, INPUTS, max_new_tokens=6) == want
         assert merged.generate(template, INPUTS, max_new_tokens=6) == want
     assert {d["id"]: d["template"] for d in composed.describe()} == {"plain": "plain", "chat": "chat"}
+
+
+def test_a_search_with_adapters_of_the_other_family_fails_before_the_base_model_loads(llama, world, monkeypatch):
+    from lorahub_ray.core import families
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the base model's weights were loaded")
+
+    monkeypatch.setattr(families.CausalFamily, "load", no_loading)
+    with pytest.raises(lr.IncompatibleModulesError, match="SEQ_2_SEQ_LM adapter.*causal model"):
+        lr.lorahub_learning(str(llama["base"]), [str(world["hub"])], str(llama["examples"]), budget=2, progress=False)

@@ -77,13 +77,14 @@ class Family:
         """The tokenizer ready for this family (in place); returns it."""
         return tokenizer
 
-    def check_module(self, module, model_type: str) -> None:
+    def check_module(self, module, model_type: str | None = None) -> None:
         """An adapter of another family is one clear error naming its ``adapter_config.json``."""
         task_type = (module.config.get("task_type") or "").upper()
         if task_type and task_type != self.task_type:
             raise IncompatibleModulesError(
                 f"module '{module.name}' ({module.path / 'adapter_config.json'}) is a {task_type} adapter, but the "
-                f"base model is a {self.name} model ({model_type}) that needs {self.task_type} adapters")
+                f"base model is a {self.name} model{f' ({model_type})' if model_type else ''} that needs "
+                f"{self.task_type} adapters")
 
     def loss_batches(self, tokenizer, inputs: Sequence[str], outputs: Sequence[str], *, batch_size: int | None,
                      device="cpu", max_length: int = 2048, template: str = "plain") -> list[Batch]:

@@ -19,7 +19,7 @@ from lorahub_ray.core.compose import LoraComposer
 from lorahub_ray.io.examples import as_examples
 from lorahub_ray.errors import IntegrityError, LoraHubError
 from lorahub_ray.core.families import check_template
-from lorahub_ray.core.model import base_model_sha256, load_base_model
+from lorahub_ray.core.model import base_family, base_model_sha256, load_base_model
 from lorahub_ray.core.modules import LoraModule, check_compatible, load_module, load_modules
 from lorahub_ray.core.objective import LOSSES, FewShotObjective, LossFn, l1_regularization
 from lorahub_ray.progress import progress_bar
@@ -130,6 +130,9 @@ def lorahub_learning(
     if output is not None:
         storage.check_output(output, marker=RECIPE_FILE)
     loaded = load_module_list(modules, progress)
+    _, family = base_family(model)  # from the config alone: an adapter of the other family fails before the weights load
+    for module in loaded:
+        family.check_module(module)
     base, tokenizer, base_path = load_base_model(model, device=device)
     check_template(template, tokenizer)
     composer = LoraComposer(base, loaded)
