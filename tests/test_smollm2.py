@@ -35,45 +35,62 @@ def _gguf() -> Path:
     return files[0]
 
 
-def test_smollm2_from_gguf_train_search_evaluate_and_serve(ray_cluster, tmp_path):
-    import httpx
-    from ray import serve
+@pytest.fixture(scope="module")
+def smol_run(tmp_path_factory):
+    """Two modules trained with ``lorahub-ray train`` on SmolLM2 from its GGUF, then a search (CLI)."""
     from typer.testing import CliRunner
 
-    import lorahub_ray as lr
     from lorahub_ray.cli import app
-    from lorahub_ray.cluster.serve_app import app as serve_app
-    from lorahub_ray.evaluation.generate import generate
 
     gguf_file = _gguf()
-    antonyms = write_jsonl(tmp_path / "antonym.jsonl", [{"input": f"Give the opposite of: {a}", "output": b}
-                                                         for a, b in ANTONYMS])
-    plurals = write_jsonl(tmp_path / "plural.jsonl", [{"input": f"Plural of: {a}", "output": b} for a, b in PLURALS])
-    hub = tmp_path / "hub.parquet"
+    root = tmp_path_factory.mktemp("smol")
+    antonyms = write_jsonl(root / "antonym.jsonl", [{"input": f"Give the opposite of: {a}", "output": b}
+                                                     for a, b in ANTONYMS])
+    plurals = write_jsonl(root / "plural.jsonl", [{"input": f"Plural of: {a}", "output": b} for a, b in PLURALS])
+    hub = root / "hub.parquet"
     cli = CliRunner()
+    trained = {}
     for name, data in (("antonym", antonyms), ("plural", plurals)):
-        done = cli.invoke(app, ["train", "-m", str(gguf_file), "-d", str(data), "-o", str(tmp_path / "modules" / name),
+        done = cli.invoke(app, ["train", "-m", str(gguf_file), "-d", str(data), "-o", str(root / "modules" / name),
                                 "--rank", "4", "--steps", "6", "--batch-size", "4", "--lr", "1e-3",
                                 "--template", "chat", "--hub", str(hub), "--task", name])
         assert done.exit_code == 0, done.output
-    rows = lr.load_modules([str(tmp_path / "modules")])
-    assert [m.config["task_type"] for m in rows] == ["CAUSAL_LM", "CAUSAL_LM"]
-
-    few = write_jsonl(tmp_path / "fewshot.jsonl", [{"input": f"Give the opposite of: {a}", "output": b}
-                                                   for a, b in ANTONYMS[:5]])
-    test = write_jsonl(tmp_path / "test.jsonl", [{"input": f"Give the opposite of: {a}", "output": b}
-                                                 for a, b in ANTONYMS[5:]])
-    run = tmp_path / "run"
+        trained[name] = done.output
+    few = write_jsonl(root / "fewshot.jsonl", [{"input": f"Give the opposite of: {a}", "output": b}
+                                               for a, b in ANTONYMS[:5]])
+    test = write_jsonl(root / "test.jsonl", [{"input": f"Give the opposite of: {a}", "output": b}
+                                             for a, b in ANTONYMS[5:]])
+    run = root / "run"
     done = cli.invoke(app, ["search", "-m", str(gguf_file), "--hub", str(hub), "-e", str(few), "-o", str(run),
                             "--budget", "5", "--template", "chat"])
     assert done.exit_code == 0, done.output
+    return {"root": root, "run": run, "test": test, "hub": hub, "trained": trained}
+
+
+def test_smollm2_from_gguf_trains_searches_and_evaluates(smol_run):
+    import lorahub_ray as lr
+    from lorahub_ray.io import catalogue
+
+    modules = lr.load_modules([str(smol_run["root"] / "modules")])
+    assert [m.config["task_type"] for m in modules] == ["CAUSAL_LM", "CAUSAL_LM"]
+    assert sorted(r["task"] for r in catalogue.read_catalogue(smol_run["hub"])) == ["antonym", "plural"]
+    run = smol_run["run"]
     recipe = json.loads((run / "recipe.json").read_text())
     assert recipe["template"] == "chat" and len(recipe["base_model_sha256"]) == 64
     assert (run / "model" / "config.json").is_file() and not list((run / "model").glob("*.gguf"))
+    metrics = lr.evaluate(run, str(smol_run["test"]), max_new_tokens=6, progress=False)
+    assert metrics["examples"] == 5 and metrics["template"] == "chat"
 
-    metrics = lr.evaluate(run, str(test), max_new_tokens=6, progress=False)
-    assert metrics["examples"] == 5
 
+def test_smollm2_recipe_served_over_http_equals_in_process_generation(smol_run, ray_cluster):
+    import httpx
+    from ray import serve
+
+    import lorahub_ray as lr
+    from lorahub_ray.cluster.serve_app import app as serve_app
+    from lorahub_ray.evaluation.generate import generate
+
+    run = smol_run["run"]
     model, tok = lr.load_model(run, device="cpu")  # a plain transformers directory
     inputs = ["Give the opposite of: wet", "Give the opposite of: early"]
     want = generate(model, tok, inputs, max_new_tokens=6, template="chat")

@@ -146,6 +146,7 @@ class RecipeInfo(BaseModel):
     modules: list[ServedModule]
     weights: dict[str, float]
     merge_method: str
+    template: str = "plain"
     objective: float
     mode: Literal["merged", "composed"]
     default: bool
