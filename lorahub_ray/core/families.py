@@ -14,7 +14,7 @@ The causal contract
     positions from it), the pad token is EOS when the tokenizer has none, and only the new tokens are
     returned, up to EOS.
 
-Templates (:data:`TEMPLATES`)
+Templates (:data:`TEMPLATES`, in the torch-free :mod:`lorahub_ray.core.templates`)
     ``plain``: the input text as it is. ``chat``: the tokenizer's chat template with the input as the
     user turn and a generation prompt for the assistant turn, whose content is the output (then EOS,
     which ends the assistant turn of instruct models such as SmolLM2). The rendered prompt already
@@ -28,35 +28,10 @@ from collections.abc import Sequence
 
 import torch
 
+from lorahub_ray.core.templates import TEMPLATES, check_template, prompt_ids, render  # noqa: F401  (re-exported)
 from lorahub_ray.errors import IncompatibleModulesError, LoraHubError
 
 Batch = dict[str, torch.Tensor]
-TEMPLATES = ("plain", "chat")
-
-
-def check_template(template: str, tokenizer=None) -> str:
-    """``template`` if it is known (and, with ``tokenizer``, usable by it); else one clear error."""
-    if template not in TEMPLATES:
-        raise LoraHubError(f"unknown template {template!r}; choose from {', '.join(TEMPLATES)}")
-    if template == "chat" and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-        raise LoraHubError("template 'chat': the model's tokenizer has no chat template (use --template plain)")
-    return template
-
-
-def render(tokenizer, texts: Sequence[str], template: str = "plain") -> list[str]:
-    """The prompt texts of ``texts`` under ``template``."""
-    if check_template(template, tokenizer) == "plain":
-        return list(texts)
-    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
-            for t in texts]
-
-
-def prompt_ids(tokenizer, texts: Sequence[str], template: str = "plain", *, max_length: int = 2048) -> list[list[int]]:
-    """Token ids of each prompt: plain text with the tokenizer's special tokens, a rendered chat
-    template without extra ones (it holds its own)."""
-    prompts = render(tokenizer, texts, template)
-    enc = tokenizer(prompts, add_special_tokens=template == "plain", truncation=True, max_length=max_length)
-    return [list(ids) for ids in enc["input_ids"]]
 
 
 class Family:

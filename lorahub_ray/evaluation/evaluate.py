@@ -38,8 +38,8 @@ import fsspec
 from lorahub_ray.io import storage
 from lorahub_ray.io.examples import FORMATS, Examples, as_examples, data_format, read_examples
 from lorahub_ray.errors import DataError, LoraHubError
-from lorahub_ray.core.families import check_template, prompt_ids
 from lorahub_ray.core.model import load_model
+from lorahub_ray.core.templates import check_template, prompt_ids
 from lorahub_ray.core.recipe import RECIPE_FILE, Recipe
 from lorahub_ray.evaluation.generate import exact_match, generate
 from lorahub_ray.progress import progress_bar

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lorahub_ray.core.families import family_of_model
-
 
 def normalize(text: str) -> str:
     """The reference's normalisation: strip, lower-case, drop '.'."""
@@ -28,6 +26,9 @@ def generate(model, tokenizer, inputs: Sequence[str], *, batch_size: int = 32, m
     """Greedy generation in batches, in input order: only the generated text, as the model's family
     generates it (a causal LM with left padding, see :mod:`lorahub_ray.core.families`), each input
     rendered with ``template``."""
+    # imported here: the families need torch, and Ray Data's file-check tasks import this module's importers
+    from lorahub_ray.core.families import family_of_model
+
     family = family_of_model(model)
     outputs: list[str] = []
     for start in range(0, len(inputs), batch_size):
