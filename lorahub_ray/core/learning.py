@@ -7,6 +7,7 @@ table (:func:`write_history`) has one schema for both backends.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,6 +22,7 @@ from lorahub_ray.errors import IntegrityError, LoraHubError
 from lorahub_ray.core.model import load_base_model
 from lorahub_ray.core.modules import LoraModule, check_compatible, load_module, load_modules
 from lorahub_ray.core.objective import LOSSES, FewShotObjective, LossFn, l1_regularization
+from lorahub_ray.core.preselect import check_k, hub_size, screen_and_choose
 from lorahub_ray.progress import progress_bar
 from lorahub_ray.core.recipe import HISTORY_FILE, MODEL_DIR, RECIPE_FILE, Recipe
 from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, SearchResult, check_optimizer, minimize
@@ -100,6 +102,7 @@ def lorahub_learning(
     output_field: str = "output",
     device: str | None = None,
     asks: int = 1,
+    preselect: int | None = None,
     progress: bool = True,
 ) -> LoraHubResult:
     """LoraHub learning: find weights for ``modules`` on the few-shot ``examples``, merge them into
@@ -111,6 +114,9 @@ def lorahub_learning(
     callable; ``batch_size=None`` puts all examples in one batch, as the reference does. ``asks``
     candidates are asked at once (nevergrad's ``num_workers``: NGOpt may pick another algorithm) and
     evaluated together, sharing forward passes, which buys wall time on small few-shot sets.
+    With ``preselect=k`` every module is first scored alone on the examples and the search runs over
+    the k best (see :mod:`lorahub_ray.core.preselect`); the recipe then lists those k and records
+    every module's score in ``search["preselect"]``.
     """
     started = now()
     # cheap checks first: bad input fails before any model is loaded
@@ -122,28 +128,40 @@ def lorahub_learning(
         raise LoraHubError(f"asks must be at least 1, got {asks}")
     if isinstance(loss, str) and loss not in LOSSES:
         raise LoraHubError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)}")
+    check_k(preselect)
     if output is not None:
         storage.check_output(output, marker=RECIPE_FILE)
+    if preselect is not None:
+        check_k(preselect, hub_size(modules))
     loaded = load_module_list(modules, progress)
     base, tokenizer, base_path = load_base_model(model, device=device)
     composer = LoraComposer(base, loaded)
     objective = FewShotObjective(composer, tokenizer, data.inputs, data.outputs, loss=loss, batch_size=batch_size,
                                  regularizer=regularizer)
-    with progress_bar(f"search ({optimizer})", budget, enabled=progress) as advance:
-        result = minimize(objective, len(loaded), budget=budget, optimizer=optimizer, seed=seed, num_workers=asks,
-                          evaluate_batch=objective.evaluate_many if asks > 1 else None,
-                          callback=lambda e, best: advance(info=f"best {best:.4f}"))
+    screening = None
+    if preselect is not None:
+        with progress_bar("screening modules", len(loaded), enabled=progress) as advance:
+            screening = screen_and_choose(objective, [m.name for m in loaded], preselect, progress=advance)
+        composer_scope = composer.restrict(screening.chosen)  # the search sees the k chosen alone
+    else:
+        composer_scope = contextlib.nullcontext()
+    with composer_scope:
+        searched = composer.modules
+        with progress_bar(f"search ({optimizer})", budget, enabled=progress) as advance:
+            result = minimize(objective, len(searched), budget=budget, optimizer=optimizer, seed=seed,
+                              num_workers=asks, evaluate_batch=objective.evaluate_many if asks > 1 else None,
+                              callback=lambda e, best: advance(info=f"best {best:.4f}"))
+        merged = composer.merge_and_unload(result.weights)
     recipe = Recipe(
         base_model=str(model), base_model_sha256=storage.sha256_dir(base_path),
-        modules=[{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in loaded],
+        modules=[{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in searched],
         weights=result.weights, objective=result.objective, optimizer=result.optimizer, algorithm=result.algorithm,
         budget=budget, seed=seed, loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),
         batch_size=batch_size,
         regularizer="l1(0.05)" if regularizer is l1_regularization else getattr(regularizer, "__name__", "custom"),
         merge_method=composer.merge_method, num_examples=len(data), started=started, finished=now(),
-        search={"backend": "local", "asks": asks},
+        search={"backend": "local", "asks": asks, **({"preselect": screening.to_recipe()} if screening else {})},
     )
-    merged = composer.merge_and_unload(result.weights)
     saved = write_output(output, recipe, merged, tokenizer, result) if output is not None else None
     return LoraHubResult(recipe=recipe, search=result, model=merged, tokenizer=tokenizer, output=saved)
 
