@@ -170,3 +170,26 @@ def test_tasks_refuse_bad_input_before_loading(world, task_dir, tmp_path):
     result = CliRunner().invoke(app, ["search", "-m", "/no/such/model", "--modules", str(world["hub"]), "--tasks",
                                       str(task_dir), "-o", str(tmp_path / "y"), "--workers", "2"])
     assert result.exit_code == 2 and "--workers" in result.output
+
+
+def test_large_hub_adds_distractors_and_leaves_the_default_alone(tmp_path):
+    from safetensors.torch import load_file
+
+    from lorahub_ray.demo.world import BuildConfig, LargeConfig, build_default_hub, build_large_hub
+    from lorahub_ray.io.storage import sha256_dir
+
+    tiny = BuildConfig(d_model=32, layers=1, batch_size=8, base_steps=4, lora_steps=2, test=20)
+    default = build_default_hub(tmp_path, progress=False, config=tiny)
+    before = sha256_dir(default.root)
+    large = build_large_hub(tmp_path, progress=False, config=tiny, large=LargeConfig(distractors=3, lora_steps=2))
+    assert build_default_hub(tmp_path, progress=False, config=tiny).root == default.root
+    assert sha256_dir(default.root) == before and large.root != default.root
+    assert sha256_dir(large.base_model) == sha256_dir(default.base_model)
+    assert list(large.modules) == sorted(list(default.modules) + ["first", "second", "third"])
+    assert large.unseen_tasks.keys() == default.unseen_tasks.keys()
+    tensors = [load_file(p / "adapter_model.safetensors") for p in large.modules.values()]
+    a_keys = [k for k in tensors[0] if "lora_A" in k]
+    assert a_keys and all(t[k].equal(tensors[0][k]) for t in tensors for k in a_keys)  # one frozen A for all
+    first = load_file(large.modules["first"] / "adapter_model.safetensors")
+    assert not all(first[k].equal(t[k]) for t in tensors[:1] for k in first if "lora_B" in k)
+    assert LargeConfig(distractors=4).digest(tiny) != LargeConfig(distractors=3).digest(tiny)
