@@ -13,7 +13,7 @@ each unseen task (5 few-shot examples, 200 test examples), with NGOpt, budget 40
 It also prints what screening costs: its seconds against one search step (the median evaluation of
 the preselected search), per 10 modules (goal: at most 2 steps' worth per 10 modules).
 
-Run: ``python benchmarks/preselect.py [--distractors 42] [--distractor-steps 100] [--tasks biggest,lowest]``
+Run: ``python benchmarks/preselect.py [--distractors 42] [--distractor-steps 60] [--tasks biggest,lowest]``
 from the repository root. The hub is built once and cached (``$LORAHUB_RAY_CACHE``); the build time is printed.
 """
 
