@@ -36,7 +36,7 @@ from lorahub_ray.core.compose import LoraComposer  # noqa: E402
 from lorahub_ray.core.model import load_base_model  # noqa: E402
 from lorahub_ray.core.modules import load_modules  # noqa: E402
 from lorahub_ray.core.objective import FewShotObjective  # noqa: E402
-from lorahub_ray.core.preselect import screen_and_choose  # noqa: E402
+from lorahub_ray.core.preselect import DEFAULT_CHUNK, screen, screen_and_choose  # noqa: E402
 from lorahub_ray.core.protocol import plan_restarts  # noqa: E402
 from lorahub_ray.core.search import minimize  # noqa: E402
 from lorahub_ray.demo.world import DISTRACTOR_TASKS, LargeConfig, build_large_hub  # noqa: E402
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--tasks", default=None, help="comma-separated unseen tasks (default: all)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--chunks", default="1,8,50", help="also time the screen with these chunk sizes")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,6 +100,11 @@ def main() -> None:
         full = search_and_score(composer, objective, tokenizer, test, everything, budget=args.budget,
                                 optimizer=args.optimizer, seed=args.seed)
         per_10 = screening.seconds / (len(modules) / 10) / chosen["step"]
+        chunk_times = {}
+        for c in (int(c) for c in args.chunks.split(",")):
+            clock = time.perf_counter()
+            screen(objective, len(modules), chunk=c)
+            chunk_times[c] = time.perf_counter() - clock
         row = {
             "task": task.name, "zero_shot": zero_shot, "preselect": chosen,
             "random": {"accuracy_mean": statistics.mean(r["accuracy"] for r in randoms),
@@ -107,6 +113,7 @@ def main() -> None:
                        "objective_mean": statistics.mean(r["objective"] for r in randoms)},
             "all": full, "chosen": [names[i] for i in screening.chosen],
             "screen_seconds": screening.seconds, "step_seconds": chosen["step"], "screen_steps_per_10_modules": per_10,
+            "screen_seconds_by_chunk": chunk_times,
         }
         report["tasks"].append(row)
         print(f"\n{task.name}: zero-shot {zero_shot:.1f}%", flush=True)
@@ -116,7 +123,9 @@ def main() -> None:
               f"objective mean {row['random']['objective_mean']:.4f})")
         print(f"  all {len(modules)}: {full['accuracy']:.1f}% (objective {full['objective']:.4f}; top {full['top']})")
         print(f"  screening {len(modules)} modules {screening.seconds:.3f} s; one search step {chosen['step'] * 1e3:.1f} ms; "
-              f"= {per_10:.2f} steps per 10 modules (goal <= 2)")
+              f"= {per_10:.2f} steps per 10 modules (goal <= 2) with chunk {DEFAULT_CHUNK}; by chunk: "
+              + ", ".join(f"{c}: {t:.3f} s = {t / (len(modules) / 10) / chosen['step']:.2f} steps/10"
+                          for c, t in chunk_times.items()))
         print(f"  preselected: {', '.join(row['chosen'])}", flush=True)
 
     print("\n| unseen task | zero-shot | preselect 20 | random 20 of 50 (mean of 5; min-max) | all 50 | screening ÷ step, per 10 modules |")
