@@ -46,6 +46,14 @@ def make_module(base: Path, path: Path, *, seed: int, r: int = 4, targets=("q", 
     return path
 
 
+def assert_same_weights(model, other) -> None:
+    """Two models hold the same parameters: same names, same shapes, same values (to float32 round-off)."""
+    ours, theirs = model.state_dict(), other.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6, msg=key)
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import lorahub_ray as lr
+from helpers import assert_same_weights
 from lorahub_ray.cluster.tune_search import ResourceError, SearchFailed, SearchInterrupted, lorahub_learning_ray
 
 BUDGET = 8
@@ -39,8 +40,8 @@ def test_two_workers_use_the_exact_budget_and_write_a_valid_recipe(world, ray_cl
     assert len(recipe.weights) == 4 and recipe.objective == result.trials[0].objective
     assert (tmp_path / "out" / "search.png").stat().st_size > 0
     assert [e["evaluations"] for e in events] == list(range(1, BUDGET + 1)) + [BUDGET]  # + the final report
-    model, _ = lr.build_model(tmp_path / "out")  # the recipe rebuilds
-    assert model is not None
+    model, _ = lr.build_model(tmp_path / "out")  # the recipe rebuilds the model the search saved
+    assert_same_weights(model, lr.load_model(tmp_path / "out")[0])
 
 
 def test_one_worker_equals_the_local_engine(world, ray_cluster, tmp_path):
@@ -198,8 +199,8 @@ def test_s3_output_keeps_the_experiment_on_s3_and_resumes_from_there(world, ray_
         assert [r["step"] for r in history(tmp_path / "down")] == list(range(BUDGET))
         whole = run(world, tmp_path / "whole", workers=1)
         assert result.recipe.weights == pytest.approx(whole.recipe.weights, abs=1e-9)
-        model, _ = lr.build_model(out)  # the recipe on S3 rebuilds
-        assert model is not None
+        model, _ = lr.build_model(out)  # the recipe on S3 rebuilds the model the search uploaded
+        assert_same_weights(model, lr.load_model(out)[0])
 
 
 def test_an_evaluator_that_cannot_start_fails_the_run_once_with_its_cause(world, ray_cluster, tmp_path):
