@@ -94,6 +94,16 @@ def test_ray_free_files_never_import_ray_or_the_layers_above_anywhere():
     assert culprits == [], "Ray-free files import Ray or a layer above them:\n" + "\n".join(culprits)
 
 
+def test_only_the_ray_layer_and_the_cli_import_ray():
+    """api.py reaches Ray Data through cluster/ (inside the function that dispatches to it), never directly."""
+    ray_layers = {"cluster", "cli"}
+    culprits = [f"{p.relative_to(ROOT)}:{line}: {name}" for p in package_files()
+                if p.relative_to(PACKAGE).parts[0] not in ray_layers
+                for line, name in imported_names(p) if reaches(name, "ray")]
+    assert culprits == [], "Ray imported outside cluster/ and cli/:\n" + "\n".join(culprits)
+    assert any(reaches(name, "ray") for p in (PACKAGE / "cluster").glob("*.py") for _, name in imported_names(p))
+
+
 def test_the_import_walk_sees_function_level_and_relative_imports(tmp_path, monkeypatch):
     """The AST walk that the two tests above and the cycle test rely on finds an import hidden in a function,
     and resolves relative imports to the modules they name."""
