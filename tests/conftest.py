@@ -1,4 +1,7 @@
+import ctypes
 import os
+import signal
+import sys
 
 import pytest
 
@@ -23,6 +26,17 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LORAHUB_RAY_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+_PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None  # looked up before any fork
+
+
+def _end_with_this_process() -> None:
+    """In a child, before it runs: SIGTERM when this (pytest) process ends, however it ends. pytest-timeout
+    ends a hung run with os._exit, which runs no fixture teardown; ``ray start --block`` stops its Ray
+    processes on SIGTERM, so the session's head does not outlive the run. (Linux only; elsewhere a no-op.)"""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _free_port() -> int:
     import socket
 
@@ -37,11 +51,10 @@ def ray_cluster(tmp_path_factory):
     with this process connected as a driver. Yields ``{"address", "dashboard"}``.
 
     The head runs under ``ray start --block`` in its own process group, which is ended at the
-    end of the session: other Ray clusters on the machine are left alone.
+    end of the session (or, after a timeout, when pytest exits): other Ray clusters on the machine
+    are left alone.
     """
-    import signal
     import subprocess
-    import sys
     import time
     from pathlib import Path
 
@@ -59,7 +72,8 @@ def ray_cluster(tmp_path_factory):
         [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", f"--port={port}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          f"--dashboard-agent-listen-port={agent}",  # the default, 52365, is taken by any other head here
-         "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+         "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=_end_with_this_process)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     import socket
