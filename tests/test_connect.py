@@ -141,3 +141,15 @@ def test_submit_to_a_dead_job_api_fails_in_one_line():
     assert code == 2, text
     assert error_lines(text) == [f"error: no Ray job API answers at {url} within 5 s; is the head running "
                                  "(with its dashboard)?"], text
+
+
+def test_one_cpu_share_for_evaluators_and_data_actors(ray_cluster):
+    from lorahub_ray.cluster.connect import connect, default_cpus_per_worker
+
+    assert connect(ray_cluster["address"]) is False  # an initialised Ray is used as is, not restarted
+    assert connect("http://127.0.0.1:1") is False  # ... whatever the address says
+    # the session's head has 2 CPUs: Tune keeps 0.01 per trial free, Ray Data one CPU for its reads
+    assert default_cpus_per_worker(2, reserved=2 * 0.01) == 0.99
+    assert default_cpus_per_worker(4, reserved=1.0) == 0.25
+    assert default_cpus_per_worker(1) == 1.0  # at most one CPU each
+    assert default_cpus_per_worker(50, reserved=1.0) == 0.1  # at least 0.1

@@ -71,6 +71,8 @@ def connect(address: str | None = None, *, dashboard: bool = False, **init_kwarg
         _init(found, source, kwargs)
         return False
     target = address.removeprefix("ray://")
+    if address.startswith("ray://") and ":" not in target.rsplit("]", 1)[-1]:
+        target += ":10001"  # Ray Client's default port
     if not answers(target):
         raise ClusterError(f"no Ray cluster answers at {source} '{address}' within {ANSWER_TIMEOUT_S:g} s; "
                            "check the address, or leave it out for a local Ray")
