@@ -1,11 +1,10 @@
-import ctypes
 import os
 import signal
 import sys
 
 import pytest
 
-from helpers import EXAMPLES, make_base, make_module, write_jsonl
+from helpers import EXAMPLES, end_with_this_process, make_base, make_module, write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,17 +23,6 @@ def world(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LORAHUB_RAY_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
-_PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None  # looked up before any fork
-
-
-def _end_with_this_process() -> None:
-    """In a child, before it runs: SIGTERM when this (pytest) process ends, however it ends. pytest-timeout
-    ends a hung run with os._exit, which runs no fixture teardown; ``ray start --block`` stops its Ray
-    processes on SIGTERM, so the session's head does not outlive the run. (Linux only; elsewhere a no-op.)"""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:
@@ -73,7 +61,7 @@ def ray_cluster(tmp_path_factory):
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          f"--dashboard-agent-listen-port={agent}",  # the default, 52365, is taken by any other head here
          "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        preexec_fn=_end_with_this_process)
+        preexec_fn=end_with_this_process)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     import socket

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -66,3 +69,14 @@ EXAMPLES = [
     {"input": "reverse: lora", "output": "arol"},
     {"input": "reverse: ray", "output": "yar"},
 ]
+
+
+_PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None  # looked up before any fork
+
+
+def end_with_this_process() -> None:
+    """In a child, before it runs: SIGTERM when this (pytest) process ends, however it ends. pytest-timeout
+    ends a hung run with os._exit, which runs no fixture teardown; ``ray start --block`` stops its Ray
+    processes on SIGTERM, so the session's head does not outlive the run. (Linux only; elsewhere a no-op.)"""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
