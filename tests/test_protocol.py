@@ -193,3 +193,20 @@ def test_large_hub_adds_distractors_and_leaves_the_default_alone(tmp_path):
     first = load_file(large.modules["first"] / "adapter_model.safetensors")
     assert not all(first[k].equal(t[k]) for t in tensors[:1] for k in first if "lora_B" in k)
     assert LargeConfig(distractors=4).digest(tiny) != LargeConfig(distractors=3).digest(tiny)
+
+
+def test_restrict_holds_the_subset_alone_and_gives_the_hub_back(world):
+    objective, modules = objective_for(world)
+    composer = objective.composer
+    with composer.restrict([2, 0]):
+        assert [m.name for m in composer.modules] == [modules[2].name, modules[0].name]
+        restricted = objective([0.7, -0.3])
+        with pytest.raises(ValueError):
+            objective([0.1] * len(modules))  # one weight per module of the subset, no more
+    assert composer.num_modules == len(modules)
+    full = [-0.3, 0.0, 0.7] + [0.0] * (len(modules) - 3)
+    assert restricted == pytest.approx(objective(full) - 0.05 * 1.0 / len(modules) + 0.05 * 1.0 / 2, rel=1e-6)
+    for bad in ([], [0, 0], [len(modules)]):
+        with pytest.raises(ValueError):
+            with composer.restrict(bad):
+                pass
