@@ -42,6 +42,9 @@ def search(
     scheduler: Annotated[Optional[str], typer.Option(help="'asha' stops hopeless restarts early; default: run all to the budget.", rich_help_panel="Ray")] = None,
     asks: Annotated[Optional[int], typer.Option(min=1, help="Candidates asked at once per search (nevergrad's num_workers) and evaluated together, sharing forward passes; default 1 in this process, ceil(workers / restarts) on Ray. More asks buy wall time at some cost in quality.")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Ray Tune experiment storage (default: OUTPUT.tune; use shared storage such as s3:// on a multi-node cluster).", rich_help_panel="Ray")] = None,
+    select: Annotated[str, typer.Option(help="'reference': keep the search's lowest few-shot objective (the reference). 'cv': choose among the base model, each single module and searches (from 0 and warm-started at the best single modules) by cross-validation over the examples (leave-one-out up to 5, else 5-fold), then refit the winner on all examples. In this process only.")] = "reference",
+    score: Annotated[str, typer.Option(help="With --select cv: 'loss' (held-out loss) or 'generate' (exact match of greedy generations on the held-out examples).")] = "loss",
+    select_l1: Annotated[Optional[list[float]], typer.Option("--select-l1", help="With --select cv: also try these stronger L1 strengths (alpha in alpha*mean|w|; repeatable) as candidates.")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Resume an interrupted Ray search: its --output directory (everything else is read from the saved run).", rich_help_panel="Ray")] = None,
 ):
     """Find module weights on a few examples (LoraHub learning) and save the merged model and its recipe.
@@ -56,6 +59,7 @@ def search(
     """
     quiet_libraries()
     from lorahub_ray.api import lorahub_learning
+    from lorahub_ray.core.selection import SelectionConfig
     from lorahub_ray.errors import LoraHubError
 
     all_modules = _expand_modules(list(modules or []) + list(ctx.args))
@@ -66,6 +70,8 @@ def search(
     elif not all_modules and resume is None:
         raise LoraHubError("no modules: give --modules or --hub")
     if any(v is not None for v in (workers, restarts, modules_per_restart, address, resume, scheduler, storage)):
+        if select != "reference" or score != "loss" or select_l1:
+            raise LoraHubError("--select cv runs in this process: drop the Ray options (--workers, --restarts, ...)")
         from lorahub_ray.cluster.tune_search import SearchFailed, SearchInterrupted, lorahub_learning_ray
 
         try:
@@ -90,8 +96,11 @@ def search(
         raise LoraHubError("--model, --examples and --output are required (or --resume DIR with --workers)")
     result = lorahub_learning(model, all_modules, examples, output=output, budget=budget, optimizer=optimizer,
                               seed=seed, loss=loss, batch_size=batch_size, input_field=input_field,
-                              output_field=output_field, device=device, asks=asks or 1)
+                              output_field=output_field, device=device, asks=asks or 1, select=select, score=score,
+                              selection=SelectionConfig(l1=tuple(select_l1)) if select_l1 else None)
     _print_weights(result.recipe)
+    if "selection" in result.recipe.search:
+        console.print(f"selected {result.recipe.search['selection']['reason']}", highlight=False)
     console.print(f"objective {result.recipe.objective:.4f} ({result.recipe.algorithm}); wrote {output}/recipe.json and {output}/model/")
 
 

@@ -7,6 +7,7 @@ table (:func:`write_history`) has one schema for both backends.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,6 +24,8 @@ from lorahub_ray.core.modules import LoraModule, check_compatible, load_module, 
 from lorahub_ray.core.objective import LOSSES, FewShotObjective, LossFn, l1_regularization
 from lorahub_ray.progress import progress_bar
 from lorahub_ray.core.recipe import HISTORY_FILE, MODEL_DIR, RECIPE_FILE, Recipe
+from lorahub_ray.core.selection import (SCORES, SELECT_METHODS, SelectionConfig, SelectionContext, make_folds,
+                                       select as cv_select)
 from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, SearchResult, check_optimizer, minimize
 
 
@@ -101,6 +104,9 @@ def lorahub_learning(
     device: str | None = None,
     asks: int = 1,
     progress: bool = True,
+    select: str = "reference",
+    score: str = "loss",
+    selection: SelectionConfig | None = None,
 ) -> LoraHubResult:
     """LoraHub learning: find weights for ``modules`` on the few-shot ``examples``, merge them into
     ``model`` and (with ``output``) save ``recipe.json``, ``model/`` and ``history.parquet``.
@@ -111,6 +117,13 @@ def lorahub_learning(
     callable; ``batch_size=None`` puts all examples in one batch, as the reference does. ``asks``
     candidates are asked at once (nevergrad's ``num_workers``: NGOpt may pick another algorithm) and
     evaluated together, sharing forward passes, which buys wall time on small few-shot sets.
+
+    ``select="reference"`` keeps the search's best objective, as the reference does. ``select="cv"``
+    chooses among the base model, each single module and several searches (from 0 and warm-started
+    at the best single modules) by cross-validation over the examples, scored by the held-out loss
+    or, with ``score="generate"``, by exact match of greedy generations, and refits the winner on
+    all examples (see :mod:`lorahub_ray.core.selection`; ``selection`` sets its other options).
+    The recipe's ``search["selection"]`` records every candidate's fold scores and why the winner won.
     """
     started = now()
     # cheap checks first: bad input fails before any model is loaded
@@ -122,6 +135,16 @@ def lorahub_learning(
         raise LoraHubError(f"asks must be at least 1, got {asks}")
     if isinstance(loss, str) and loss not in LOSSES:
         raise LoraHubError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)}")
+    if select not in SELECT_METHODS:
+        raise LoraHubError(f"unknown select {select!r}; choose from {', '.join(SELECT_METHODS)}")
+    if score not in SCORES:
+        raise LoraHubError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
+    if select == "reference" and (score != "loss" or selection is not None):
+        raise LoraHubError("score and selection options apply to select='cv' only")
+    config = dataclasses.replace(selection or SelectionConfig(), score=score)
+    config.check()
+    if select == "cv" and len(data) < 2:
+        raise LoraHubError(f"select='cv' needs at least 2 few-shot examples, got {len(data)}")
     if output is not None:
         storage.check_output(output, marker=RECIPE_FILE)
     loaded = load_module_list(modules, progress)
@@ -129,23 +152,39 @@ def lorahub_learning(
     composer = LoraComposer(base, loaded)
     objective = FewShotObjective(composer, tokenizer, data.inputs, data.outputs, loss=loss, batch_size=batch_size,
                                  regularizer=regularizer)
-    with progress_bar(f"search ({optimizer})", budget, enabled=progress) as advance:
-        result = minimize(objective, len(loaded), budget=budget, optimizer=optimizer, seed=seed, num_workers=asks,
-                          evaluate_batch=objective.evaluate_many if asks > 1 else None,
-                          callback=lambda e, best: advance(info=f"best {best:.4f}"))
+    search_info: dict = {"backend": "local", "asks": asks}
+    regularizer_name = "l1(0.05)" if regularizer is l1_regularization else getattr(regularizer, "__name__", "custom")
+    if select == "cv":
+        context = SelectionContext(composer, tokenizer, data.inputs, data.outputs, names=[m.name for m in loaded],
+                                   loss=loss, batch_size=batch_size, regularizer=regularizer, budget=budget,
+                                   optimizer=optimizer, seed=seed, asks=asks, config=config)
+        with progress_bar("cross-validated selection (folds)", len(make_folds(len(data), config.folds)),
+                          enabled=progress) as advance:
+            chosen = cv_select(context, map_folds=lambda run, tasks: [_advanced(run(t), advance) for t in tasks])
+        result, search_info["selection"] = chosen.search, chosen.report
+        regularizer_name = chosen.regularizer or regularizer_name
+    else:
+        with progress_bar(f"search ({optimizer})", budget, enabled=progress) as advance:
+            result = minimize(objective, len(loaded), budget=budget, optimizer=optimizer, seed=seed, num_workers=asks,
+                              evaluate_batch=objective.evaluate_many if asks > 1 else None,
+                              callback=lambda e, best: advance(info=f"best {best:.4f}"))
     recipe = Recipe(
         base_model=str(model), base_model_sha256=storage.sha256_dir(base_path),
         modules=[{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in loaded],
         weights=result.weights, objective=result.objective, optimizer=result.optimizer, algorithm=result.algorithm,
         budget=budget, seed=seed, loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),
-        batch_size=batch_size,
-        regularizer="l1(0.05)" if regularizer is l1_regularization else getattr(regularizer, "__name__", "custom"),
+        batch_size=batch_size, regularizer=regularizer_name,
         merge_method=composer.merge_method, num_examples=len(data), started=started, finished=now(),
-        search={"backend": "local", "asks": asks},
+        search=search_info,
     )
     merged = composer.merge_and_unload(result.weights)
     saved = write_output(output, recipe, merged, tokenizer, result) if output is not None else None
     return LoraHubResult(recipe=recipe, search=result, model=merged, tokenizer=tokenizer, output=saved)
+
+
+def _advanced(value, advance):
+    advance()
+    return value
 
 
 def build_model(recipe: Recipe | str | Path, *, device: str | None = None, verify: bool = True):
