@@ -249,17 +249,33 @@ def _reason(config: SelectionConfig, rows: list[dict], folds: int) -> str:
     return f"{best['name']} has {what}{runner_up}"
 
 
-def select(context: SelectionContext, *, map_folds: Callable = sequential) -> Selection:
-    """Cross-validate every candidate, pick the winner and refit it on all examples."""
-    started = time.perf_counter()
+def cross_validate(context: SelectionContext, *, map_folds: Callable = sequential) -> list[FoldResult]:
+    """Run every fold (through ``map_folds``) and return their results in fold order."""
     n = len(context.inputs)
     folds = make_folds(n, context.config.folds)
     tasks = [FoldTask(f, tuple(i for i in range(n) if i not in set(held)), tuple(held)) for f, held in enumerate(folds)]
     results = sorted(map_folds(context.run_fold, tasks), key=lambda r: r.fold)
     if [r.fold for r in results] != list(range(len(tasks))):
         raise LoraHubError(f"map_folds returned folds {[r.fold for r in results]}, expected 0..{len(tasks) - 1}")
-    fold_seconds = time.perf_counter() - started
+    return results
+
+
+def select(context: SelectionContext, *, map_folds: Callable = sequential) -> Selection:
+    """Cross-validate every candidate, pick the winner and refit it on all examples."""
+    started = time.perf_counter()
+    results = cross_validate(context, map_folds=map_folds)
+    return choose(context, results, fold_seconds=time.perf_counter() - started)
+
+
+def choose(context: SelectionContext, results: Sequence[FoldResult], *, fold_seconds: float | None = None) -> Selection:
+    """Rank the candidates by their fold scores, pick the winner and refit it on all examples.
+    ``fold_seconds`` defaults to the folds' own seconds summed."""
+    n = len(context.inputs)
+    if fold_seconds is None:
+        fold_seconds = sum(r.seconds for r in results)
     generate_score = context.config.score == "generate"
+    if generate_score and any(not r.correct for r in results):
+        raise LoraHubError("score='generate' needs fold results with exact matches: cross-validate with it")
     names = context.candidate_names()
     rows = []
     for order, name in enumerate(names):
