@@ -18,13 +18,19 @@ Usage: python benchmarks/select.py [--seeds 42 43 44] [--budget 40] [--warm-star
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
+import os
 import sys
-import time
-import warnings
-from pathlib import Path
+
+# this file is named like the standard library's `select`: drop its folder from the path first
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
@@ -60,16 +66,18 @@ def run(seeds, budget: int, warm_starts: int) -> dict:
         composer.compose(weights)
         return accuracy(generate(composer.model, tok, test.inputs, max_new_tokens=8), test.outputs)
 
-    rows = []
-    for task in hub.unseen_tasks.values():
+    tasks = {}
+    for task in hub.unseen_tasks.values():  # what does not depend on the seed, once per task
         fewshot, test = read_examples(str(task.fewshot)), read_examples(str(task.test))
-        zero = test_accuracy([0.0] * len(names), test)
         objective = FewShotObjective(composer, tok, fewshot.inputs, fewshot.outputs)
         onehots = [[1.0 if j == i else 0.0 for j in range(len(names))] for i in range(len(names))]
         single_losses = objective.losses(onehots)
         best = min(range(len(names)), key=lambda i: single_losses[i])
-        single = test_accuracy(onehots[best], test)
-        for seed in seeds:
+        tasks[task.name] = (fewshot, test, objective, test_accuracy([0.0] * len(names), test), best,
+                            test_accuracy(onehots[best], test))
+    rows = []
+    for seed in seeds:  # seed-major: each seed's table is complete before the next starts
+        for name, (fewshot, test, objective, zero, best, single) in tasks.items():
             start = time.perf_counter()
             ref = minimize(objective, len(names), budget=budget, seed=seed)
             ref_seconds = time.perf_counter() - start
@@ -90,7 +98,7 @@ def run(seeds, budget: int, warm_starts: int) -> dict:
                                "searches": cost["fold_searches"] + cost["refit_searches"],
                                "evaluations": cost["evaluations"],
                                "seconds": fold_seconds + time.perf_counter() - start}
-            rows.append({"task": task.name, "seed": seed, "zero_shot": zero, "best_single": single,
+            rows.append({"task": name, "seed": seed, "zero_shot": zero, "best_single": single,
                          "best_single_module": names[best], "lorahub": test_accuracy(ref.weights, test),
                          "lorahub_weights": dict(zip(names, ref.weights)), "lorahub_seconds": ref_seconds,
                          "lorahub_evaluations": len(ref.history), "folds": len(folds), "cv": arms})
