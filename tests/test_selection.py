@@ -208,3 +208,13 @@ def test_cli_search_select_cv(world, tmp_path):
     refused = CliRunner().invoke(app, ["search", "--model", "m", "--modules", "x", "--examples", str(world["examples"]),
                                        "--output", str(tmp_path / "never"), "--select", "cv", "--workers", "2"])
     assert refused.exit_code != 0 and "--select cv" in refused.output
+
+
+def test_a_warm_start_is_the_first_point_asked_and_must_lie_in_bounds():
+    from lorahub_ray.core.search import make_optimizer
+
+    opt = make_optimizer("NGOpt", 3, budget=5, seed=42, init=[0.0, 1.0, 0.0])
+    assert opt.ask().value.tolist() == [0.0, 1.0, 0.0]
+    assert make_optimizer("NGOpt", 2, budget=5, seed=42).ask().value.tolist() == [0.0, 0.0]
+    with pytest.raises(lr.LoraHubError, match="init must be 3 weights"):
+        make_optimizer("NGOpt", 3, budget=5, seed=42, init=[0.0, 2.0, 0.0])
