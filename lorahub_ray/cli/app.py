@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lorahub_ray.errors import LoraHubError, LoraHubWarning
 
@@ -63,7 +64,7 @@ def fail_cleanly(fn):
         try:
             return fn(*args, **kwargs)
         except LoraHubError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # one line
             raise typer.Exit(2) from None
 
     return wrapper
