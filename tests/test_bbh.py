@@ -100,3 +100,25 @@ def test_run_subsets_seeded_and_bounded():
     assert subsets == run_subsets(30, 5, 20) and len({tuple(s) for s in subsets}) == 5
     assert all(len(s) == 20 == len(set(s)) and max(s) < 30 for s in subsets)
     assert run_subsets(4, 2, 20) == [[0, 1, 2, 3]] * 2
+
+
+def test_search_and_evaluate_read_bigbench_splits(world, tmp_path):
+    task = DATA / "tiny_reverse"
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["search", "--model", str(world["base"]), "--modules", str(world["hub"]),
+                                      "--examples", str(task), "--split-seed", "2", "--budget", "2", "--output", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "recipe.json").read_text())["num_examples"] == 5  # the few-shot split
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(out), "--data", str(task), "--split-seed", "2",
+                                      "--max-new-tokens", "6", "--output", str(tmp_path / "eval")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["examples"] == 14 - 5 and list(metrics["tasks"]) == ["tiny_reverse"]  # the test split
+    test_inputs = pq.read_table(tmp_path / "eval" / "predictions.parquet").column("input").to_pylist()
+    from lorahub_ray.io.examples import read_examples
+
+    assert not set(read_examples(f"{task}?seed=2").inputs) & set(test_inputs)
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(out), "--data", str(task), "--split", "train"])
+    assert result.exit_code == 2 and "split must be one of fewshot, test" in result.output

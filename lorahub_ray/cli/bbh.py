@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from lorahub_ray.cli.app import BudgetOpt, DeviceOpt, OptimizerOpt, app, console, fail_cleanly, quiet_libraries
 from lorahub_ray.cli.evaluate import AddressOpt, GenerateBatchOpt, MaxNewTokensOpt
@@ -40,19 +40,13 @@ def bbh(
         lorahub-ray bbh --model google/flan-t5-large --hub hub/ --output runs/bbh --tasks date_understanding,navigate
     """
     quiet_libraries()
-    from lorahub_ray.evaluation.bbh import METHODS, bbh_table
+    from lorahub_ray.api import bbh_table  # torch and transformers load with the command, not with the CLI
+    from lorahub_ray.evaluation.bbh import METHODS
 
-    evaluate = None
-    if workers > 0:
-        from lorahub_ray.api import evaluate_data
-
-        evaluate = functools.partial(evaluate_data, workers=workers, address=address)
     entries = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-    options = dict(evaluate=evaluate) if evaluate is not None else {}
     table = bbh_table(model, hub, output, tasks=entries, seeds=seeds, modules_per_run=modules_per_run, shots=shots,
                       split_seed=split_seed, budget=budget, optimizer=optimizer, batch_size=batch_size,
-                      max_new_tokens=max_new_tokens, device=device, workers=workers, **options)
-    from rich.table import Table
+                      max_new_tokens=max_new_tokens, device=device, workers=workers, address=address)
 
     view = Table(title=f"BBH accuracy % (input tokens per example) on {model}")
     view.add_column("task")

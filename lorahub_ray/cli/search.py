@@ -6,8 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from lorahub_ray.cli.app import (BudgetOpt, DeviceOpt, InputFieldOpt, OptimizerOpt, OutputFieldOpt, SeedOpt, app,
-                                 console, fail_cleanly, quiet_libraries)
+from lorahub_ray.cli.app import (BudgetOpt, DeviceOpt, InputFieldOpt, OptimizerOpt, OutputFieldOpt, SeedOpt, SplitOpt,
+                                 SplitSeedOpt, app, console, fail_cleanly, quiet_libraries)
+from lorahub_ray.io.bigbench import with_split
 
 
 def _expand_modules(modules: list[str]) -> list[str]:
@@ -43,6 +44,8 @@ def search(
     asks: Annotated[Optional[int], typer.Option(min=1, help="Candidates asked at once per search (nevergrad's num_workers) and evaluated together, sharing forward passes; default 1 in this process, ceil(workers / restarts) on Ray. More asks buy wall time at some cost in quality.")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Ray Tune experiment storage (default: OUTPUT.tune; use shared storage such as s3:// on a multi-node cluster).", rich_help_panel="Ray")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Resume an interrupted Ray search: its --output directory (everything else is read from the saved run).", rich_help_panel="Ray")] = None,
+    split: SplitOpt = None,
+    split_seed: SplitSeedOpt = None,
 ):
     """Find module weights on a few examples (LoraHub learning) and save the merged model and its recipe.
 
@@ -58,6 +61,7 @@ def search(
     from lorahub_ray.api import lorahub_learning
     from lorahub_ray.errors import LoraHubError
 
+    examples = with_split(examples, split, split_seed)
     all_modules = _expand_modules(list(modules or []) + list(ctx.args))
     if hub is not None:
         all_modules = _hub_modules(hub, filter or [], all_modules, examples, input_field, output_field, output)
