@@ -122,3 +122,22 @@ def test_search_and_evaluate_read_bigbench_splits(world, tmp_path):
     assert not set(read_examples(f"{task}?seed=2").inputs) & set(test_inputs)
     result = CliRunner().invoke(app, ["evaluate", "--model", str(out), "--data", str(task), "--split", "train"])
     assert result.exit_code == 2 and "split must be one of fewshot, test" in result.output
+
+
+@pytest.mark.slow
+def test_ray_data_workers_give_the_same_table(world, tmp_path, ray_cluster):
+    """--workers: every evaluation sharded on Ray Data, with the predictions of the in-process table."""
+    from lorahub_ray.api import bbh_table
+
+    options = dict(tasks=[str(DATA / "tiny_first_letter")], seeds=1, modules_per_run=2, budget=2, max_new_tokens=6,
+                   batch_size=4, progress=False)
+    local = bbh_table(str(world["base"]), str(world["hub"]), tmp_path / "local", **options)
+    sharded = bbh_table(str(world["base"]), str(world["hub"]), tmp_path / "ray", workers=1,
+                        address=ray_cluster["address"], **options)
+    for method in ("zero_shot", "icl", "lorahub_best", "best_single"):
+        a = pq.read_table(tmp_path / "local" / "tiny_first_letter" / method / "predictions.parquet").to_pydict()
+        b = pq.read_table(tmp_path / "ray" / "tiny_first_letter" / method / "predictions.parquet").to_pydict()
+        assert a == b, method
+        assert local["tasks"]["tiny_first_letter"][method]["accuracy"] == \
+            sharded["tasks"]["tiny_first_letter"][method]["accuracy"]
+    assert not list((tmp_path / "ray" / "tiny_first_letter").glob("**/.model-*"))  # the saved models are removed

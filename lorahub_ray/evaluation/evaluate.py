@@ -20,7 +20,8 @@ Outputs
 
 Data
     ``data`` is one file (JSON Lines, Parquet or CSV) or a folder or prefix of many, one per
-    task (the BBH layout), local or ``s3://``. Every file is checked before any model loads.
+    task (the BBH layout), local or ``s3://``, or a BIG-bench source (its test split, written once
+    as a JSON Lines file: :mod:`lorahub_ray.io.bigbench`). Every file is checked before any model loads.
 """
 
 from __future__ import annotations
