@@ -141,3 +141,12 @@ def test_ray_data_workers_give_the_same_table(world, tmp_path, ray_cluster):
         assert local["tasks"]["tiny_first_letter"][method]["accuracy"] == \
             sharded["tasks"]["tiny_first_letter"][method]["accuracy"]
     assert not list((tmp_path / "ray" / "tiny_first_letter").glob("**/.model-*"))  # the saved models are removed
+
+
+def test_hub_may_be_a_catalogue(world, tmp_path):
+    from lorahub_ray.evaluation.bbh import load_hub
+    from lorahub_ray.io import catalogue
+
+    cat = tmp_path / "hub.parquet"
+    catalogue.add(cat, [str(world["hub"])])
+    assert sorted(m.name for m in load_hub(str(cat))) == sorted(m.name for m in load_hub(str(world["hub"])))

@@ -214,7 +214,9 @@ def real_tasks(tmp_path_factory):
     old = {k: os.environ.get(k) for k in ("LORAHUB_RAY_BIGBENCH", "LORAHUB_RAY_CACHE")}
     os.environ.update(LORAHUB_RAY_BIGBENCH=str(REAL_SDIST.parent), LORAHUB_RAY_CACHE=str(cache))
     try:
-        return bigbench_sdist.extract_tasks(["date_understanding", "logical_deduction", "object_counting"])
+        dirs = bigbench_sdist.extract_tasks(["date_understanding", "logical_deduction", "object_counting"])
+        dirs["index"] = bigbench_sdist.read_index()  # every task of the sdist: whether it has JSON data
+        return dirs
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -241,3 +243,16 @@ def test_real_generative_task(real_tasks):
     targets = {e["input"]: e["target"][0] for e in raw["examples"]}
     ex = read_examples(f"{real_tasks['object_counting']}?split=test&seed=0")
     assert all(targets[x] == y for x, y in zip(ex.inputs, ex.outputs))
+
+
+def test_real_sdist_holds_the_bbh_sources(real_tasks):
+    from lorahub_ray.evaluation.bbh import BBH_PROGRAMMATIC, BBH_SOURCES, resolve_task
+
+    index = real_tasks["index"]
+    assert len(BBH_SOURCES) + len(BBH_PROGRAMMATIC) == 27
+    assert all(index.get(source.split("/")[0]) is True for source in BBH_SOURCES.values())
+    assert [index.get(t) for t in ("boolean_expressions", "multistep_arithmetic", "web_of_lies")] == [False] * 3
+    subs = sorted(p.parent.name for p in real_tasks["logical_deduction"].glob("*/task.json"))
+    assert subs == ["five_objects", "seven_objects", "three_objects"]
+    assert resolve_task("logical_deduction_three_objects") == ("logical_deduction_three_objects",
+                                                               "bigbench:logical_deduction/three_objects")
