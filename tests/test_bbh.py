@@ -70,9 +70,14 @@ def test_rerun_resumes_and_skips_written_cells(world, table_dir):
     import shutil
 
     shutil.rmtree(cell.parent)  # as if the run had stopped there
+    mean = table_dir / "tiny_reverse" / "lorahub_mean" / "cell.json"
+    mean_before = mean.stat().st_mtime_ns
+    shutil.rmtree(table_dir / "tiny_reverse" / "lorahub_runs" / "seed_1")
     result = run_bbh(world, table_dir)
     assert result.exit_code == 0, result.output
     assert kept.stat().st_mtime_ns == kept_before  # not recomputed
+    assert mean.stat().st_mtime_ns == mean_before  # its cells written: the LoraHub runs are not redone
+    assert not (table_dir / "tiny_reverse" / "lorahub_runs" / "seed_1").exists()
     redone = json.loads(cell.read_text())
     assert redone["accuracy"] == json.loads(before)["accuracy"]  # the same cell again
 
