@@ -101,7 +101,7 @@ class ShardedObjective:
 
         from lorahub_ray.io.examples import as_examples
         from lorahub_ray.core.modules import load_modules
-        from lorahub_ray.cluster.data_eval import connect, runtime_env
+        from lorahub_ray.cluster.connect import connect, runtime_env
 
         if loss not in PARTIAL_TOTALS:
             raise LoraHubError(f"loss {loss!r} cannot be computed in shards; use one of {sorted(PARTIAL_TOTALS)}")
