@@ -155,3 +155,10 @@ def test_hub_may_be_a_catalogue(world, tmp_path):
     cat = tmp_path / "hub.parquet"
     catalogue.add(cat, [str(world["hub"])])
     assert sorted(m.name for m in load_hub(str(cat))) == sorted(m.name for m in load_hub(str(world["hub"])))
+
+
+@pytest.mark.parametrize("command", ["bbh", "search", "evaluate", "compare"])
+def test_help_renders(command):
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--split-seed" in result.output

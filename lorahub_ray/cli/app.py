@@ -40,7 +40,7 @@ BudgetOpt = Annotated[int, typer.Option(help="Number of objective evaluations (t
 OptimizerOpt = Annotated[str, typer.Option(help="nevergrad optimizer by name: NGOpt (default, picks an algorithm from dimension and budget), CMA, OnePlusOne, RandomSearch, Cobyla, ...")]
 InputFieldOpt = Annotated[str, typer.Option(help="Name of the input column/field in the data files.")]
 OutputFieldOpt = Annotated[str, typer.Option(help="Name of the target column/field in the data files.")]
-SplitOpt = Annotated[Optional[str], typer.Option(help="For a BIG-bench source (bigbench:TASK[/SUBTASK], a task.json or a task folder): the seeded split to read, fewshot (5 examples) or test (the rest, disjoint, at most 250); default: fewshot for --examples, test for --data.", rich_help_panel="BIG-bench")]
+SplitOpt = Annotated[Optional[str], typer.Option(help="For a BIG-bench source (bigbench:TASK or bigbench:TASK/SUBTASK, a task.json or a task folder): the seeded split to read, fewshot (5 examples) or test (the rest, disjoint, at most 250); default: fewshot for --examples, test for --data.", rich_help_panel="BIG-bench")]
 SplitSeedOpt = Annotated[Optional[int], typer.Option(help="For a BIG-bench source: the seed of the few-shot/test split and of the option shuffle (default 0).", rich_help_panel="BIG-bench")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")]
 

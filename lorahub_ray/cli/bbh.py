@@ -18,7 +18,7 @@ def bbh(
     model: Annotated[str, typer.Option("--model", "-m", help="The base seq2seq model: Hub id, local directory or s3:// URI.")],
     hub: Annotated[str, typer.Option("--hub", help="The LoRA modules: a folder of adapters (or any module URI), or a hub catalogue (.parquet).")],
     output: Annotated[str, typer.Option("--output", "-o", help="Directory for table.json, table.png, bbh.json and <TASK>/<METHOD>/predictions.parquet; rerun with the same settings to resume.")],
-    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated BBH task names (default: the 24 with source data in bigbench==1.0.0), or BIG-bench sources: bigbench:TASK[/SUBTASK], a task.json or a task folder.")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated BBH task names (default: the 24 with source data in bigbench==1.0.0), or BIG-bench sources: bigbench:TASK or bigbench:TASK/SUBTASK, a task.json or a task folder.")] = None,
     seeds: Annotated[int, typer.Option(help="LoraHub runs per task (seeds 0..N-1); the table reports their mean and best.")] = 5,
     modules_per_run: Annotated[int, typer.Option(help="Each run searches a random subset of this many hub modules, drawn with its seed (the paper: 20).")] = 20,
     workers: Annotated[int, typer.Option("--workers", "-w", help="Evaluate on this many Ray Data workers (0: in this process; the searches run in this process either way).")] = 0,
