@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import end_with_this_process
 
 REPO = Path(__file__).parents[1]
 HANG_GUARD_S = 240  # a dead address used to hang for minutes; a busy 2-core machine imports torch slowly
@@ -101,7 +102,8 @@ def token_head(tmp_path):
         [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--num-cpus=1", "--num-gpus=0",
          f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=end_with_this_process)
     try:
         deadline = time.monotonic() + 240
         while True:
