@@ -9,7 +9,9 @@ Two deployments:
 * ``LoraHubModel`` (autoscaled, batched): a :class:`~lorahub_ray.serving.host.ModelHost` per replica.
   Requests are batched with ``@serve.batch`` (``max_batch_size`` counts inputs, not requests);
   Serve splits batches by multiplexed id, so each batch runs one recipe, and in ``composed`` mode
-  a batch for another recipe first switches the shared LoRA slot in place.
+  a batch for another recipe first switches the shared LoRA slot in place. It autoscales on the
+  load each replica measures (busy fraction + waiting inputs in batches, reported through
+  ``record_autoscaling_stats``) with ``lorahub_ray.cluster.serve_autoscaling.ModelLoadPolicy``.
 
 ``import_path: lorahub_ray.cluster.serve_app:app`` with ``args`` (see :class:`ServeArgs`) works with
 ``serve run``, ``serve deploy`` and a KubeRay RayService's ``serveConfigV2``; see
@@ -29,6 +31,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from ray import serve
 from ray.serve import metrics as serve_metrics
+from ray.serve.config import AutoscalingConfig
 
 from lorahub_ray.cluster.serve_autoscaling import LOAD_METRIC, POLICY_PATH
 from lorahub_ray.serving.host import MODES, ModelHost, ServeConfigError, describe, effective_mode, load_recipes, parse_specs
@@ -111,8 +114,6 @@ def parse_args(args: Union[dict, ServeArgs]) -> ServeArgs:
 
 def autoscaling_config(args: ServeArgs) -> dict:
     """The model deployment's Serve ``autoscaling_config`` (checked by Serve's ``AutoscalingConfig``)."""
-    from ray.serve.config import AutoscalingConfig
-
     config = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
               "target_ongoing_requests": args.target_ongoing_requests}
     if args.autoscaling_metric == "model_load":
