@@ -202,7 +202,7 @@ def fmt_rss(rss: dict) -> str:
 def summarize(records: list, samples: list, opts) -> dict:
     minutes = []
     print("minute | good | good errors | p50 ms | p99 ms | bad | bad with expected 4xx | replicas RUNNING | "
-          "replica RSS MiB | load avg")
+          "RSS MiB of each replica (by pid, at the minute's end) | load avg")
     for m in range(int(opts.minutes + 0.999)):
         rows = [r for r in records if m * 60 <= r[0] < (m + 1) * 60]
         good = [r for r in rows if r[1] == "good"]
@@ -210,16 +210,17 @@ def summarize(records: list, samples: list, opts) -> dict:
         lat = [1000 * r[4] for r in good if r[3] == 200]
         ss = [s for s in samples if m * 60 <= s[0] < (m + 1) * 60]
         rep = sorted({s[1] for s in ss})
-        rss = [sum(s[2].values()) / max(1, len(s[2])) for s in ss if s[2]]
+        last_rss = next((s[2] for s in reversed(ss) if s[2]), {})  # each replica's RSS at the minute's last sample
         row = {"minute": m + 1, "good": len(good), "good_errors": sum(r[3] != 200 for r in good),
                "p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99), "bad": len(bad),
                "bad_expected": sum(r[3] == r[2] for r in bad), "replicas": rep,
-               "mean_replica_rss_mib": statistics.mean(rss) if rss else None,
+               "replica_rss_mib": {str(pid): round(v) for pid, v in sorted(last_rss.items())},
                "load_average": statistics.mean(s[3] for s in ss) if ss else None}
         minutes.append(row)
         print(f"{row['minute']} | {row['good']} | {row['good_errors']} | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | "
               f"{row['bad']} | {row['bad_expected']} | {'-'.join(map(str, rep)) or '?'} | "
-              f"{row['mean_replica_rss_mib'] or float('nan'):.0f} | {row['load_average'] or float('nan'):.1f}",
+              f"{' '.join(f'{v}' for v in row['replica_rss_mib'].values()) or '?'} | "
+              f"{row['load_average'] or float('nan'):.1f}",
               flush=True)
     changes, prev = [], None
     for t, n, _, _ in samples:
@@ -233,6 +234,8 @@ def summarize(records: list, samples: list, opts) -> dict:
     good = [r for r in records if r[1] == "good"]
     bad = [r for r in records if r[1] == "bad"]
     return {"minutes": minutes, "replica_changes": ", ".join(changes), "unexpected": errors,
+            "samples": [{"t": round(t, 1), "running": n, "rss_mib": {str(k): round(v) for k, v in rss.items()},
+                         "load_average": la} for t, n, rss, la in samples],
             "totals": {"good": len(good), "good_errors": sum(r[3] != 200 for r in good), "bad": len(bad),
                        "bad_expected": sum(r[3] == r[2] for r in bad)}}
 
