@@ -36,7 +36,7 @@ def search(
     workers: Annotated[Optional[int], typer.Option(help="Run on Ray with this many evaluator actors (each holds the model once). Without it (and without --restarts/--address/--resume) the search runs in this process.", rich_help_panel="Ray")] = None,
     restarts: Annotated[Optional[int], typer.Option(help="Independent searches (seeds seed, seed+1, ...) run as concurrent Ray Tune trials; the best wins.", rich_help_panel="Ray")] = None,
     modules_per_restart: Annotated[Optional[int], typer.Option(help="Each restart searches a random subset of this many modules (the paper: 20).", rich_help_panel="Ray")] = None,
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster: 'auto', host:port or ray://host:10001 (default: start a local Ray).", rich_help_panel="Ray")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster: 'auto', host:port or ray://host:10001 (default: $RAY_ADDRESS, else a private local Ray).", rich_help_panel="Ray")] = None,
     cpus_per_worker: Annotated[Optional[float], typer.Option(help="CPUs per evaluator actor (default: an equal share of the cluster, at most 1).", rich_help_panel="Ray")] = None,
     gpus_per_worker: Annotated[float, typer.Option(help="GPUs per evaluator actor; fractions such as 0.25 let actors share a GPU.", rich_help_panel="Ray")] = 0.0,
     scheduler: Annotated[Optional[str], typer.Option(help="'asha' stops hopeless restarts early; default: run all to the budget.", rich_help_panel="Ray")] = None,

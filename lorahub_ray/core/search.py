@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import nevergrad as ng
 import numpy as np
@@ -43,9 +43,6 @@ class SearchResult:
     seed: int
     num_workers: int = 1
     history: list[Evaluation] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def check_optimizer(name) -> None:
