@@ -6,8 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from lorahub_ray.cli.app import (BudgetOpt, DeviceOpt, InputFieldOpt, OptimizerOpt, OutputFieldOpt, SeedOpt, app,
-                                 console, fail_cleanly, quiet_libraries)
+from lorahub_ray.cli.app import (BudgetOpt, DeviceOpt, InputFieldOpt, OptimizerOpt, OutputFieldOpt, SeedOpt, SplitOpt,
+                                 SplitSeedOpt, app, console, fail_cleanly, quiet_libraries)
+from lorahub_ray.io.bigbench import with_split
 
 
 def _expand_modules(modules: list[str]) -> list[str]:
@@ -46,6 +47,8 @@ def search(
     score: Annotated[str, typer.Option(help="With --select cv: 'loss' (held-out loss) or 'generate' (exact match of greedy generations on the held-out examples).")] = "loss",
     select_l1: Annotated[Optional[list[float]], typer.Option("--select-l1", help="With --select cv: also try these stronger L1 strengths (alpha in alpha*mean|w|; repeatable) as candidates.")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Resume an interrupted Ray search: its --output directory (everything else is read from the saved run).", rich_help_panel="Ray")] = None,
+    split: SplitOpt = None,
+    split_seed: SplitSeedOpt = None,
 ):
     """Find module weights on a few examples (LoraHub learning) and save the merged model and its recipe.
 
@@ -62,6 +65,7 @@ def search(
     from lorahub_ray.core.selection import SelectionConfig
     from lorahub_ray.errors import LoraHubError
 
+    examples = with_split(examples, split, split_seed)
     all_modules = _expand_modules(list(modules or []) + list(ctx.args))
     if hub is not None:
         all_modules = _hub_modules(hub, filter or [], all_modules, examples, input_field, output_field, output)
