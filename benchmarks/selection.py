@@ -13,24 +13,18 @@ Held-out accuracy is exact match on the task's 200 test examples. The cost of cv
 (candidate searches x folds, plus the refit of a search winner), its objective evaluations and
 seconds, next to the one search of LoraHub. Torch runs on one thread (see the note in demo/world.py).
 
-Usage: python benchmarks/select.py [--seeds 42 43 44] [--budget 40] [--warm-starts 2] [--json out.json]
+Usage: python benchmarks/selection.py [--seeds 42 43 44] [--budget 40] [--warm-starts 2] [--json out.json]
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import dataclasses
+import json
 import sys
-
-# this file is named like the standard library's `select`: drop its folder from the path first
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
+import time
+import warnings
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
