@@ -6,8 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from lorahub_ray.cli.app import (BudgetOpt, DeviceOpt, InputFieldOpt, OptimizerOpt, OutputFieldOpt, SeedOpt, app,
-                                 console, fail_cleanly, quiet_libraries)
+from lorahub_ray.cli.app import (BudgetOpt, DeviceOpt, InputFieldOpt, OptimizerOpt, OutputFieldOpt, SeedOpt, SplitOpt,
+                                 SplitSeedOpt, app, console, fail_cleanly, quiet_libraries)
+from lorahub_ray.io.bigbench import with_split
 
 
 def _expand_modules(modules: list[str]) -> list[str]:
@@ -42,9 +43,14 @@ def search(
     scheduler: Annotated[Optional[str], typer.Option(help="'asha' stops hopeless restarts early; default: run all to the budget.", rich_help_panel="Ray")] = None,
     asks: Annotated[Optional[int], typer.Option(min=1, help="Candidates asked at once per search (nevergrad's num_workers) and evaluated together, sharing forward passes; default 1 in this process, ceil(workers / restarts) on Ray. More asks buy wall time at some cost in quality.")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Ray Tune experiment storage (default: OUTPUT.tune; use shared storage such as s3:// on a multi-node cluster).", rich_help_panel="Ray")] = None,
+    select: Annotated[str, typer.Option(help="'reference': keep the search's lowest few-shot objective (the reference). 'cv': choose among the base model, each single module and searches (from 0 and warm-started at the best single modules) by cross-validation over the examples (leave-one-out up to 5, else 5-fold), then refit the winner on all examples. In this process only.")] = "reference",
+    score: Annotated[str, typer.Option(help="With --select cv: 'loss' (held-out loss) or 'generate' (exact match of greedy generations on the held-out examples).")] = "loss",
+    select_l1: Annotated[Optional[list[float]], typer.Option("--select-l1", help="With --select cv: also try these stronger L1 strengths (alpha in alpha*mean|w|; repeatable) as candidates.")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Resume an interrupted Ray search: its --output directory (everything else is read from the saved run).", rich_help_panel="Ray")] = None,
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="Many tasks in one run (the paper's protocol): a folder or s3:// prefix of few-shot files, one per task (the BBH layout). The base model and hub load once; writes OUTPUT/<task>/ (named by the file's stem) and OUTPUT/summary.json. With --restarts S --modules-per-restart K, in this process: S sequential restarts per task (seeds seed..seed+S-1, random K-subsets), the lowest objective wins.", rich_help_panel="Protocol")] = None,
     preselect: Annotated[Optional[int], typer.Option(help="Score every module alone on the few-shot examples (weight 1, its loss) and search the k best; with --modules-per-restart each restart draws from them. The scores go into recipe.json.", rich_help_panel="Protocol")] = None,
+    split: SplitOpt = None,
+    split_seed: SplitSeedOpt = None,
 ):
     """Find module weights on a few examples (LoraHub learning) and save the merged model and its recipe.
 
@@ -58,8 +64,10 @@ def search(
     """
     quiet_libraries()
     from lorahub_ray.api import lorahub_learning
+    from lorahub_ray.core.selection import SelectionConfig
     from lorahub_ray.errors import LoraHubError
 
+    examples = with_split(examples, split, split_seed)
     all_modules = _expand_modules(list(modules or []) + list(ctx.args))
     if tasks is not None:
         _check_protocol(examples, workers, address, resume, scheduler, storage, asks)
@@ -80,6 +88,8 @@ def search(
         if preselect is not None:
             raise LoraHubError("--preselect runs in this process for now: leave out the Ray options "
                                "(--workers, --restarts, --modules-per-restart, ...) or use --tasks")
+        if select != "reference" or score != "loss" or select_l1:
+            raise LoraHubError("--select cv runs in this process: drop the Ray options (--workers, --restarts, ...)")
         from lorahub_ray.cluster.tune_search import SearchFailed, SearchInterrupted, lorahub_learning_ray
 
         try:
@@ -104,8 +114,11 @@ def search(
         raise LoraHubError("--model, --examples and --output are required (or --resume DIR with --workers)")
     result = lorahub_learning(model, all_modules, examples, output=output, budget=budget, optimizer=optimizer,
                               seed=seed, loss=loss, batch_size=batch_size, input_field=input_field,
-                              output_field=output_field, device=device, asks=asks or 1, preselect=preselect)
+                              output_field=output_field, device=device, asks=asks or 1, preselect=preselect, select=select, score=score,
+                              selection=SelectionConfig(l1=tuple(select_l1)) if select_l1 else None)
     _print_weights(result.recipe)
+    if "selection" in result.recipe.search:
+        console.print(f"selected {result.recipe.search['selection']['reason']}", highlight=False)
     console.print(f"objective {result.recipe.objective:.4f} ({result.recipe.algorithm}); wrote {output}/recipe.json and {output}/model/")
 
 

@@ -8,6 +8,7 @@ table (:func:`write_history`) has one schema for both backends.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,6 +26,8 @@ from lorahub_ray.core.objective import LOSSES, FewShotObjective, LossFn, l1_regu
 from lorahub_ray.core.preselect import check_k, hub_size, screen_and_choose
 from lorahub_ray.progress import progress_bar
 from lorahub_ray.core.recipe import HISTORY_FILE, MODEL_DIR, RECIPE_FILE, Recipe
+from lorahub_ray.core.selection import (SCORES, SELECT_METHODS, SelectionConfig, SelectionContext, make_folds,
+                                       select as cv_select)
 from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, SearchResult, check_optimizer, minimize
 
 
@@ -104,6 +107,9 @@ def lorahub_learning(
     asks: int = 1,
     preselect: int | None = None,
     progress: bool = True,
+    select: str = "reference",
+    score: str = "loss",
+    selection: SelectionConfig | None = None,
 ) -> LoraHubResult:
     """LoraHub learning: find weights for ``modules`` on the few-shot ``examples``, merge them into
     ``model`` and (with ``output``) save ``recipe.json``, ``model/`` and ``history.parquet``.
@@ -117,6 +123,13 @@ def lorahub_learning(
     With ``preselect=k`` every module is first scored alone on the examples and the search runs over
     the k best (see :mod:`lorahub_ray.core.preselect`); the recipe then lists those k and records
     every module's score in ``search["preselect"]``.
+
+    ``select="reference"`` keeps the search's best objective, as the reference does. ``select="cv"``
+    chooses among the base model, each single module and several searches (from 0 and warm-started
+    at the best single modules) by cross-validation over the examples, scored by the held-out loss
+    or, with ``score="generate"``, by exact match of greedy generations, and refits the winner on
+    all examples (see :mod:`lorahub_ray.core.selection`; ``selection`` sets its other options).
+    The recipe's ``search["selection"]`` records every candidate's fold scores and why the winner won.
     """
     started = now()
     # cheap checks first: bad input fails before any model is loaded
@@ -129,6 +142,16 @@ def lorahub_learning(
     if isinstance(loss, str) and loss not in LOSSES:
         raise LoraHubError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)}")
     check_k(preselect)
+    if select not in SELECT_METHODS:
+        raise LoraHubError(f"unknown select {select!r}; choose from {', '.join(SELECT_METHODS)}")
+    if score not in SCORES:
+        raise LoraHubError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
+    if select == "reference" and (score != "loss" or selection is not None):
+        raise LoraHubError("score and selection options apply to select='cv' only")
+    config = dataclasses.replace(selection or SelectionConfig(), score=score)
+    config.check()
+    if select == "cv" and len(data) < 2:
+        raise LoraHubError(f"select='cv' needs at least 2 few-shot examples, got {len(data)}")
     if output is not None:
         storage.check_output(output, marker=RECIPE_FILE)
     if preselect is not None:
@@ -145,25 +168,44 @@ def lorahub_learning(
         composer_scope = composer.restrict(screening.chosen)  # the search sees the k chosen alone
     else:
         composer_scope = contextlib.nullcontext()
+    search_info: dict = {"backend": "local", "asks": asks}
+    if screening is not None:
+        search_info["preselect"] = screening.to_recipe()
+    regularizer_name = "l1(0.05)" if regularizer is l1_regularization else getattr(regularizer, "__name__", "custom")
     with composer_scope:
         searched = composer.modules
-        with progress_bar(f"search ({optimizer})", budget, enabled=progress) as advance:
-            result = minimize(objective, len(searched), budget=budget, optimizer=optimizer, seed=seed,
-                              num_workers=asks, evaluate_batch=objective.evaluate_many if asks > 1 else None,
-                              callback=lambda e, best: advance(info=f"best {best:.4f}"))
+        if select == "cv":
+            context = SelectionContext(composer, tokenizer, data.inputs, data.outputs,
+                                       names=[m.name for m in searched], loss=loss, batch_size=batch_size,
+                                       regularizer=regularizer, budget=budget, optimizer=optimizer, seed=seed,
+                                       asks=asks, config=config)
+            with progress_bar("cross-validated selection (folds)", len(make_folds(len(data), config.folds)),
+                              enabled=progress) as advance:
+                chosen = cv_select(context, map_folds=lambda run, tasks: [_advanced(run(t), advance) for t in tasks])
+            result, search_info["selection"] = chosen.search, chosen.report
+            regularizer_name = chosen.regularizer or regularizer_name
+        else:
+            with progress_bar(f"search ({optimizer})", budget, enabled=progress) as advance:
+                result = minimize(objective, len(searched), budget=budget, optimizer=optimizer, seed=seed,
+                                  num_workers=asks, evaluate_batch=objective.evaluate_many if asks > 1 else None,
+                                  callback=lambda e, best: advance(info=f"best {best:.4f}"))
         merged = composer.merge_and_unload(result.weights)
     recipe = Recipe(
         base_model=str(model), base_model_sha256=storage.sha256_dir(base_path),
         modules=[{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in searched],
         weights=result.weights, objective=result.objective, optimizer=result.optimizer, algorithm=result.algorithm,
         budget=budget, seed=seed, loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),
-        batch_size=batch_size,
-        regularizer="l1(0.05)" if regularizer is l1_regularization else getattr(regularizer, "__name__", "custom"),
+        batch_size=batch_size, regularizer=regularizer_name,
         merge_method=composer.merge_method, num_examples=len(data), started=started, finished=now(),
-        search={"backend": "local", "asks": asks, **({"preselect": screening.to_recipe()} if screening else {})},
+        search=search_info,
     )
     saved = write_output(output, recipe, merged, tokenizer, result) if output is not None else None
     return LoraHubResult(recipe=recipe, search=result, model=merged, tokenizer=tokenizer, output=saved)
+
+
+def _advanced(value, advance):
+    advance()
+    return value
 
 
 def build_model(recipe: Recipe | str | Path, *, device: str | None = None, verify: bool = True):
