@@ -18,7 +18,6 @@ evaluation's cost divides across the workers::
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Sequence
 
 from lorahub_ray.errors import LoraHubError
@@ -45,7 +44,6 @@ class Evaluator:
         if threads:
             torch.set_num_threads(threads)
         base, tokenizer, _ = load_base_model(model, device=device)
-        self.k = len(modules)
         self.objective = FewShotObjective(LoraComposer(base, modules), tokenizer, inputs, outputs, loss=loss,
                                           batch_size=batch_size, regularizer=regularizer, template=template)
 
@@ -56,14 +54,6 @@ class Evaluator:
 
     def evaluate_many(self, candidates: Sequence[Sequence[float]], indices: Sequence[int] | None = None) -> list[float]:
         return self.objective.evaluate_many(candidates, indices)
-
-    def forward_seconds(self, repeats: int = 3) -> float:
-        """The time of one bare objective evaluation here (for the overhead benchmark)."""
-        self.objective([0.0] * self.k)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            self.objective([0.0] * self.k)
-        return (time.perf_counter() - start) / repeats
 
 
 class ShardEvaluator:
@@ -102,7 +92,7 @@ class ShardedObjective:
 
         from lorahub_ray.io.examples import as_examples
         from lorahub_ray.core.modules import load_modules
-        from lorahub_ray.cluster.data_eval import connect, runtime_env
+        from lorahub_ray.cluster.connect import connect, runtime_env
 
         if loss not in PARTIAL_TOTALS:
             raise LoraHubError(f"loss {loss!r} cannot be computed in shards; use one of {sorted(PARTIAL_TOTALS)}")

@@ -39,6 +39,7 @@ from ray import tune
 from lorahub_ray.io import storage
 from lorahub_ray.errors import LoraHubError, LoraHubWarning
 from lorahub_ray.core.objective import LOSSES, l1_regularization
+from lorahub_ray.cluster.connect import connect, default_cpus_per_worker
 from lorahub_ray.core.families import check_template
 from lorahub_ray.cluster.evaluators import Evaluator
 from lorahub_ray.core.recipe import HISTORY_FILE, RECIPE_FILE, Recipe
@@ -223,27 +224,6 @@ def default_asks(workers: int, concurrent: int) -> int:
     return max(1, math.ceil(workers / max(1, concurrent)))
 
 
-def _connect(address: str | None) -> bool:
-    """Connect to Ray; returns True when this call started a local Ray that must be shut down."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address and address.startswith(("http://", "https://")):
-        raise LoraHubError(f"address '{address}' is a dashboard (Jobs API) address; give the cluster's GCS address "
-                           "(host:6379), 'auto' or a ray:// client address, or submit this command as a Ray Job")
-    kwargs = {"logging_level": "ERROR", "log_to_driver": False}
-    if address is None:
-        # "local": always a fresh Ray of our own, never some other cluster that runs on this machine
-        ray.init(address="local", include_dashboard=False, **kwargs)
-        return True
-    try:
-        ray.init(address=address, **kwargs)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise LoraHubError(f"cannot connect to the Ray cluster at '{address}' ({exc})") from None
-    return False
-
-
 def check_resources(workers: int, cpus: float, gpus: float, trials: int) -> None:
     """Fail before starting anything when the actors (plus the trials) cannot fit the cluster."""
     import ray
@@ -263,15 +243,6 @@ def check_resources(workers: int, cpus: float, gpus: float, trials: int) -> None
     if need > have_cpu + 1e-9:
         raise ResourceError(f"{workers} evaluators × {cpus:g} CPUs + {trials} trials × {TRIAL_CPUS} CPU = {need:g} CPUs "
                             f"but the cluster has {have_cpu:g}; lower --workers or --cpus-per-worker")
-
-
-def default_cpus_per_worker(workers: int, trials: int) -> float:
-    """An equal share of the cluster's CPUs after the trials' own small share, at most 1 and at least 0.1."""
-    import ray
-
-    have = ray.cluster_resources().get("CPU", 0.0)
-    share = math.floor((have - TRIAL_CPUS * trials) / workers * 100) / 100
-    return max(0.1, min(1.0, share))
 
 
 def _label(value) -> str:
@@ -393,11 +364,11 @@ def lorahub_learning_ray(
                                 modules_per_restart=spec["modules_per_restart"])
         if note:
             warnings.warn(note, LoraHubWarning, stacklevel=2)
-    started_ray = _connect(address)
+    started_ray = connect(address)
     actors = []
     try:
         if spec["cpus_per_worker"] is None:
-            spec["cpus_per_worker"] = default_cpus_per_worker(spec["workers"], spec["restarts"])
+            spec["cpus_per_worker"] = default_cpus_per_worker(spec["workers"], reserved=TRIAL_CPUS * spec["restarts"])
         check_resources(spec["workers"], spec["cpus_per_worker"], spec["gpus_per_worker"], spec["restarts"])
         if resume is None:
             _write_spec(root, spec)

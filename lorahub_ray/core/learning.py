@@ -7,6 +7,8 @@ table (:func:`write_history`) has one schema for both backends.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,8 +24,11 @@ from lorahub_ray.core.families import check_template
 from lorahub_ray.core.model import base_family, base_model_sha256, load_base_model
 from lorahub_ray.core.modules import LoraModule, check_compatible, load_module, load_modules
 from lorahub_ray.core.objective import LOSSES, FewShotObjective, LossFn, l1_regularization
+from lorahub_ray.core.preselect import check_k, hub_size, screen_and_choose
 from lorahub_ray.progress import progress_bar
 from lorahub_ray.core.recipe import HISTORY_FILE, MODEL_DIR, RECIPE_FILE, Recipe
+from lorahub_ray.core.selection import (SCORES, SELECT_METHODS, SelectionConfig, SelectionContext, make_folds,
+                                       select as cv_select)
 from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, SearchResult, check_optimizer, minimize
 
 
@@ -102,7 +107,11 @@ def lorahub_learning(
     device: str | None = None,
     asks: int = 1,
     template: str = "plain",
+    preselect: int | None = None,
     progress: bool = True,
+    select: str = "reference",
+    score: str = "loss",
+    selection: SelectionConfig | None = None,
 ) -> LoraHubResult:
     """LoraHub learning: find weights for ``modules`` on the few-shot ``examples``, merge them into
     ``model`` and (with ``output``) save ``recipe.json``, ``model/`` and ``history.parquet``.
@@ -113,6 +122,17 @@ def lorahub_learning(
     callable; ``batch_size=None`` puts all examples in one batch, as the reference does. ``asks``
     candidates are asked at once (nevergrad's ``num_workers``: NGOpt may pick another algorithm) and
     evaluated together, sharing forward passes, which buys wall time on small few-shot sets.
+    With ``preselect=k`` every module is first scored alone on the examples and the search runs over
+    the k best (see :mod:`lorahub_ray.core.preselect`); the recipe then lists those k and records
+    every module's score in ``search["preselect"]``.
+
+    ``select="reference"`` keeps the search's best objective, as the reference does. ``select="cv"``
+    chooses among the base model, each single module and several searches (from 0 and warm-started
+    at the best single modules) by cross-validation over the examples, scored by the held-out loss
+    or, with ``score="generate"``, by exact match of greedy generations, and refits the winner on
+    all examples (see :mod:`lorahub_ray.core.selection`; ``selection`` sets its other options).
+    The recipe's ``search["selection"]`` records every candidate's fold scores and why the winner won.
+
     ``template`` ("plain" or "chat", see :mod:`lorahub_ray.core.families`) turns the inputs into
     prompts; the recipe records it, and evaluation and serving apply it from there.
     """
@@ -127,8 +147,21 @@ def lorahub_learning(
     check_template(template)
     if isinstance(loss, str) and loss not in LOSSES:
         raise LoraHubError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)}")
+    check_k(preselect)
+    if select not in SELECT_METHODS:
+        raise LoraHubError(f"unknown select {select!r}; choose from {', '.join(SELECT_METHODS)}")
+    if score not in SCORES:
+        raise LoraHubError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
+    if select == "reference" and (score != "loss" or selection is not None):
+        raise LoraHubError("score and selection options apply to select='cv' only")
+    config = dataclasses.replace(selection or SelectionConfig(), score=score)
+    config.check()
+    if select == "cv" and len(data) < 2:
+        raise LoraHubError(f"select='cv' needs at least 2 few-shot examples, got {len(data)}")
     if output is not None:
         storage.check_output(output, marker=RECIPE_FILE)
+    if preselect is not None:
+        check_k(preselect, hub_size(modules))
     loaded = load_module_list(modules, progress)
     _, family = base_family(model)  # from the config alone: an adapter of the other family fails before the weights load
     for module in loaded:
@@ -138,23 +171,51 @@ def lorahub_learning(
     composer = LoraComposer(base, loaded)
     objective = FewShotObjective(composer, tokenizer, data.inputs, data.outputs, loss=loss, batch_size=batch_size,
                                  regularizer=regularizer, template=template)
-    with progress_bar(f"search ({optimizer})", budget, enabled=progress) as advance:
-        result = minimize(objective, len(loaded), budget=budget, optimizer=optimizer, seed=seed, num_workers=asks,
-                          evaluate_batch=objective.evaluate_many if asks > 1 else None,
-                          callback=lambda e, best: advance(info=f"best {best:.4f}"))
+    screening = None
+    if preselect is not None:
+        with progress_bar("screening modules", len(loaded), enabled=progress) as advance:
+            screening = screen_and_choose(objective, [m.name for m in loaded], preselect, progress=advance)
+        composer_scope = composer.restrict(screening.chosen)  # the search sees the k chosen alone
+    else:
+        composer_scope = contextlib.nullcontext()
+    search_info: dict = {"backend": "local", "asks": asks}
+    if screening is not None:
+        search_info["preselect"] = screening.to_recipe()
+    regularizer_name = "l1(0.05)" if regularizer is l1_regularization else getattr(regularizer, "__name__", "custom")
+    with composer_scope:
+        searched = composer.modules
+        if select == "cv":
+            context = SelectionContext(composer, tokenizer, data.inputs, data.outputs,
+                                       names=[m.name for m in searched], loss=loss, batch_size=batch_size,
+                                       regularizer=regularizer, budget=budget, optimizer=optimizer, seed=seed,
+                                       asks=asks, config=config)
+            with progress_bar("cross-validated selection (folds)", len(make_folds(len(data), config.folds)),
+                              enabled=progress) as advance:
+                chosen = cv_select(context, map_folds=lambda run, tasks: [_advanced(run(t), advance) for t in tasks])
+            result, search_info["selection"] = chosen.search, chosen.report
+            regularizer_name = chosen.regularizer or regularizer_name
+        else:
+            with progress_bar(f"search ({optimizer})", budget, enabled=progress) as advance:
+                result = minimize(objective, len(searched), budget=budget, optimizer=optimizer, seed=seed,
+                                  num_workers=asks, evaluate_batch=objective.evaluate_many if asks > 1 else None,
+                                  callback=lambda e, best: advance(info=f"best {best:.4f}"))
+        merged = composer.merge_and_unload(result.weights)
     recipe = Recipe(
         base_model=str(model), base_model_sha256=base_model_sha256(base_path),
-        modules=[{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in loaded],
+        modules=[{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in searched],
         weights=result.weights, objective=result.objective, optimizer=result.optimizer, algorithm=result.algorithm,
         budget=budget, seed=seed, loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),
-        batch_size=batch_size,
-        regularizer="l1(0.05)" if regularizer is l1_regularization else getattr(regularizer, "__name__", "custom"),
+        batch_size=batch_size, regularizer=regularizer_name,
         merge_method=composer.merge_method, template=template, num_examples=len(data), started=started, finished=now(),
-        search={"backend": "local", "asks": asks},
+        search=search_info,
     )
-    merged = composer.merge_and_unload(result.weights)
     saved = write_output(output, recipe, merged, tokenizer, result) if output is not None else None
     return LoraHubResult(recipe=recipe, search=result, model=merged, tokenizer=tokenizer, output=saved)
+
+
+def _advanced(value, advance):
+    advance()
+    return value
 
 
 def build_model(recipe: Recipe | str | Path, *, device: str | None = None, verify: bool = True):

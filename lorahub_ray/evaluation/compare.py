@@ -27,7 +27,6 @@ from lorahub_ray.errors import LoraHubError
 from lorahub_ray.evaluation.evaluate import EvaluationResult, evaluate_local, model_template, read_tasks, write_results
 from lorahub_ray.core.recipe import MODEL_DIR, RECIPE_FILE
 
-ARMS = ("zero-shot", "ICL", "LoraHub")
 COMPARE_FILE = "compare.json"
 PLOT_FILE = "compare.png"
 EXAMPLE_SEPARATOR = "\n\n"
