@@ -1,4 +1,4 @@
-"""``lorahub-ray search``: LoraHub learning, in this process or on Ray Tune."""
+"""``lorahub-ray search``: LoraHub learning, in this process or on Ray (a portfolio of restarts)."""
 
 from __future__ import annotations
 
@@ -34,14 +34,15 @@ def search(
     output_field: OutputFieldOpt = "output",
     device: DeviceOpt = None,
     workers: Annotated[Optional[int], typer.Option(help="Run on Ray with this many evaluator actors (each holds the model once). Without it (and without --restarts/--address/--resume) the search runs in this process.", rich_help_panel="Ray")] = None,
-    restarts: Annotated[Optional[int], typer.Option(help="Independent searches (seeds seed, seed+1, ...) run as concurrent Ray Tune trials; the best wins.", rich_help_panel="Ray")] = None,
+    restarts: Annotated[Optional[int], typer.Option(help="Restarts of the portfolio (default: --workers): restart 0 is the one-process search, the others permute the module order and use seeds seed+1, ...; they run in lockstep over the workers and the lowest objective wins.", rich_help_panel="Ray")] = None,
     modules_per_restart: Annotated[Optional[int], typer.Option(help="Each restart searches a random subset of this many modules (the paper: 20).", rich_help_panel="Ray")] = None,
+    portfolio: Annotated[Optional[str], typer.Option(help="Optimizers for restarts 1, 2, ... (cycled), e.g. Cobyla,CMA,OnePlusOne; restart 0 runs --optimizer.", rich_help_panel="Ray")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster: 'auto', host:port or ray://host:10001 (default: start a local Ray).", rich_help_panel="Ray")] = None,
     cpus_per_worker: Annotated[Optional[float], typer.Option(help="CPUs per evaluator actor (default: an equal share of the cluster, at most 1).", rich_help_panel="Ray")] = None,
     gpus_per_worker: Annotated[float, typer.Option(help="GPUs per evaluator actor; fractions such as 0.25 let actors share a GPU.", rich_help_panel="Ray")] = 0.0,
-    scheduler: Annotated[Optional[str], typer.Option(help="'asha' stops hopeless restarts early; default: run all to the budget.", rich_help_panel="Ray")] = None,
-    asks: Annotated[Optional[int], typer.Option(min=1, help="Candidates asked at once per search (nevergrad's num_workers) and evaluated together, sharing forward passes; default 1 in this process, ceil(workers / restarts) on Ray. More asks buy wall time at some cost in quality.")] = None,
-    storage: Annotated[Optional[str], typer.Option(help="Ray Tune experiment storage (default: OUTPUT.tune; use shared storage such as s3:// on a multi-node cluster).", rich_help_panel="Ray")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="'asha': successive halving of the restarts (at budget/4, budget/2, ... evaluations the worse half stops; restart 0 never); default: run all to the budget.", rich_help_panel="Ray")] = None,
+    asks: Annotated[Optional[int], typer.Option(min=1, help="Candidates asked at once per search (nevergrad's num_workers) and evaluated together, sharing forward passes; default 1. More asks trade quality for time (NGOpt then picks another algorithm): a warning says so.")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Where the run's state is saved after every round (default: OUTPUT.search; s3:// works).", rich_help_panel="Ray")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Resume an interrupted Ray search: its --output directory (everything else is read from the saved run).", rich_help_panel="Ray")] = None,
 ):
     """Find module weights on a few examples (LoraHub learning) and save the merged model and its recipe.
@@ -50,7 +51,7 @@ def search(
 
         lorahub-ray search --model google/flan-t5-large --modules hub/ --examples fewshot.jsonl --output runs/task
 
-    On Ray (a local one, or a cluster with --address), 5 restarts over 2 model-holding actors:
+    On Ray (a local one, or a cluster with --address), a portfolio of 5 restarts over 2 model-holding actors:
 
         lorahub-ray search -m google/flan-t5-large --modules hub/ -e fewshot.jsonl -o runs/task --workers 2 --restarts 5
     """
@@ -65,13 +66,15 @@ def search(
         raise LoraHubError("--filter selects modules of a hub catalogue: give --hub CATALOGUE too")
     elif not all_modules and resume is None:
         raise LoraHubError("no modules: give --modules or --hub")
-    if any(v is not None for v in (workers, restarts, modules_per_restart, address, resume, scheduler, storage)):
+    if any(v is not None for v in (workers, restarts, modules_per_restart, portfolio, address, resume, scheduler,
+                                   storage)):
         from lorahub_ray.cluster.tune_search import SearchFailed, SearchInterrupted, lorahub_learning_ray
 
         try:
             result = lorahub_learning_ray(
-            model, all_modules, examples, output=output, workers=workers or 2, restarts=restarts or 1,
-            modules_per_restart=modules_per_restart, budget=budget, optimizer=optimizer, seed=seed, loss=loss,
+            model, all_modules, examples, output=output, workers=workers or 2, restarts=restarts,
+            modules_per_restart=modules_per_restart, portfolio=_expand_modules([portfolio]) if portfolio else None,
+            budget=budget, optimizer=optimizer, seed=seed, loss=loss,
             batch_size=batch_size, input_field=input_field, output_field=output_field, address=address,
             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, device=device, scheduler=scheduler,
             asks=asks, storage_path=storage, resume=resume)
@@ -83,7 +86,7 @@ def search(
             raise typer.Exit(1) from None
         _print_weights(result.recipe)
         console.print(f"objective {result.recipe.objective:.4f} ({result.recipe.algorithm}, restart "
-                      f"{result.best.restart} of {len(result.trials)}) in {result.seconds:.1f} s; wrote "
+                      f"{result.best.restart} of {len(result.restarts)}) in {result.seconds:.1f} s; wrote "
                       f"{result.output}/recipe.json, model/, history.parquet and search.png")
         return
     if model is None or examples is None or output is None:
