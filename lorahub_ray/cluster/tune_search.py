@@ -44,7 +44,7 @@ from lorahub_ray.core.modules import LoraModule, check_compatible, load_module
 from lorahub_ray.core.objective import l1_regularization
 from lorahub_ray.core.portfolio import RestartOutcome, best_outcome, plan_restarts
 from lorahub_ray.core.recipe import RECIPE_FILE, Recipe
-from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER
+from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, algorithm_name
 from lorahub_ray.core.settings import SearchSettings
 from lorahub_ray.errors import LoraHubError
 from lorahub_ray.io import storage
@@ -305,7 +305,7 @@ def _search(spec: RunSpec, actors: list, run_id: str, progress: bool, callback) 
 
     with RestartsDisplay(spec.plans, s.budget, enabled=progress) as display:
         def on_evaluation(r: Restart, e) -> None:
-            display.update(r.plan.restart, len(r.history), r.best, r.opt.name)
+            display.update(r.plan.restart, len(r.history), r.best, algorithm_name(r.opt))
             if callback is not None:
                 callback({"run": run_id, "restart": r.plan.restart, "evaluations": len(r.history), "best": r.best,
                           "objective": e.objective})
