@@ -66,6 +66,27 @@ def test_a_round_is_split_by_its_size_and_the_workers_only():
     assert rungs(40) == [10, 20] and rungs(12) == [3, 6] and rungs(1) == []
 
 
+def test_candidates_of_different_restarts_share_one_call_and_get_their_own_objective(world):
+    """A round's share: candidates over different module subsets (canonical order) in one call; each
+    value is the candidate's objective alone (its other modules at 0, the regulariser on its own
+    weights), and a single whole-hub candidate is exactly objective(w)."""
+    from lorahub_ray.core.compose import LoraComposer
+    from lorahub_ray.core.model import load_base_model
+    from lorahub_ray.io.examples import read_examples
+
+    base, tok, _ = load_base_model(str(world["base"]), device="cpu")
+    examples = read_examples(str(world["examples"]))
+    objective = lr.FewShotObjective(LoraComposer(base, lr.load_modules([str(world["hub"])])), tok, examples.inputs,
+                                    examples.outputs)
+    candidates = [[0.5, -1.0, 0.25, 1.2], [0.7, -0.3], [1.1, 0.4, -0.6]]
+    subsets = [[0, 1, 2, 3], [1, 3], [0, 2, 3]]
+    shared = objective.evaluate_subsets(candidates, subsets)
+    alone = [objective.evaluate_many([w], s)[0] for w, s in zip(candidates, subsets)]
+    assert shared == pytest.approx(alone, rel=1e-6, abs=1e-6)
+    assert objective.evaluate_subsets([candidates[0]], [subsets[0]]) == [objective(candidates[0])]
+    assert alone[1] != pytest.approx(objective([0.0, 0.7, 0.0, -0.3]), abs=1e-6)  # the regulariser: own weights
+
+
 # --- the portfolio on Ray -----------------------------------------------------------------------
 
 
