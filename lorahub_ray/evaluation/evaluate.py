@@ -38,7 +38,6 @@ import fsspec
 from lorahub_ray.io import storage
 from lorahub_ray.io.examples import FORMATS, Examples, as_examples, data_format, read_examples
 from lorahub_ray.errors import DataError
-from lorahub_ray.core.model import load_model
 from lorahub_ray.evaluation.generate import exact_match, generate
 from lorahub_ray.progress import progress_bar
 
@@ -284,6 +283,9 @@ def evaluate_local(model, data, *, tokenizer=None, batch_size: int = 32, max_new
     else:  # every file read and checked before the model loads
         tasks = read_tasks(str(data), input_field=input_field, output_field=output_field)
     if tokenizer is None:
+        # imported here: torch and transformers are heavy, and Ray Data's file-check tasks import this module
+        from lorahub_ray.core.model import load_model
+
         model, tokenizer = load_model(model, device=device)
     total = sum(len(ex) for _, ex in tasks)
     start = time.perf_counter()
