@@ -61,8 +61,15 @@ def main() -> None:
     loaded = lr.load_modules([str(m) for m in modules])
     print(f"embedded default: {len(modules)} modules, tasks {', '.join(hub.unseen_tasks)}; budget {args.budget} per "
           f"restart, seed {args.seed}, {os.cpu_count()} cores", flush=True)
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False)
+    for attempt in range(6):  # on a busy machine the raylet may miss Ray's 30 s start window
+        try:
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
+                     log_to_driver=False)
+            break
+        except Exception:  # noqa: BLE001
+            ray.shutdown()
+            if attempt == 5:
+                raise
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, task in hub.unseen_tasks.items():

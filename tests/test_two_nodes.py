@@ -89,7 +89,11 @@ def _wait_for_nodes(address: str, env: dict, count: int, deadline: float, logs: 
     probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
              "print(sum(1 for n in ray.nodes() if n['Alive']))")
     while time.monotonic() < deadline:
-        out = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True)
+        try:
+            out = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True,
+                                 timeout=90)
+        except subprocess.TimeoutExpired:
+            continue
         if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
             return
         if node is not None and node.poll() is not None:

@@ -204,9 +204,11 @@ def lorahub_learning_ray(
         check_resources(spec.workers, spec.cpus_per_worker, spec.gpus_per_worker)
         spec.write()
         run_id = uuid.uuid4().hex[:8]
-        actors = _start_evaluators(spec, loaded, run_id, actor_restarts)
+        # the driver holds the modules' object ref for the whole run: a restarted actor reads them again
+        actors, modules_ref = _start_evaluators(spec, loaded, run_id, actor_restarts)
         _wait_for_evaluators(actors, ready_timeout)
         outcomes = _search(spec, actors, run_id, progress, callback)
+        del modules_ref  # (held until here)
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
@@ -245,16 +247,17 @@ def _new_spec(model, modules, examples, *, output, workers, restarts, modules_pe
     return spec, loaded, base_path
 
 
-def _start_evaluators(spec: RunSpec, loaded, run_id: str, actor_restarts: int) -> list:
+def _start_evaluators(spec: RunSpec, loaded, run_id: str, actor_restarts: int) -> tuple[list, object]:
     cpus, gpus = spec.cpus_per_worker, spec.gpus_per_worker
     device = spec.device or ("cuda" if gpus > 0 else "cpu")
     remote = ray.remote(Evaluator)
     options = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=actor_restarts, max_task_retries=actor_restarts)
     modules_ref = ray.put(loaded)  # once into the object store; each actor (and a restarted one) reads it from there
     s = spec.settings
-    return [remote.options(name=f"lorahub-evaluator-{run_id}-{i}", **options).remote(
+    actors = [remote.options(name=f"lorahub-evaluator-{run_id}-{i}", **options).remote(
         spec.model, modules_ref, spec.inputs, spec.outputs, loss=s.loss, batch_size=s.batch_size,
         regularizer=s.regularizer, device=device, threads=max(1, int(cpus))) for i in range(spec.workers)]
+    return actors, modules_ref
 
 
 def _wait_for_evaluators(actors: list, timeout: float) -> None:
