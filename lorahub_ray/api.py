@@ -18,6 +18,7 @@ from pathlib import Path
 from lorahub_ray.core.learning import LoraHubResult, build_model, lorahub_learning  # noqa: F401  (the API)
 from lorahub_ray.core.model import load_model  # noqa: F401  (the API)
 from lorahub_ray.errors import DataError
+from lorahub_ray.evaluation import bbh as bbh_tables
 from lorahub_ray.evaluation import compare as comparison
 from lorahub_ray.evaluation.evaluate import EvaluationResult, Transform, evaluate_local, write_results
 
@@ -80,3 +81,16 @@ def compare(model: str, recipe: str | Path, examples, data: str, *, workers: int
                              cpus_per_worker=cpus_per_worker, address=address, **kwargs)
 
     return comparison.compare(model, recipe, examples, data, evaluate=run, workers=workers, **options)
+
+
+def bbh_table(model: str, hub: str, output: str | Path, *, workers: int = 0, gpus_per_worker: float = 0.0,
+              address: str | None = None, **options) -> dict:
+    """The BBH table (see :func:`lorahub_ray.evaluation.bbh.bbh_table`); with ``workers``, every
+    evaluation is sharded on Ray Data by :func:`evaluate_data` (the searches run in this process)."""
+    if workers and workers > 0:
+        def run(model, data, **kwargs) -> EvaluationResult:
+            return evaluate_data(model, data, workers=workers, gpus_per_worker=gpus_per_worker, address=address,
+                                 **kwargs)
+
+        options["evaluate"] = run
+    return bbh_tables.bbh_table(model, hub, output, workers=workers, **options)

@@ -1,8 +1,10 @@
 import os
+import signal
+import sys
 
 import pytest
 
-from helpers import EXAMPLES, make_base, make_module, write_jsonl
+from helpers import EXAMPLES, end_with_this_process, make_base, make_module, write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -37,11 +39,10 @@ def ray_cluster(tmp_path_factory):
     with this process connected as a driver. Yields ``{"address", "dashboard"}``.
 
     The head runs under ``ray start --block`` in its own process group, which is ended at the
-    end of the session: other Ray clusters on the machine are left alone.
+    end of the session (or, after a timeout, when pytest exits): other Ray clusters on the machine
+    are left alone.
     """
-    import signal
     import subprocess
-    import sys
     import time
     from pathlib import Path
 
@@ -59,7 +60,8 @@ def ray_cluster(tmp_path_factory):
         [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", f"--port={port}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          f"--dashboard-agent-listen-port={agent}",  # the default, 52365, is taken by any other head here
-         "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+         "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=end_with_this_process)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     import socket

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -46,6 +49,14 @@ def make_module(base: Path, path: Path, *, seed: int, r: int = 4, targets=("q", 
     return path
 
 
+def assert_same_weights(model, other) -> None:
+    """Two models hold the same parameters: same names, same shapes, same values (to float32 round-off)."""
+    ours, theirs = model.state_dict(), other.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6, msg=key)
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -58,3 +69,14 @@ EXAMPLES = [
     {"input": "reverse: lora", "output": "arol"},
     {"input": "reverse: ray", "output": "yar"},
 ]
+
+
+_PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None  # looked up before any fork
+
+
+def end_with_this_process() -> None:
+    """In a child, before it runs: SIGTERM when this (pytest) process ends, however it ends. pytest-timeout
+    ends a hung run with os._exit, which runs no fixture teardown; ``ray start --block`` stops its Ray
+    processes on SIGTERM, so the session's head does not outlive the run. (Linux only; elsewhere a no-op.)"""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

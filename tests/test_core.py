@@ -6,11 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from peft import get_peft_model_state_dict
 
 import lorahub_ray as lr
 from lorahub_ray.evaluation import generate as generation
 from helpers import EXAMPLES, make_module, write_jsonl
-from lorahub_ray.core.compose import LoraComposer
+from lorahub_ray.core.compose import ADAPTER_NAME, LoraComposer
 from lorahub_ray.core.model import load_base_model
 from lorahub_ray.core.objective import FewShotObjective, reference_loss
 
@@ -161,7 +162,9 @@ def test_composed_tensors_equal_reference_formula(world):
     composer, _ = composer_for(world)
     weights = [0.3, -1.2, 0.7, 1.5]
     composer.compose(weights)
-    composed = composer.composed_state_dict()
+    # what the model's LoRA layers hold now, keyed as in adapter_model.safetensors
+    composed = get_peft_model_state_dict(composer.peft_model, adapter_name=ADAPTER_NAME)
+    assert composed.keys() == composer.modules[0].state_dict.keys()
     for key, value in composed.items():
         expected = sum(w * m.state_dict[key] for w, m in zip(weights, composer.modules))
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)

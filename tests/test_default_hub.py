@@ -61,9 +61,7 @@ def test_unseen_tasks_have_five_shots_and_a_disjoint_test_set(hub):
 
 def test_second_call_is_a_cache_hit(hub, monkeypatch):
     monkeypatch.setattr(default_hub, "_build", lambda *a: pytest.fail("rebuilt a finished hub"))
-    start = time.perf_counter()
     again = build_default_hub(hub.root.parent, progress=False, config=TINY)
-    assert time.perf_counter() - start < 0.5
     assert again == hub
     monkeypatch.setenv("LORAHUB_RAY_CACHE", str(hub.root.parent))  # the default cache location
     assert build_default_hub(progress=False, config=TINY) == hub

@@ -91,11 +91,20 @@ def test_failing_job_exits_nonzero_with_the_jobs_error(ray_cluster, s3, working_
     assert not s3fs_client().exists("s3://runs/never/recipe.json")
 
 
+def test_every_command_of_the_app_can_be_submitted(ray_cluster, working_dir, tmp_path):
+    # compare was refused while the allowed commands were a list of their own
+    code, text = run("submit", "--address", ray_cluster["dashboard"], "--working-dir", working_dir,
+                     "--python", sys.executable, "--wait", "--", "compare", "--help")
+    assert code == 0, text
+    assert re.search(r"job \S+ SUCCEEDED", text) and "zero-shot" in text.lower(), text
+
+
 def test_bad_submissions_fail_before_anything_is_sent(tmp_path, monkeypatch):
     code, text = run("submit", "--address", "127.0.0.1:8265", "--", "search")
     assert code == 2 and "must be the job API's URL" in text
-    code, text = run("submit", "--", "train")
-    assert code == 2 and "unknown lorahub-ray command 'train'" in text
+    code, text = run("submit", "--", "nosuchcommand")
+    assert code == 2 and "unknown lorahub-ray command 'nosuchcommand'" in text
+    assert "compare" in text and "serve" in text and "submit," not in text  # the app's own commands
     code, text = run("submit", "--address", "http://127.0.0.1:1")
     assert code == 2 and "no command to run" in text
     monkeypatch.delenv("NOT_SET_HERE", raising=False)

@@ -1,6 +1,7 @@
 """The KubeRay manifests in k8s/: valid against the KubeRay 1.7 CRDs, and the RayService in step
 with the Serve config it is generated from."""
 
+import ast
 import copy
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def test_rayjob_runs_a_search_and_cleans_up(schemas):
     (job,) = docs(REPO / "k8s" / "rayjob-search.yaml")
     spec = job["spec"]
     assert spec["entrypoint"].startswith("lorahub-ray search ") and "--output s3://" in spec["entrypoint"]
-    assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
+    env_vars = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
+    assert env_vars and all(isinstance(v, str) for v in env_vars.values())  # Ray refuses non-string values
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     cluster = spec["rayClusterSpec"]
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
@@ -80,7 +82,14 @@ def test_rayservice_serve_config_is_the_deployments_file():
     (svc,) = docs(REPO / k8s.RAYSERVICE)
     source = (REPO / k8s.SERVE_CONFIG).read_text()
     assert svc["spec"]["serveConfigV2"] == source  # verbatim, comments included
-    assert yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
+    apps = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
+    assert apps and len({a["route_prefix"] for a in apps}) == len(apps)
+    for app in apps:  # each import path names a module of this repository that defines that name
+        module, name = app["import_path"].split(":")
+        tree = ast.parse((REPO / Path(*module.split("."))).with_suffix(".py").read_text())
+        defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        assert name in defined, app["import_path"]  # an application builder or a bound application
 
 
 def test_committed_rayservice_is_what_the_generator_renders():

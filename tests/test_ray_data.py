@@ -20,6 +20,7 @@ from lorahub_ray.evaluation.evaluate import (
     group_of,
     list_data_files,
 )
+from lorahub_ray.demo.world import build_default_hub
 
 TIMING = ("seconds", "examples_per_second", "workers", "cpus_per_worker", "gpus_per_worker")
 
@@ -237,10 +238,11 @@ def test_cli_bad_data_is_one_line_exit_2(learned_model, tmp_path):
     assert res.exit_code == 2 and "bad.jsonl, line 1: missing field 'output'" in res.output.replace("\n", "")
 
 
+@pytest.mark.hub_build  # the full recipe: minutes on a busy 2-core machine
+@pytest.mark.timeout(1800)
 def test_compare_on_the_embedded_default_shows_lorahub_above_zero_shot(tmp_path_factory):
-    default_hub = pytest.importorskip("lorahub_ray.demo.world", reason="the embedded default hub has not landed")
     cache = tmp_path_factory.getbasetemp() / "cache" / "default-hub"
-    hub = default_hub.build_default_hub(cache)
+    hub = build_default_hub(cache)
     name, task = sorted(hub.unseen_tasks.items())[0]
     out = tmp_path_factory.mktemp("default-compare")
     lr.lorahub_learning(str(hub.base_model), [str(p) for p in hub.modules.values()], str(task.fewshot),

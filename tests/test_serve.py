@@ -231,6 +231,149 @@ def test_bad_requests_get_4xx_with_a_message(served, body, status, message):
     assert "Traceback" not in r.text
 
 
+# --- autoscaling ---------------------------------------------------------------------------------
+
+
+def test_load_meter_counts_busy_time_and_waiting_inputs():
+    from lorahub_ray.serving.load import LoadMeter
+
+    now = [0.0]
+    meter = LoadMeter(clock=lambda: now[0])
+    assert meter.sample(32) == {"busy": 0.0, "waiting": 0.0, "load": 0.0}
+    with meter.accepted(40):
+        now[0] = 1.0
+        with meter.running(8):  # 8 inputs generating for 1 s of the 2 s window, 32 waiting
+            now[0] = 2.0
+            assert meter.sample(32) == {"busy": 0.5, "waiting": 32.0, "load": 1.5}
+            now[0] = 3.0
+        now[0] = 5.0  # busy for 1 s of the next 3 s, then all 40 wait
+        assert meter.sample(32) == {"busy": 1 / 3, "waiting": 40.0, "load": 1 / 3 + 40 / 32}
+    assert meter.waiting == 0
+    with pytest.raises(RuntimeError):  # a failed or cancelled request leaves no waiting inputs behind
+        with meter.accepted(5), meter.running(5):
+            now[0] = 6.0
+            raise RuntimeError("boom")
+    assert meter.waiting == 0 and meter.sample(32)["busy"] == 1.0
+
+
+def test_model_load_policy_asks_for_replicas_in_proportion_to_the_load():
+    from types import SimpleNamespace
+
+    from lorahub_ray.cluster.serve_autoscaling import LOAD_METRIC, ModelLoadPolicy
+
+    policy = ModelLoadPolicy(target_model_load=0.8)
+
+    def decide(loads, target=1, lo=1, hi=3):
+        ctx = SimpleNamespace(policy_state={}, target_num_replicas=target, capacity_adjusted_min_replicas=lo,
+                              capacity_adjusted_max_replicas=hi, aggregated_metrics={LOAD_METRIC: loads} if loads else {})
+        return policy(ctx)[0]
+
+    assert decide({"r1": 1.2}) == 2  # busy and a batch waiting: one more replica
+    assert decide({"r1": 0.6}) == 1
+    assert decide({"r1": 0.9, "r2": 0.7}) == 2
+    assert decide({"r1": 0.3, "r2": 0.2}, target=2) == 1  # load gone: back down
+    assert decide({"r1": 0.0}, target=2) == 1  # never under min_replicas
+    assert decide({"r1": 2.0, "r2": 2.0}, target=2) == 3  # never over max_replicas
+    assert decide(None, target=2) == 2  # no reports yet: hold
+    with pytest.raises(ValueError):
+        ModelLoadPolicy(target_model_load=0)
+
+
+def test_autoscaling_options_are_checked_and_reach_serve():
+    from lorahub_ray.cluster.serve_app import autoscaling_config, parse_args
+    from lorahub_ray.cluster.serve_autoscaling import POLICY_PATH
+
+    config = autoscaling_config(parse_args({"recipes": ["r"], "autoscaling_options": {"upscale_delay_s": 1}}))
+    assert config["policy"]["policy_function"] == POLICY_PATH and config["upscale_delay_s"] == 1
+    assert "policy" not in autoscaling_config(parse_args({"recipes": ["r"], "autoscaling_metric": "ongoing_requests"}))
+    with pytest.raises(ServeConfigError, match="unknown field.* upscale_dealy_s"):
+        parse_args({"recipes": ["r"], "autoscaling_options": {"upscale_dealy_s": 1}})
+    with pytest.raises(ServeConfigError, match="upscale_delay_s: Input should be greater than or equal to 0"):
+        parse_args({"recipes": ["r"], "autoscaling_options": {"upscale_delay_s": -1}})
+    with pytest.raises(ServeConfigError, match="set max_replicas through their own args"):
+        parse_args({"recipes": ["r"], "autoscaling_options": {"max_replicas": 9}})
+
+
+# A second replica has to start (a fresh process importing torch and loading the model) while
+# the machine also runs the load: on the shared 2-core machine that took up to ~90 s
+SCALE_UP_WITHIN_S = 300
+SCALE_DOWN_WITHIN_S = 120
+MAX_LOAD_REQUESTS = 20_000
+
+
+def _replicas(app_name: str) -> dict:
+    from ray import serve
+
+    from lorahub_ray.cluster.serve_app import MODEL
+
+    status = serve.status().applications.get(app_name)
+    if status is None or MODEL not in status.deployments:
+        return {}
+    return dict(status.deployments[MODEL].replica_states)
+
+
+@pytest.mark.timeout(SCALE_UP_WITHIN_S + SCALE_DOWN_WITHIN_S + 240)
+@pytest.mark.parametrize("mode", ["merged", "composed"])
+def test_load_brings_a_second_replica_and_its_end_takes_it_away(served, recipes, mode):
+    """Serve's status API shows a second model replica RUNNING under a bounded load, then one again."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from lorahub_ray.cluster.serve_app import app
+
+    root = recipes["root"]
+    specs = [f"a={root / 'a'}"] + ([f"b={root / 'b'}"] if mode == "composed" else [])
+    name = f"scaling-{mode}"
+    serve.run(app({"recipes": specs, "mode": mode, "num_cpus": 0.25, "min_replicas": 1, "max_replicas": 2,
+                   "max_inputs": 8, "max_batch_size": 32, "batch_wait_timeout_s": 0.005,
+                   "autoscaling_options": {"upscale_delay_s": 1, "downscale_delay_s": 3,
+                                           "metrics_interval_s": 0.5, "look_back_period_s": 2}}),
+              name=name, route_prefix=f"/{name}")
+    stop, sent, failures, lock = threading.Event(), [0], [], threading.Lock()
+
+    def client(i):
+        with httpx.Client(base_url=served.base_url, timeout=120) as http:
+            while not stop.is_set():
+                with lock:
+                    if sent[0] >= MAX_LOAD_REQUESTS:
+                        return
+                    sent[0] += 1
+                    n = sent[0]
+                recipe = "a" if mode == "merged" or n % 2 else "b"
+                r = http.post(f"/{name}/generate", json={"inputs": [f"reverse: {i} {n} {j}" for j in range(8)],
+                                                       "max_new_tokens": 16, "recipe": recipe})
+                if r.status_code != 200:
+                    failures.append(r.text[:200])
+
+    try:
+        assert _replicas(name) == {"RUNNING": 1}
+        pool = ThreadPoolExecutor(16)
+        loaders = [pool.submit(client, i) for i in range(16)]
+        seen, deadline = [], time.monotonic() + SCALE_UP_WITHIN_S
+        while time.monotonic() < deadline and not all(f.done() for f in loaders):
+            seen.append(_replicas(name))
+            if seen[-1].get("RUNNING", 0) >= 2:
+                break
+            time.sleep(1)
+        stop.set()
+        for f in loaders:
+            f.result()
+        pool.shutdown()
+        assert seen[-1].get("RUNNING", 0) == 2, f"no second replica within {SCALE_UP_WITHIN_S} s ({sent[0]} " \
+                                                f"requests sent); states seen: {seen[-5:]}"
+        assert not failures, failures[:3]
+        deadline = time.monotonic() + SCALE_DOWN_WITHIN_S
+        while time.monotonic() < deadline and _replicas(name) != {"RUNNING": 1}:
+            time.sleep(1)
+        assert _replicas(name) == {"RUNNING": 1}, f"still {_replicas(name)} {SCALE_DOWN_WITHIN_S} s after the load"
+    finally:
+        stop.set()
+        serve.delete(name)
+
+
 # --- CLI -----------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,5 @@
 """Loading from s3:// against a real S3 API on loopback (moto server), data files and their errors."""
 
-import json
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

@@ -4,6 +4,7 @@ subsets, halving, resource checks and optimizer crashes. All on the session's Ra
 
 import os
 import signal
+import sys
 
 import nevergrad as ng
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 import lorahub_ray as lr
 from lorahub_ray.cluster.restarts import canonical, rungs, split_round
+from helpers import assert_same_weights
 from lorahub_ray.cluster.tune_search import ResourceError, SearchFailed, SearchInterrupted, lorahub_learning_ray
 from lorahub_ray.core.portfolio import plan_restarts
 from lorahub_ray.errors import LoraHubWarning
@@ -275,17 +277,13 @@ def test_s3_output_keeps_the_experiment_on_s3_and_resumes_from_there(world, ray_
         assert [r["step"] for r in history(tmp_path / "down")] == list(range(BUDGET))
         whole = run(world, tmp_path / "whole", workers=1)
         assert result.recipe.weights == pytest.approx(whole.recipe.weights, abs=1e-9)
-        model, _ = lr.build_model(out)  # the recipe on S3 rebuilds
-        assert model is not None
+        model, _ = lr.build_model(out)  # the recipe on S3 rebuilds the model the search uploaded
+        assert_same_weights(model, lr.load_model(out)[0])
 
 
 def test_an_evaluator_that_cannot_start_fails_the_run_once_with_its_cause(world, ray_cluster, tmp_path):
-    import time
-
-    start = time.monotonic()
     with pytest.raises(SearchFailed, match="an evaluator failed to start: .*(CUDA|cuda)"):
         run(world, tmp_path / "out", workers=1, device="cuda")  # a CPU-only cluster
-    assert time.monotonic() - start < 60  # reported once, not retried
     assert not (tmp_path / "out" / "recipe.json").exists()
 
 
@@ -316,14 +314,23 @@ def test_halving_stops_the_worse_restarts_at_rungs_and_never_restart_zero(world,
     assert [r["evaluations"] for r in again.recipe.search["restarts"]] == [r["evaluations"] for r in runs]
 
 
-def test_cli_prints_the_asks_warning_in_one_line(world, tmp_path):
-    from typer.testing import CliRunner
+def test_cli_shows_lorahub_rays_own_warning_in_one_line(world, ray_cluster, tmp_path):
+    """The real command, in its own process: ``quiet_libraries`` silences the libraries' UserWarnings, but
+    lorahub-ray's LoraHubWarning (a UserWarning too) still reaches the console, as one line."""
+    import subprocess
+    from pathlib import Path
 
-    from lorahub_ray.cli import app
-
-    result = CliRunner().invoke(app, ["search", "-m", str(world["base"]), "--modules", str(world["hub"]), "-e",
-                                      str(world["examples"]), "-o", str(tmp_path / "out"), "--budget", "2",
-                                      "--asks", "2"])
-    assert result.exit_code == 0, result.output
-    assert "warning: asks=2:" in result.output and "trade quality for time" in result.output
-    assert "Traceback" not in result.output and "settings.py" not in result.output
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "lorahub_ray", "search", "-m", str(world["base"]), "--modules", str(world["hub"]),
+         "-e", str(world["examples"]), "-o", str(tmp_path / "out"), "--workers", "1", "--asks", "2",
+         "--budget", "4", "--address", ray_cluster["address"]],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if "trade quality for time" in line]
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith("warning: asks=2: 2 candidates asked at once trade quality for time")
+    assert lines[0].endswith("uses the workers without that cost")  # the whole message on that one line
+    assert "LoraHubWarning" not in done.stderr and "settings.py" not in done.stderr  # not Python's format
+    assert lr.Recipe.load(tmp_path / "out").search["asks"] == 2  # and the search ran to its end

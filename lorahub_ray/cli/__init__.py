@@ -8,6 +8,7 @@ from lorahub_ray.cli import demo  # noqa: F401
 from lorahub_ray.cli import serve  # noqa: F401
 from lorahub_ray.cli import hub  # noqa: F401  (the hub command group)
 from lorahub_ray.cli import jobs  # noqa: F401  (submit)
+from lorahub_ray.cli import bbh  # noqa: F401  (the BBH table)
 from lorahub_ray.cli.app import app
 
 __all__ = ["app"]

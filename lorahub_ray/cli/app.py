@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lorahub_ray.errors import LoraHubError, LoraHubWarning
 
@@ -39,6 +40,8 @@ BudgetOpt = Annotated[int, typer.Option(help="Number of objective evaluations (t
 OptimizerOpt = Annotated[str, typer.Option(help="nevergrad optimizer by name: NGOpt (default, picks an algorithm from dimension and budget), CMA, OnePlusOne, RandomSearch, Cobyla, ...")]
 InputFieldOpt = Annotated[str, typer.Option(help="Name of the input column/field in the data files.")]
 OutputFieldOpt = Annotated[str, typer.Option(help="Name of the target column/field in the data files.")]
+SplitOpt = Annotated[Optional[str], typer.Option(help="For a BIG-bench source (bigbench:TASK or bigbench:TASK/SUBTASK, a task.json or a task folder): the seeded split to read, fewshot (5 examples) or test (the rest, disjoint, at most 250); default: fewshot for --examples, test for --data.", rich_help_panel="BIG-bench")]
+SplitSeedOpt = Annotated[Optional[int], typer.Option(help="For a BIG-bench source: the seed of the few-shot/test split and of the option shuffle (default 0).", rich_help_panel="BIG-bench")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")]
 
 
@@ -63,7 +66,7 @@ def fail_cleanly(fn):
         try:
             return fn(*args, **kwargs)
         except LoraHubError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # one line
             raise typer.Exit(2) from None
 
     return wrapper

@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from lorahub_ray.cli.app import (DeviceOpt, InputFieldOpt, OutputFieldOpt, app, console, fail_cleanly, quiet_libraries)
+from lorahub_ray.cli.app import (DeviceOpt, InputFieldOpt, OutputFieldOpt, SplitOpt, SplitSeedOpt, app, console,
+                                 fail_cleanly, quiet_libraries)
+from lorahub_ray.io.bigbench import with_split
 
 
 WorkersOpt = Annotated[int, typer.Option("--workers", "-w", help="Shard generation across this many Ray Data actor workers (one model per actor); 0: in this process. Results are the same either way.")]
@@ -33,6 +35,8 @@ def evaluate(
     input_field: InputFieldOpt = "input",
     output_field: OutputFieldOpt = "output",
     device: DeviceOpt = None,
+    split: SplitOpt = None,
+    split_seed: SplitSeedOpt = None,
 ):
     """Exact-match accuracy (strip, lower-case, drop '.', as the reference) of a model on a test set,
     in this process or sharded across Ray Data workers.
@@ -45,6 +49,8 @@ def evaluate(
     """
     quiet_libraries()
     from lorahub_ray.api import evaluate_data
+
+    data = with_split(data, split, split_seed)
 
     result = evaluate_data(model, data, output=output, workers=workers, gpus_per_worker=gpus_per_worker, address=address,
                            cpus_per_worker=cpus_per_worker, batch_size=batch_size, max_new_tokens=max_new_tokens,
@@ -84,6 +90,7 @@ def compare(
     input_field: InputFieldOpt = "input",
     output_field: OutputFieldOpt = "output",
     device: DeviceOpt = None,
+    split_seed: SplitSeedOpt = None,
 ):
     """The paper's comparison on your task: zero-shot, few-shot in-context learning and LoraHub on the
     same test set, with accuracy, input tokens per example and examples per second.
@@ -95,6 +102,8 @@ def compare(
     quiet_libraries()
     from lorahub_ray.api import compare as run_compare
     from lorahub_ray.evaluation.compare import format_table
+
+    examples, data = with_split(examples, None, split_seed), with_split(data, None, split_seed)  # fewshot / test
 
     report = run_compare(model, recipe, examples, data, output=output, workers=workers, address=address,
                          gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,

@@ -12,6 +12,11 @@ from lorahub_ray.cli.app import (app, console, fail_cleanly)
 # --- Ray Jobs ------------------------------------------------------------------------------------
 
 
+def app_commands() -> set[str]:
+    """The commands (and command groups) of the ``lorahub-ray`` app that a job may run: all but submit."""
+    return set(typer.main.get_command(app).commands) - {"submit"}
+
+
 @app.command(context_settings={"ignore_unknown_options": True})
 @fail_cleanly
 def submit(
@@ -37,9 +42,10 @@ def submit(
 
     from lorahub_ray.cluster import jobs
 
-    entry = jobs.entrypoint(command or [], python=python)  # checked before anything is sent
+    commands = app_commands()
+    entry = jobs.entrypoint(command or [], python=python, commands=commands)  # checked before anything is sent
     runtime = jobs.runtime_env(file=runtime_env_file, working_dir=working_dir, env=jobs.parse_env(env or []))
-    job_id = jobs.submit(address, command or [], runtime_env=runtime, submission_id=submission_id,
+    job_id = jobs.submit(address, command or [], commands=commands, runtime_env=runtime, submission_id=submission_id,
                          entrypoint_num_cpus=num_cpus, entrypoint_num_gpus=num_gpus, python=python)
     console.print(f"submitted job [bold]{job_id}[/] to {address}: {entry}", highlight=False, soft_wrap=True)
     if runtime:

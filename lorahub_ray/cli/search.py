@@ -6,8 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from lorahub_ray.cli.app import (BudgetOpt, DeviceOpt, InputFieldOpt, OptimizerOpt, OutputFieldOpt, SeedOpt, app,
-                                 console, fail_cleanly, quiet_libraries)
+from lorahub_ray.cli.app import (BudgetOpt, DeviceOpt, InputFieldOpt, OptimizerOpt, OutputFieldOpt, SeedOpt, SplitOpt,
+                                 SplitSeedOpt, app, console, fail_cleanly, quiet_libraries)
+from lorahub_ray.io.bigbench import with_split
 
 
 def _expand_modules(modules: list[str]) -> list[str]:
@@ -37,13 +38,18 @@ def search(
     restarts: Annotated[Optional[int], typer.Option(help="Restarts of the portfolio (default: --workers): restart 0 is the one-process search, the others permute the module order and use seeds seed+1, ...; they run in lockstep over the workers and the lowest objective wins.", rich_help_panel="Ray")] = None,
     modules_per_restart: Annotated[Optional[int], typer.Option(help="Each restart searches a random subset of this many modules (the paper: 20).", rich_help_panel="Ray")] = None,
     portfolio: Annotated[Optional[str], typer.Option(help="Optimizers for restarts 1, 2, ... (cycled), e.g. Cobyla,CMA,OnePlusOne; restart 0 runs --optimizer.", rich_help_panel="Ray")] = None,
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster: 'auto', host:port or ray://host:10001 (default: start a local Ray).", rich_help_panel="Ray")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster: 'auto', host:port or ray://host:10001 (default: $RAY_ADDRESS, else a private local Ray).", rich_help_panel="Ray")] = None,
     cpus_per_worker: Annotated[Optional[float], typer.Option(help="CPUs per evaluator actor (default: an equal share of the cluster, at most 1).", rich_help_panel="Ray")] = None,
     gpus_per_worker: Annotated[float, typer.Option(help="GPUs per evaluator actor; fractions such as 0.25 let actors share a GPU.", rich_help_panel="Ray")] = 0.0,
     scheduler: Annotated[Optional[str], typer.Option(help="'asha': successive halving of the restarts (at budget/4, budget/2, ... evaluations the worse half stops; restart 0 never); default: run all to the budget.", rich_help_panel="Ray")] = None,
     asks: Annotated[Optional[int], typer.Option(min=1, help="Candidates asked at once per search (nevergrad's num_workers) and evaluated together, sharing forward passes; default 1. More asks trade quality for time (NGOpt then picks another algorithm): a warning says so.")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Where the run's state is saved after every round (default: OUTPUT.search; s3:// works).", rich_help_panel="Ray")] = None,
+    select: Annotated[str, typer.Option(help="'reference': keep the search's lowest few-shot objective (the reference). 'cv': choose among the base model, each single module and searches (from 0 and warm-started at the best single modules) by cross-validation over the examples (leave-one-out up to 5, else 5-fold), then refit the winner on all examples. In this process only.")] = "reference",
+    score: Annotated[str, typer.Option(help="With --select cv: 'loss' (held-out loss) or 'generate' (exact match of greedy generations on the held-out examples).")] = "loss",
+    select_l1: Annotated[Optional[list[float]], typer.Option("--select-l1", help="With --select cv: also try these stronger L1 strengths (alpha in alpha*mean|w|; repeatable) as candidates.")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Resume an interrupted Ray search: its --output directory (everything else is read from the saved run).", rich_help_panel="Ray")] = None,
+    split: SplitOpt = None,
+    split_seed: SplitSeedOpt = None,
 ):
     """Find module weights on a few examples (LoraHub learning) and save the merged model and its recipe.
 
@@ -57,8 +63,10 @@ def search(
     """
     quiet_libraries()
     from lorahub_ray.api import lorahub_learning
+    from lorahub_ray.core.selection import SelectionConfig
     from lorahub_ray.errors import LoraHubError
 
+    examples = with_split(examples, split, split_seed)
     all_modules = _expand_modules(list(modules or []) + list(ctx.args))
     if hub is not None:
         all_modules = _hub_modules(hub, filter or [], all_modules, examples, input_field, output_field, output)
@@ -68,6 +76,8 @@ def search(
         raise LoraHubError("no modules: give --modules or --hub")
     if any(v is not None for v in (workers, restarts, modules_per_restart, portfolio, address, resume, scheduler,
                                    storage)):
+        if select != "reference" or score != "loss" or select_l1:
+            raise LoraHubError("--select cv runs in this process: drop the Ray options (--workers, --restarts, ...)")
         from lorahub_ray.cluster.tune_search import SearchFailed, SearchInterrupted, lorahub_learning_ray
 
         try:
@@ -93,8 +103,11 @@ def search(
         raise LoraHubError("--model, --examples and --output are required (or --resume DIR with --workers)")
     result = lorahub_learning(model, all_modules, examples, output=output, budget=budget, optimizer=optimizer,
                               seed=seed, loss=loss, batch_size=batch_size, input_field=input_field,
-                              output_field=output_field, device=device, asks=asks or 1)
+                              output_field=output_field, device=device, asks=asks or 1, select=select, score=score,
+                              selection=SelectionConfig(l1=tuple(select_l1)) if select_l1 else None)
     _print_weights(result.recipe)
+    if "selection" in result.recipe.search:
+        console.print(f"selected {result.recipe.search['selection']['reason']}", highlight=False)
     console.print(f"objective {result.recipe.objective:.4f} ({result.recipe.algorithm}); wrote {output}/recipe.json and {output}/model/")
 
 

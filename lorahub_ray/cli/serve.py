@@ -16,7 +16,7 @@ def serve_command(
     host: Annotated[str, typer.Option(help="Address the HTTP proxy listens on (loopback by default; 0.0.0.0 exposes it).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
     mode: Annotated[str, typer.Option(help="auto (merged for one recipe, composed for several), merged (one merged model per recipe: fastest) or composed (one base model, LoRA switched in place per request group).")] = "auto",
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: connect to a running one if any, else start a local one).")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster: 'auto', host:port or ray://host:10001 (default: $RAY_ADDRESS, else a private local Ray).")] = None,
     max_batch_size: Annotated[int, typer.Option(help="Most inputs generated together in one batch.")] = 32,
     batch_wait_timeout_s: Annotated[float, typer.Option(help="How long a batch waits to fill, in seconds.")] = 0.01,
     max_inputs: Annotated[int, typer.Option(help="Most inputs in one request (at most --max-batch-size).")] = 32,
@@ -47,9 +47,10 @@ def serve_command(
     import ray
     from ray import serve as ray_serve
 
+    from lorahub_ray.cluster.connect import connect
     from lorahub_ray.cluster.serve_app import app as build_app
 
-    ray.init(address=address, logging_level="ERROR")
+    started_ray = connect(address, dashboard=True, log_to_driver=True)  # `serve status` asks the dashboard
     ray_serve.start(http_options={"host": host, "port": port})
     ray_serve.run(build_app(args), name="lorahub", route_prefix="/")
     console.print(f"serving {', '.join(s.id for s in specs)} at http://{host}:{port} (API: /docs); Ctrl-C stops")
@@ -59,3 +60,5 @@ def serve_command(
         pass
     finally:
         ray_serve.shutdown()
+        if started_ray:
+            ray.shutdown()

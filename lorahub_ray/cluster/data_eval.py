@@ -17,10 +17,10 @@ exactly, whatever W is.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 
+from lorahub_ray.cluster.connect import connect, default_cpus_per_worker, runtime_env
 from lorahub_ray.errors import DataError, LoraHubError
 from lorahub_ray.io.storage import arrow_filesystem
 from lorahub_ray.evaluation.evaluate import (
@@ -38,30 +38,7 @@ from lorahub_ray.evaluation.evaluate import (
     summarize,
 )
 
-# environment that workers need to reach the same storage as the driver
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "LORAHUB_RAY_CACHE",
-                 "HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN")
-
-
-def connect(address: str | None = None) -> None:
-    """Use the Ray connection this process already has; else ``address`` or ``$RAY_ADDRESS``;
-    else start a private local Ray (never joins some other cluster on the machine by accident)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", logging_level="ERROR",
-             log_to_driver=False)
-
-
-def worker_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-
-
-def runtime_env() -> dict:
-    env = worker_env()
-    return {"env_vars": env} if env else {}
+READ_CPUS = 1.0  # kept free for the read and shuffle tasks: an actor pool holding every CPU stalls the pipeline
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -171,15 +148,6 @@ class Generator:
         return pd.DataFrame(out, columns=list(COLUMNS))
 
 
-def default_cpus_per_worker(workers: int, gpus_per_worker: float) -> float:
-    """One CPU per worker where the cluster has room, but always leave one CPU free for Ray
-    Data's read and shuffle tasks (an actor pool holding every CPU stalls the pipeline)."""
-    import ray
-
-    total = float(ray.cluster_resources().get("CPU", 1.0))
-    return max(0.1, min(1.0, (total - 1.0) / workers)) if total > 1 else 0.1
-
-
 def evaluate_sharded(model: str, data: str, *, workers: int, gpus_per_worker: float = 0.0,
                      cpus_per_worker: float | None = None, batch_size: int = 32, max_new_tokens: int = 64,
                      input_field: str = "input", output_field: str = "output", transform: Transform | None = None,
@@ -204,7 +172,7 @@ def evaluate_sharded(model: str, data: str, *, workers: int, gpus_per_worker: fl
     if gpus_per_worker > 0 and ray.cluster_resources().get("GPU", 0) < gpus_per_worker:
         raise LoraHubError(f"{gpus_per_worker} GPU per worker asked, but the Ray cluster has "
                            f"{ray.cluster_resources().get('GPU', 0)} GPUs")
-    cpus = cpus_per_worker if cpus_per_worker is not None else default_cpus_per_worker(workers, gpus_per_worker)
+    cpus = cpus_per_worker if cpus_per_worker is not None else default_cpus_per_worker(workers, reserved=READ_CPUS)
     total_groups = sum(num_groups(f.rows, batch_size) for f in checked)
     start = time.perf_counter()
     ds = read_dataset(checked, input_field=input_field, output_field=output_field, batch_size=batch_size)

@@ -9,7 +9,6 @@ its share of a round in one call, the candidates sharing forward passes.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 
 
@@ -32,7 +31,6 @@ class Evaluator:
         if threads:
             torch.set_num_threads(threads)
         base, tokenizer, _ = load_base_model(model, device=device)
-        self.k = len(modules)
         self.objective = FewShotObjective(LoraComposer(base, modules), tokenizer, inputs, outputs, loss=loss,
                                           batch_size=batch_size, regularizer=regularizer)
 
@@ -47,11 +45,3 @@ class Evaluator:
     def evaluate_subsets(self, candidates: Sequence[Sequence[float]], subsets: Sequence[Sequence[int]]) -> list[float]:
         """Each candidate with its own modules (see :meth:`FewShotObjective.evaluate_subsets`)."""
         return self.objective.evaluate_subsets(candidates, subsets)
-
-    def forward_seconds(self, repeats: int = 3) -> float:
-        """The time of one bare objective evaluation here (for the overhead benchmark)."""
-        self.objective([0.0] * self.k)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            self.objective([0.0] * self.k)
-        return (time.perf_counter() - start) / repeats

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorahub_ray.cluster.connect import check_dashboard, token_auth
 from lorahub_ray.errors import LoraHubError
 
-COMMANDS = ("search", "evaluate", "hub", "demo")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -25,13 +25,14 @@ class JobError(LoraHubError):
     """A job that could not be submitted, or bad submission options."""
 
 
-def entrypoint(args: Sequence[str], *, python: str = "python") -> str:
-    """The shell command a job runs: ``python -m lorahub_ray ARGS`` (quoted)."""
+def entrypoint(args: Sequence[str], *, python: str = "python", commands: Collection[str] | None = None) -> str:
+    """The shell command a job runs: ``python -m lorahub_ray ARGS`` (quoted). ``commands``: the
+    command names the job may run (the CLI passes its own app's), unchecked when None."""
     args = list(args)
     if not args:
         raise JobError("no command to run: give one after '--', e.g. -- search --model ... --output s3://...")
-    if args[0] not in COMMANDS:
-        raise JobError(f"unknown lorahub-ray command '{args[0]}' to submit; use one of {', '.join(COMMANDS)}")
+    if commands is not None and args[0] not in commands:
+        raise JobError(f"unknown lorahub-ray command '{args[0]}' to submit; use one of {', '.join(sorted(commands))}")
     return shlex.join([python, "-m", "lorahub_ray", *args])
 
 
@@ -78,22 +79,37 @@ def runtime_env(*, file: str | Path | None = None, working_dir: str | Path | Non
 
 
 def client(address: str):
-    if not address.startswith(("http://", "https://")):
-        raise JobError(f"--address '{address}' must be the job API's URL, e.g. http://HEAD:8265")
+    """A ``JobSubmissionClient`` for ``address``, once its server answers (one line otherwise). A
+    head that asks for a token (``ray start --head`` turns token auth on where ``~/.ray/auth_token``
+    exists) gets the local token, as Ray does for a cluster it detects itself."""
+    check_dashboard(address)
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    try:
-        return JobSubmissionClient(address)
-    except Exception as exc:  # ConnectionError, or a RuntimeError wrapping it
-        raise JobError(f"cannot reach the Ray job API at {address} ({type(exc).__name__}: {exc})") from None
+    asked = False  # for a token, once
+    while True:
+        try:
+            return JobSubmissionClient(address)
+        except AuthenticationError:
+            if asked:
+                raise JobError(f"the Ray job API at {address} refused this machine's token; give the cluster's "
+                               "token in $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token") from None
+            if not token_auth():
+                raise JobError(f"the Ray job API at {address} asks for token authentication: set RAY_AUTH_MODE=token "
+                               "and give the cluster's token in $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or "
+                               "~/.ray/auth_token") from None
+            asked = True
+        except Exception as exc:  # ConnectionError, or a RuntimeError wrapping it
+            raise JobError(f"cannot reach the Ray job API at {address} ({type(exc).__name__}: {exc})") from None
 
 
-def submit(address: str, args: Sequence[str], *, runtime_env: dict | None = None, submission_id: str | None = None,
+def submit(address: str, args: Sequence[str], *, commands: Collection[str] | None = None,
+           runtime_env: dict | None = None, submission_id: str | None = None,
            entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None,
            metadata: Mapping[str, str] | None = None, agent_wait_s: float = 120, python: str = "python") -> str:
     """Submit ``lorahub-ray ARGS`` as a Ray job; returns its submission id. A cluster whose job agent
     is not up yet (just started) is asked again for up to ``agent_wait_s`` seconds."""
-    command = entrypoint(args, python=python)
+    command = entrypoint(args, python=python, commands=commands)
     jobs = client(address)
     kwargs = {}
     if entrypoint_num_cpus is not None:

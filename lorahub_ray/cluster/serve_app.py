@@ -9,7 +9,9 @@ Two deployments:
 * ``LoraHubModel`` (autoscaled, batched): a :class:`~lorahub_ray.serving.host.ModelHost` per replica.
   Requests are batched with ``@serve.batch`` (``max_batch_size`` counts inputs, not requests);
   Serve splits batches by multiplexed id, so each batch runs one recipe, and in ``composed`` mode
-  a batch for another recipe first switches the shared LoRA slot in place.
+  a batch for another recipe first switches the shared LoRA slot in place. It autoscales on the
+  load each replica measures (busy fraction + waiting inputs in batches, reported through
+  ``record_autoscaling_stats``) with ``lorahub_ray.cluster.serve_autoscaling.ModelLoadPolicy``.
 
 ``import_path: lorahub_ray.cluster.serve_app:app`` with ``args`` (see :class:`ServeArgs`) works with
 ``serve run``, ``serve deploy`` and a KubeRay RayService's ``serveConfigV2``; see
@@ -28,8 +30,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from ray import serve
+from ray.serve import metrics as serve_metrics
+from ray.serve.config import AutoscalingConfig
 
+from lorahub_ray.cluster.serve_autoscaling import LOAD_METRIC, POLICY_PATH
 from lorahub_ray.serving.host import MODES, ModelHost, ServeConfigError, describe, effective_mode, load_recipes, parse_specs
+from lorahub_ray.serving.load import LoadMeter
 
 logger = logging.getLogger("ray.serve")
 
@@ -74,7 +80,14 @@ class ServeArgs(BaseModel):
     gpu_fraction: float = Field(0.5, gt=0, le=1)
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(32, gt=0, description="Autoscaling target per model replica.")
+    autoscaling_metric: Literal["model_load", "ongoing_requests"] = Field(
+        "model_load", description="model_load: the replicas' own measure (busy fraction + waiting inputs in batches), "
+                                  "scaled by ModelLoadPolicy; ongoing_requests: Serve's default policy.")
+    target_model_load: float = Field(0.8, gt=0, description="model_load target per model replica.")
+    target_ongoing_requests: float = Field(32, gt=0, description="Target per model replica with ongoing_requests.")
+    autoscaling_options: dict = Field(default_factory=dict, description=(
+        "More Serve autoscaling_config fields for the model deployment (upscale_delay_s, downscale_delay_s, "
+        "metrics_interval_s, look_back_period_s, ...)."))
 
 
 def parse_args(args: Union[dict, ServeArgs]) -> ServeArgs:
@@ -95,7 +108,30 @@ def parse_args(args: Union[dict, ServeArgs]) -> ServeArgs:
                                f"({parsed.max_batch_size}): one request must fit in one batch")
     if parsed.min_replicas > parsed.max_replicas:
         raise ServeConfigError(f"min_replicas ({parsed.min_replicas}) exceeds max_replicas ({parsed.max_replicas})")
+    autoscaling_config(parsed)  # Serve's own check of the fields
     return parsed
+
+
+def autoscaling_config(args: ServeArgs) -> dict:
+    """The model deployment's Serve ``autoscaling_config`` (checked by Serve's ``AutoscalingConfig``)."""
+    config = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
+              "target_ongoing_requests": args.target_ongoing_requests}
+    if args.autoscaling_metric == "model_load":
+        config["policy"] = {"policy_function": POLICY_PATH,
+                            "policy_kwargs": {"target_model_load": args.target_model_load}}
+    reserved = set(args.autoscaling_options) & {"min_replicas", "max_replicas", "policy"}
+    if reserved:
+        raise ServeConfigError(f"autoscaling_options: set {', '.join(sorted(reserved))} through their own args")
+    unknown = set(args.autoscaling_options) - set(AutoscalingConfig.model_fields)
+    if unknown:
+        raise ServeConfigError(f"autoscaling_options: unknown field(s) {', '.join(sorted(unknown))}")
+    config.update(args.autoscaling_options)
+    try:
+        AutoscalingConfig(**config)
+    except (ValidationError, ValueError, TypeError) as exc:
+        errors = exc.errors() if isinstance(exc, ValidationError) else [{"msg": str(exc)}]
+        raise ServeConfigError("bad autoscaling_options: " + _summarize(errors)) from None
+    return config
 
 
 def _plain(args: ServeArgs) -> dict:
@@ -261,6 +297,11 @@ class LoraHubModel:
                               verify=config.get("verify", True), generate_batch_size=config["max_batch_size"])
         self._pending: list = []  # batches formed by Serve, waiting for the model
         self._worker = None
+        self.load = LoadMeter()
+        self._load_gauge = serve_metrics.Gauge(
+            "lorahub_model_load", description="Replica load: busy fraction + waiting inputs / max_batch_size.")
+        self._waiting_gauge = serve_metrics.Gauge(
+            "lorahub_model_waiting_inputs", description="Inputs in the replica waiting for the model.")
         self.reconfigure({k: config[k] for k in ("max_batch_size", "batch_wait_timeout_s")})
 
     def reconfigure(self, user_config: dict) -> None:
@@ -281,9 +322,19 @@ class LoraHubModel:
 
     async def generate(self, inputs: list[str], max_new_tokens: int) -> list[str]:
         recipe_id = await self._recipe(serve.get_multiplexed_model_id())
-        if len(inputs) > self.max_batch_size:  # cannot share a batch
-            return await asyncio.to_thread(self.host.generate, recipe_id, inputs, max_new_tokens=max_new_tokens)
-        return await self._generate_batch((recipe_id, list(inputs), int(max_new_tokens)))
+        with self.load.accepted(len(inputs)):
+            if len(inputs) > self.max_batch_size:  # cannot share a batch
+                with self.load.running(len(inputs)):
+                    return await asyncio.to_thread(self.host.generate, recipe_id, inputs,
+                                                   max_new_tokens=max_new_tokens)
+            return await self._generate_batch((recipe_id, list(inputs), int(max_new_tokens)))
+
+    async def record_autoscaling_stats(self) -> dict:
+        """Serve's custom-metrics hook: this replica's ``model_load`` (read by ModelLoadPolicy)."""
+        sample = self.load.sample(self.max_batch_size)
+        self._load_gauge.set(sample["load"])
+        self._waiting_gauge.set(sample["waiting"])
+        return {LOAD_METRIC: sample["load"], "model_busy": sample["busy"], "model_waiting_inputs": sample["waiting"]}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=count_inputs,
                  max_concurrent_batches=BATCHES_IN_FLIGHT)
@@ -312,7 +363,8 @@ class LoraHubModel:
             flat = [item for items, _ in taken for item in items]
             try:
                 # off the event loop, so requests keep arriving meanwhile
-                results = await asyncio.to_thread(self._run_batch, flat)
+                with self.load.running(size):
+                    results = await asyncio.to_thread(self._run_batch, flat)
             except Exception as exc:  # noqa: BLE001 - handed to the waiting requests
                 for _, future in taken:
                     if not future.done():
@@ -341,7 +393,7 @@ class LoraHubModel:
         return results
 
     async def health(self) -> dict:
-        return self.host.stats()
+        return {**self.host.stats(), "waiting_inputs": self.load.waiting}
 
 
 # --- application builder -------------------------------------------------------------------------
@@ -360,8 +412,7 @@ def app(args: dict) -> serve.Application:
     num_gpus = parsed.num_gpus if parsed.num_gpus is not None else (parsed.gpu_fraction if _cluster_has_gpus() else 0)
     model = LoraHubModel.options(
         ray_actor_options={"num_cpus": parsed.num_cpus, "num_gpus": num_gpus},
-        autoscaling_config={"min_replicas": parsed.min_replicas, "max_replicas": parsed.max_replicas,
-                            "target_ongoing_requests": parsed.target_ongoing_requests},
+        autoscaling_config=autoscaling_config(parsed),
         max_ongoing_requests=max(64, 4 * parsed.max_batch_size),
         user_config={"max_batch_size": parsed.max_batch_size, "batch_wait_timeout_s": parsed.batch_wait_timeout_s},
     ).bind(config)
@@ -369,4 +420,4 @@ def app(args: dict) -> serve.Application:
 
 
 __all__ = ["INGRESS", "MODEL", "MODES", "GenerateRequest", "GenerateResponse", "LoraHubIngress", "LoraHubModel",
-           "ServeArgs", "api", "app", "check_limits", "lookup_recipe", "parse_args"]
+           "ServeArgs", "api", "app", "autoscaling_config", "check_limits", "lookup_recipe", "parse_args"]

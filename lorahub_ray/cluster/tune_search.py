@@ -21,7 +21,6 @@ Design (the README section "Distributed search on Ray" has the measured figures)
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import threading
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import ray
 
+from lorahub_ray.cluster.connect import connect, default_cpus_per_worker
 from lorahub_ray.cluster.evaluators import Evaluator
 from lorahub_ray.cluster.restarts import Restart, StopRequested, run_lockstep, start_restarts
 from lorahub_ray.cluster.run_spec import (RUN_FILE, RunSpec, check_ray_options, normalise_output, read_spec, read_text,
@@ -85,32 +85,6 @@ class RayLoraHubResult:
     @property
     def weights(self) -> dict[str, float]:
         return self.recipe.module_weights
-
-
-def _connect(address: str | None) -> bool:
-    """Connect to Ray; returns True when this call started a local Ray that must be shut down."""
-    if ray.is_initialized():
-        return False
-    if address and address.startswith(("http://", "https://")):
-        raise LoraHubError(f"address '{address}' is a dashboard (Jobs API) address; give the cluster's GCS address "
-                           "(host:6379), 'auto' or a ray:// client address, or submit this command as a Ray Job")
-    kwargs = {"logging_level": "ERROR", "log_to_driver": False}
-    if address is None:
-        # "local": always a fresh Ray of our own, never some other cluster that runs on this machine
-        ray.init(address="local", include_dashboard=False, **kwargs)
-        return True
-    try:
-        ray.init(address=address, **kwargs)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise LoraHubError(f"cannot connect to the Ray cluster at '{address}' ({exc})") from None
-    return False
-
-
-def default_cpus_per_worker(workers: int, trials: int = 0) -> float:
-    """An equal share of the cluster's CPUs, at most 1 and at least 0.1 (``trials``: kept for callers)."""
-    have = ray.cluster_resources().get("CPU", 0.0)
-    share = math.floor(have / workers * 100) / 100
-    return max(0.1, min(1.0, share))
 
 
 def check_resources(workers: int, cpus: float, gpus: float) -> None:
@@ -196,11 +170,11 @@ def lorahub_learning_ray(
     hashing = ThreadPoolExecutor(1, thread_name_prefix="lorahub-hash")  # the recipe's base hash, while the search runs
     base_sha256 = hashing.submit(storage.sha256_dir, base_path)
     hashing.shutdown(wait=False)
-    started_ray = _connect(address)
+    started_ray = connect(address)
     actors = []
     try:
         if spec.cpus_per_worker is None:
-            spec.cpus_per_worker = default_cpus_per_worker(spec.workers, 0)
+            spec.cpus_per_worker = default_cpus_per_worker(spec.workers)
         check_resources(spec.workers, spec.cpus_per_worker, spec.gpus_per_worker)
         spec.write()
         run_id = uuid.uuid4().hex[:8]

@@ -245,15 +245,6 @@ class LoraComposer:
         finally:
             self._batch.count = 0
 
-    def composed_state_dict(self) -> dict[str, torch.Tensor]:
-        """The composed LoRA as a PEFT state dict (keys as in ``adapter_model.safetensors``)."""
-        out, offset = {}, 0
-        for key in self.keys:
-            shape = self.modules[0].state_dict[key].shape
-            out[key] = self.buffer[offset : offset + shape.numel()].view(shape).clone()
-            offset += shape.numel()
-        return out
-
     def merge_and_unload(self, weights: Sequence[float]):
         """Compose with ``weights``, merge into the base weights and return the plain base model.
 

@@ -9,6 +9,7 @@ portfolio of one.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,7 +27,10 @@ from lorahub_ray.core.objective import FewShotObjective, LossFn, l1_regularizati
 from lorahub_ray.core.portfolio import RestartOutcome, RestartPlan
 from lorahub_ray.core.recipe import HISTORY_FILE, MODEL_DIR, RECIPE_FILE, Recipe
 from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, SearchResult, minimize
+from lorahub_ray.core.selection import (SCORES, SELECT_METHODS, SelectionConfig, SelectionContext, make_folds,
+                                       select as cv_select)
 from lorahub_ray.core.settings import SearchSettings
+from lorahub_ray.errors import LoraHubError
 from lorahub_ray.progress import progress_bar
 
 
@@ -128,6 +132,9 @@ def lorahub_learning(
     device: str | None = None,
     asks: int = 1,
     progress: bool = True,
+    select: str = "reference",
+    score: str = "loss",
+    selection: SelectionConfig | None = None,
 ) -> LoraHubResult:
     """LoraHub learning: find weights for ``modules`` on the few-shot ``examples``, merge them into
     ``model`` and (with ``output``) save ``recipe.json``, ``model/`` and ``history.parquet``.
@@ -138,12 +145,29 @@ def lorahub_learning(
     callable; ``batch_size=None`` puts all examples in one batch, as the reference does. ``asks``
     candidates are asked at once (nevergrad's ``num_workers``: NGOpt may pick another algorithm) and
     evaluated together, sharing forward passes, which buys wall time on small few-shot sets.
+
+    ``select="reference"`` keeps the search's best objective, as the reference does. ``select="cv"``
+    chooses among the base model, each single module and several searches (from 0 and warm-started
+    at the best single modules) by cross-validation over the examples, scored by the held-out loss
+    or, with ``score="generate"``, by exact match of greedy generations, and refits the winner on
+    all examples (see :mod:`lorahub_ray.core.selection`; ``selection`` sets its other options).
+    The recipe's ``search["selection"]`` records every candidate's fold scores and why the winner won.
     """
     started = now()
     # cheap checks first: bad input fails before any model is loaded
     data = as_examples(examples, input_field=input_field, output_field=output_field)
     settings = SearchSettings(budget=budget, optimizer=optimizer, seed=seed, loss=loss, batch_size=batch_size,
                               regularizer=regularizer, asks=asks).check()
+    if select not in SELECT_METHODS:
+        raise LoraHubError(f"unknown select {select!r}; choose from {', '.join(SELECT_METHODS)}")
+    if score not in SCORES:
+        raise LoraHubError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
+    if select == "reference" and (score != "loss" or selection is not None):
+        raise LoraHubError("score and selection options apply to select='cv' only")
+    config = dataclasses.replace(selection or SelectionConfig(), score=score)
+    config.check()
+    if select == "cv" and len(data) < 2:
+        raise LoraHubError(f"select='cv' needs at least 2 few-shot examples, got {len(data)}")
     if output is not None:
         storage.check_output(output, marker=RECIPE_FILE)
     loaded = load_module_list(modules, progress)
@@ -151,15 +175,27 @@ def lorahub_learning(
     composer = LoraComposer(base, loaded)
     objective = FewShotObjective(composer, tokenizer, data.inputs, data.outputs, loss=loss, batch_size=batch_size,
                                  regularizer=regularizer)
-    with progress_bar(f"search ({settings.optimizer_label})", budget, enabled=progress) as advance:
-        result = minimize(objective, len(loaded), budget=budget, optimizer=optimizer, seed=seed, num_workers=asks,
-                          evaluate_batch=objective.evaluate_many if asks > 1 else None,
-                          callback=lambda e, best: advance(info=f"best {best:.4f}"))
+    search_info: dict = {"backend": "local", "asks": asks}
+    regularizer_name = settings.regularizer_label
+    if select == "cv":
+        context = SelectionContext(composer, tokenizer, data.inputs, data.outputs, names=[m.name for m in loaded],
+                                   loss=loss, batch_size=batch_size, regularizer=regularizer, budget=budget,
+                                   optimizer=optimizer, seed=seed, asks=asks, config=config)
+        with progress_bar("cross-validated selection (folds)", len(make_folds(len(data), config.folds)),
+                          enabled=progress) as advance:
+            chosen = cv_select(context, map_folds=lambda run, tasks: [_advanced(run(t), advance) for t in tasks])
+        result, search_info["selection"] = chosen.search, chosen.report
+        regularizer_name = chosen.regularizer or regularizer_name
+    else:
+        with progress_bar(f"search ({settings.optimizer_label})", budget, enabled=progress) as advance:
+            result = minimize(objective, len(loaded), budget=budget, optimizer=optimizer, seed=seed, num_workers=asks,
+                              evaluate_batch=objective.evaluate_many if asks > 1 else None,
+                              callback=lambda e, best: advance(info=f"best {best:.4f}"))
     recipe = make_recipe(model=str(model), base_sha256=storage.sha256_dir(base_path), modules=loaded,
                          weights=result.weights, objective=result.objective, optimizer=result.optimizer,
-                         algorithm=result.algorithm, seed=seed,
-                         settings=settings, merge_method=composer.merge_method, num_examples=len(data),
-                         started=started, search={"backend": "local", "asks": asks})
+                         algorithm=result.algorithm, seed=seed, settings=settings, merge_method=composer.merge_method,
+                         num_examples=len(data), started=started, search=search_info)
+    recipe.regularizer = regularizer_name  # a cross-validated L1 strength, when select='cv' chose one
     merged = composer.merge_and_unload(result.weights)
     saved = None
     if output is not None:
@@ -167,6 +203,11 @@ def lorahub_learning(
         outcome = RestartOutcome(plan, result.weights, result.objective, result.algorithm, True, result.history)
         saved = write_output(output, recipe, merged, tokenizer, history=([outcome], loaded))
     return LoraHubResult(recipe=recipe, search=result, model=merged, tokenizer=tokenizer, output=saved)
+
+
+def _advanced(value, advance):
+    advance()
+    return value
 
 
 def build_model(recipe: Recipe | str | Path, *, device: str | None = None, verify: bool = True):

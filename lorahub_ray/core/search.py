@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import nevergrad as ng
 import numpy as np
@@ -45,9 +45,6 @@ class SearchResult:
     num_workers: int = 1
     history: list[Evaluation] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def check_optimizer(name) -> None:
     """``name`` is a key of ``nevergrad.optimizers.registry`` or a nevergrad optimizer class/factory."""
@@ -65,12 +62,16 @@ def optimizer_label(name) -> str:
 
 
 def make_optimizer(name, dim: int, *, budget: int, seed: int, num_workers: int = 1,
-                   bounds: tuple[float, float] = DEFAULT_BOUNDS):
+                   bounds: tuple[float, float] = DEFAULT_BOUNDS, init: Sequence[float] | None = None):
+    """The optimizer over ``dim`` weights in ``bounds``, starting at ``init`` (default 0, the reference's)."""
     check_optimizer(name)
     if budget < 1:
         raise LoraHubError(f"budget must be at least 1, got {budget}")
     lower, upper = bounds
-    param = ng.p.Array(init=[0.0] * dim, lower=[lower] * dim, upper=[upper] * dim)
+    init = [0.0] * dim if init is None else [float(x) for x in init]
+    if len(init) != dim or not all(lower <= x <= upper for x in init):
+        raise LoraHubError(f"init must be {dim} weights within [{lower}, {upper}], got {init}")
+    param = ng.p.Array(init=init, lower=[lower] * dim, upper=[upper] * dim)
     # what numpy.random.seed(seed) followed by nevergrad's own draw would give, without global state
     param.random_state = np.random.RandomState(np.random.RandomState(seed).randint(2**32, dtype=np.uint32))
     factory = ng.optimizers.registry[name] if isinstance(name, str) else name

@@ -28,7 +28,6 @@ from lorahub_ray.evaluation.evaluate import EvaluationResult, evaluate_local, re
 from lorahub_ray.core.recipe import MODEL_DIR, RECIPE_FILE
 from lorahub_ray.plots import plot_comparison
 
-ARMS = ("zero-shot", "ICL", "LoraHub")
 COMPARE_FILE = "compare.json"
 PLOT_FILE = "compare.png"
 EXAMPLE_SEPARATOR = "\n\n"

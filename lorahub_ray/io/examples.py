@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import fsspec
 
 from lorahub_ray.errors import DataError
+from lorahub_ray.io import bigbench
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 
@@ -77,7 +78,12 @@ def read_examples(
     output_field: str = "output",
     require_output: bool = True,
 ) -> Examples:
-    """Read ``(input, output)`` pairs from a JSON Lines, Parquet or CSV file (local or ``s3://``)."""
+    """Read ``(input, output)`` pairs from a JSON Lines, Parquet or CSV file (local or ``s3://``), or a
+    BIG-bench source (``bigbench:TASK[/SUBTASK]``, a ``task.json`` or a task folder; its ``fewshot`` split
+    unless the source names another; see :mod:`lorahub_ray.io.bigbench`)."""
+    if bigbench.is_bigbench(uri):
+        split = bigbench.load_split(uri, default_split="fewshot")
+        return Examples(split.inputs, split.outputs, str(uri))
     fmt = data_format(uri)
     rows = _rows(uri, fmt)
     if not rows:

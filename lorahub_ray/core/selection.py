@@ -1,0 +1,321 @@
+"""Cross-validated selection (``--select cv``): the composition chosen on held-out evidence.
+
+The reference keeps the weights with the lowest few-shot objective, which overfits five examples.
+Here several candidates are compared by how well they do on examples they were not fitted on:
+
+* ``base``: the base model alone (all weights 0);
+* ``single:<module>``: each module alone (one-hot weight 1), scored through shared forward passes;
+* composition searches (:class:`SearchSetting`): the reference search from 0 (``lorahub``), and
+  searches warm-started at the r-th best single module *of the fold's fit examples*
+  (``from-best-<r>``), each optionally with a stronger L1 (``... l1=<alpha>``).
+
+Folds: leave-one-out for at most 5 examples, k-fold (round-robin, k=5) for more. A fold refits
+every search candidate on its fit examples (the warm starts are ranked on them too) and scores
+every candidate on its held-out examples; fixed candidates (base, single modules) need no refit.
+Scores are the held-out loss (mean per-example token cross-entropy, no regulariser), and with
+``score="generate"`` the exact match of greedy generations on the held-out examples, ties broken
+by the loss. Ties left go to the simpler candidate (base, then single modules, then searches).
+The winner is refit on all examples.
+
+The folds are independent: :func:`select` runs them through ``map_folds(run_fold, tasks)``,
+sequential by default; a parallel backend passes its own (each :class:`FoldTask` is small and
+picklable, and ``run_fold`` only needs a :class:`SelectionContext` where the model lives).
+
+Ray-free and model-family-agnostic: everything runs through :class:`FewShotObjective` and
+:func:`lorahub_ray.evaluation.generate.generate`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+from lorahub_ray.core.compose import LoraComposer
+from lorahub_ray.core.objective import FewShotObjective, LossFn, l1_regularization
+from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, SearchResult, make_optimizer, minimize
+from lorahub_ray.errors import LoraHubError
+from lorahub_ray.evaluation.generate import exact_match, generate
+
+SELECT_METHODS = ("reference", "cv")
+SCORES = ("loss", "generate")
+LEAVE_ONE_OUT_MAX = 5  # leave-one-out up to this many examples, k-fold above
+K_FOLDS = 5
+CHUNK = 16  # fixed candidates per shared forward pass
+BASE = "base"
+
+
+@dataclass(frozen=True)
+class SearchSetting:
+    """One composition search: from 0 (``start=0``, the reference) or one-hot at the ``start``-th best
+    single module of the fit examples; with the objective's own regulariser (``l1=None``) or
+    ``l1 · mean|w|``."""
+
+    name: str
+    start: int = 0
+    l1: float | None = None
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    score: str = "loss"
+    warm_starts: int = 2  # searches warm-started at the best 1..warm_starts single modules
+    l1: tuple[float, ...] = ()  # stronger L1 strengths, each tried with every start
+    folds: int = K_FOLDS  # k of k-fold, above LEAVE_ONE_OUT_MAX examples
+    max_new_tokens: int = 64  # with score="generate"
+
+    def check(self) -> None:
+        if self.score not in SCORES:
+            raise LoraHubError(f"unknown score {self.score!r}; choose from {', '.join(SCORES)}")
+        if self.warm_starts < 0:
+            raise LoraHubError(f"warm_starts must be at least 0, got {self.warm_starts}")
+        if self.folds < 2:
+            raise LoraHubError(f"folds must be at least 2, got {self.folds}")
+        bad = [a for a in self.l1 if not (isinstance(a, (int, float)) and math.isfinite(a) and a >= 0)]
+        if bad:
+            raise LoraHubError(f"L1 strengths must be finite and >= 0, got {bad[0]!r}")
+
+    def settings(self, num_modules: int) -> list[SearchSetting]:
+        starts = [0] + list(range(1, min(self.warm_starts, num_modules) + 1))
+        out = []
+        for alpha in (None, *self.l1):
+            for start in starts:
+                name = "lorahub" if start == 0 else f"from-best-{start}"
+                out.append(SearchSetting(name if alpha is None else f"{name} l1={alpha:g}", start,
+                                         None if alpha is None else float(alpha)))
+        return out
+
+
+def make_folds(n: int, k: int = K_FOLDS) -> list[list[int]]:
+    """Held-out example indices per fold: leave-one-out for ``n <= 5``, else ``k`` round-robin folds."""
+    if n < 2:
+        raise LoraHubError(f"cross-validation needs at least 2 few-shot examples, got {n}")
+    if n <= LEAVE_ONE_OUT_MAX:
+        return [[i] for i in range(n)]
+    return [list(range(f, n, k)) for f in range(min(k, n))]
+
+
+@dataclass(frozen=True)
+class FoldTask:
+    """One fold: fit on ``fit``, score on ``held_out`` (example indices)."""
+
+    fold: int
+    fit: tuple[int, ...]
+    held_out: tuple[int, ...]
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    held_out: list[int]
+    loss: dict[str, float]  # candidate -> mean held-out loss
+    correct: dict[str, int] = field(default_factory=dict)  # candidate -> exact matches (score="generate")
+    weights: dict[str, list[float]] = field(default_factory=dict)  # search candidate -> weights fitted in the fold
+    warm_starts: list[str] = field(default_factory=list)  # the fold's best single modules, best first
+    searches: int = 0
+    evaluations: int = 0
+    seconds: float = 0.0
+
+
+def _l1(alpha: float, weights: Sequence[float]) -> float:
+    return l1_regularization(weights, alpha)
+
+
+class SelectionContext:
+    """What every fold shares: the model (a :class:`LoraComposer`), the tokenizer, the examples and
+    the search settings. ``run_fold`` and ``refit`` only read it (the composer is recomposed per call)."""
+
+    def __init__(self, composer: LoraComposer, tokenizer, inputs: Sequence[str], outputs: Sequence[str], *,
+                 names: Sequence[str], loss: str | LossFn = "reference", batch_size: int | None = None,
+                 regularizer: Callable[[Sequence[float]], float] = l1_regularization,
+                 budget: int = DEFAULT_BUDGET, optimizer: str = DEFAULT_OPTIMIZER, seed: int = 42, asks: int = 1,
+                 config: SelectionConfig = SelectionConfig()):
+        config.check()
+        self.composer, self.tokenizer = composer, tokenizer
+        self.inputs, self.outputs = list(inputs), list(outputs)
+        self.names = list(names)
+        self.loss, self.batch_size, self.regularizer = loss, batch_size, regularizer
+        self.budget, self.optimizer, self.seed, self.asks = budget, optimizer, seed, asks
+        self.config = config
+        self.settings = config.settings(len(self.names))
+
+    # --- candidates ------------------------------------------------------------------------
+    def fixed(self) -> dict[str, list[float]]:
+        """The candidates that need no fit: the base model and each module alone."""
+        k = len(self.names)
+        out = {BASE: [0.0] * k}
+        for i, name in enumerate(self.names):
+            out[f"single:{name}"] = [1.0 if j == i else 0.0 for j in range(k)]
+        return out
+
+    def candidate_names(self) -> list[str]:
+        return list(self.fixed()) + [s.name for s in self.settings]
+
+    def objective(self, indices: Sequence[int], *, loss: str | LossFn | None = None, batch_size=None,
+                  regularizer=None) -> FewShotObjective:
+        """The few-shot objective on the examples at ``indices`` alone."""
+        return FewShotObjective(self.composer, self.tokenizer, [self.inputs[i] for i in indices],
+                                [self.outputs[i] for i in indices], loss=loss or self.loss,
+                                batch_size=batch_size if loss else self.batch_size,
+                                regularizer=regularizer or self.regularizer)
+
+    def ranked_singles(self, objective: FewShotObjective) -> list[int]:
+        """Module indices by the loss of each module alone on ``objective``'s examples, best first."""
+        onehots = list(self.fixed().values())[1:]
+        losses = [v for s in range(0, len(onehots), CHUNK) for v in objective.losses(onehots[s : s + CHUNK])]
+        return sorted(range(len(onehots)), key=lambda i: (losses[i], i))
+
+    def fit(self, setting: SearchSetting, indices: Sequence[int]) -> tuple[SearchResult, str | None]:
+        """The search ``setting`` on the examples at ``indices``; returns it and its warm start's module."""
+        regularizer = self.regularizer if setting.l1 is None else functools.partial(_l1, setting.l1)
+        objective = self.objective(indices, regularizer=regularizer)
+        k, start = len(self.names), None
+        init = [0.0] * k
+        if setting.start:
+            start = self.ranked_singles(objective)[setting.start - 1]
+            init[start] = 1.0
+        opt = make_optimizer(self.optimizer, k, budget=self.budget, seed=self.seed, num_workers=self.asks, init=init)
+        result = minimize(objective, k, budget=self.budget, optimizer=self.optimizer, seed=self.seed, opt=opt,
+                          num_workers=self.asks, evaluate_batch=objective.evaluate_many if self.asks > 1 else None)
+        return result, None if start is None else self.names[start]
+
+    # --- scoring ---------------------------------------------------------------------------
+    def held_out(self, candidates: dict[str, list[float]], indices: Sequence[int]) -> tuple[dict, dict]:
+        """Each candidate's mean loss on the examples at ``indices`` (token-mean CE per example, no
+        regulariser) and, with ``score="generate"``, its number of exact matches there."""
+        objective = self.objective(indices, loss="mean")
+        names, weights = list(candidates), list(candidates.values())
+        values = [v for s in range(0, len(weights), CHUNK) for v in objective.losses(weights[s : s + CHUNK])]
+        loss = {n: float(v) if math.isfinite(v) else math.inf for n, v in zip(names, values)}
+        correct = {}
+        if self.config.score == "generate":
+            inputs, targets = [self.inputs[i] for i in indices], [self.outputs[i] for i in indices]
+            for name, w in candidates.items():
+                self.composer.compose(w)
+                predictions = generate(self.composer.model, self.tokenizer, inputs,
+                                       max_new_tokens=self.config.max_new_tokens)
+                correct[name] = sum(exact_match(p, t) for p, t in zip(predictions, targets))
+        return loss, correct
+
+    def run_fold(self, task: FoldTask) -> FoldResult:
+        """Fit every search candidate on the fold's fit examples and score every candidate on its held-out ones."""
+        start = time.perf_counter()
+        candidates = self.fixed()
+        fitted, warm, evaluations = {}, {}, 0
+        for setting in self.settings:
+            result, module = self.fit(setting, task.fit)
+            fitted[setting.name] = result.weights
+            evaluations += len(result.history)
+            if module is not None:
+                warm[setting.start] = module
+        candidates.update(fitted)
+        loss, correct = self.held_out(candidates, task.held_out)
+        return FoldResult(task.fold, list(task.held_out), loss, correct, fitted, [warm[r] for r in sorted(warm)],
+                          len(self.settings), evaluations, time.perf_counter() - start)
+
+
+def sequential(run_fold: Callable[[FoldTask], FoldResult], tasks: Sequence[FoldTask]) -> list[FoldResult]:
+    """The default ``map_folds``: one fold after the other, in this process."""
+    return [run_fold(t) for t in tasks]
+
+
+@dataclass
+class Selection:
+    winner: str
+    weights: list[float]
+    search: SearchResult  # the winner's refit on all examples (a fixed candidate: its one evaluation)
+    regularizer: str  # the winner's regulariser, as the recipe names it
+    report: dict  # recipe.search["selection"]
+
+
+def rank_key(config: SelectionConfig, row: dict, order: int):
+    if config.score == "generate":
+        return (-row["cv_accuracy"], row["cv_loss"], order)
+    return (row["cv_loss"], order)
+
+
+def _reason(config: SelectionConfig, rows: list[dict], folds: int) -> str:
+    best = rows[0]
+    if config.score == "generate":
+        what = (f"the highest held-out exact match over {folds} folds ({best['cv_accuracy']:.1f}%, mean held-out "
+                f"loss {best['cv_loss']:.4f} breaks ties)")
+        other = lambda r: f"{r['name']} ({r['cv_accuracy']:.1f}%, loss {r['cv_loss']:.4f})"  # noqa: E731
+    else:
+        what = f"the lowest mean held-out loss over {folds} folds ({best['cv_loss']:.4f})"
+        other = lambda r: f"{r['name']} ({r['cv_loss']:.4f})"  # noqa: E731
+    runner_up = f"; runner-up {other(rows[1])}" if len(rows) > 1 else ""
+    return f"{best['name']} has {what}{runner_up}"
+
+
+def cross_validate(context: SelectionContext, *, map_folds: Callable = sequential) -> list[FoldResult]:
+    """Run every fold (through ``map_folds``) and return their results in fold order."""
+    n = len(context.inputs)
+    folds = make_folds(n, context.config.folds)
+    tasks = [FoldTask(f, tuple(i for i in range(n) if i not in set(held)), tuple(held)) for f, held in enumerate(folds)]
+    results = sorted(map_folds(context.run_fold, tasks), key=lambda r: r.fold)
+    if [r.fold for r in results] != list(range(len(tasks))):
+        raise LoraHubError(f"map_folds returned folds {[r.fold for r in results]}, expected 0..{len(tasks) - 1}")
+    return results
+
+
+def select(context: SelectionContext, *, map_folds: Callable = sequential) -> Selection:
+    """Cross-validate every candidate, pick the winner and refit it on all examples."""
+    started = time.perf_counter()
+    results = cross_validate(context, map_folds=map_folds)
+    return choose(context, results, fold_seconds=time.perf_counter() - started)
+
+
+def choose(context: SelectionContext, results: Sequence[FoldResult], *, fold_seconds: float | None = None) -> Selection:
+    """Rank the candidates by their fold scores, pick the winner and refit it on all examples.
+    ``fold_seconds`` defaults to the folds' own seconds summed."""
+    n = len(context.inputs)
+    if fold_seconds is None:
+        fold_seconds = sum(r.seconds for r in results)
+    generate_score = context.config.score == "generate"
+    if generate_score and any(not r.correct for r in results):
+        raise LoraHubError("score='generate' needs fold results with exact matches: cross-validate with it")
+    names = context.candidate_names()
+    rows = []
+    for order, name in enumerate(names):
+        losses = [r.loss[name] for r in results]
+        row = {"name": name, "kind": BASE if name == BASE else "single" if name.startswith("single:") else "search",
+               "fold_losses": losses, "cv_loss": sum(v * len(r.held_out) for v, r in zip(losses, results)) / n}
+        if generate_score:
+            row["fold_correct"] = [r.correct[name] for r in results]
+            row["cv_accuracy"] = 100.0 * sum(row["fold_correct"]) / n
+        setting = next((s for s in context.settings if s.name == name), None)
+        if setting is not None:
+            row["setting"] = asdict(setting)
+            row["fold_weights"] = [r.weights[name] for r in results]
+        rows.append((rank_key(context.config, row, order), row))
+    ranked = [row for _, row in sorted(rows, key=lambda kr: kr[0])]
+    for rank, row in enumerate(ranked, 1):
+        row["rank"] = rank
+    winner = ranked[0]
+    refit_start = time.perf_counter()
+    setting = next((s for s in context.settings if s.name == winner["name"]), None)
+    warm_start = None
+    if setting is None:  # fixed: nothing to refit, its objective on all examples is recorded
+        weights = context.fixed()[winner["name"]]
+        objective = context.objective(range(n))
+        search = SearchResult(weights=weights, objective=objective(weights), optimizer="none", algorithm="fixed",
+                              budget=0, seed=context.seed)
+        regularizer = None
+    else:
+        search, warm_start = context.fit(setting, range(n))
+        weights, regularizer = search.weights, setting.l1
+    report = {
+        "method": "cv", "score": context.config.score, "scheme": "leave-one-out" if n <= LEAVE_ONE_OUT_MAX else "k-fold",
+        "folds": [r.held_out for r in results], "winner": winner["name"], "reason": _reason(context.config, ranked, len(results)),
+        "candidates": [row for _, row in rows],  # in candidate order; "rank" gives the ranking
+        "fold_warm_starts": [r.warm_starts for r in results], "refit_warm_start": warm_start,
+        "config": {**asdict(context.config), "l1": list(context.config.l1), "budget": context.budget,
+                   "optimizer": str(context.optimizer), "seed": context.seed},
+        "cost": {"fold_searches": sum(r.searches for r in results), "refit_searches": int(setting is not None),
+                 "evaluations": sum(r.evaluations for r in results) + len(search.history),
+                 "fold_seconds": fold_seconds, "refit_seconds": time.perf_counter() - refit_start},
+    }
+    return Selection(winner["name"], list(weights), search,
+                     None if regularizer is None else f"l1({regularizer:g})", report)

@@ -1,0 +1,164 @@
+"""`lorahub-ray bbh`: the table command on the tiny T5 world and two tiny BIG-bench-format tasks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from lorahub_ray.cli import app
+from lorahub_ray.evaluation.bbh import METHODS, run_subsets
+
+DATA = Path(__file__).parent / "data" / "bigbench"
+TASKS = f"{DATA / 'tiny_reverse'},{DATA / 'tiny_first_letter'}"
+
+
+def run_bbh(world, out, *extra):
+    args = ["bbh", "--model", str(world["base"]), "--hub", str(world["hub"]), "--output", str(out), "--tasks", TASKS,
+            "--seeds", "2", "--modules-per-run", "3", "--budget", "4", "--max-new-tokens", "6", "--batch-size", "8",
+            *extra]
+    return CliRunner().invoke(app, args, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def table_dir(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bbh") / "table"
+    result = run_bbh(world, out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_table_has_every_task_method_and_column(table_dir):
+    table = json.loads((table_dir / "table.json").read_text())
+    assert set(table) == {"tasks", "macro"}
+    assert set(table["tasks"]) == {"tiny_reverse", "tiny_first_letter"}
+    for cells in list(table["tasks"].values()) + [table["macro"]]:
+        assert set(cells) == set(METHODS)
+        for cell in cells.values():
+            assert 0 <= cell["accuracy"] <= 100 and cell["tokens_per_example"] > 0 and cell["seconds"] > 0
+    for method in METHODS:
+        assert table["macro"][method]["accuracy"] == pytest.approx(
+            sum(t[method]["accuracy"] for t in table["tasks"].values()) / 2)
+    assert (table_dir / "table.png").stat().st_size > 0
+    for task, cells in table["tasks"].items():
+        # the in-context prompt carries the 5 examples: more tokens than zero-shot, which LoraHub keeps
+        assert cells["icl"]["tokens_per_example"] > 3 * cells["zero_shot"]["tokens_per_example"]
+        assert cells["lorahub_mean"]["tokens_per_example"] == cells["zero_shot"]["tokens_per_example"]
+        runs = cells["lorahub_mean"]["runs"]
+        assert cells["lorahub_mean"]["accuracy"] == pytest.approx(sum(runs.values()) / 2)
+        assert cells["lorahub_best"]["accuracy"] == max(runs.values())
+        for method in METHODS:
+            preds = pq.read_table(table_dir / task / method / "predictions.parquet").to_pydict()
+            assert {"input", "target", "prediction", "correct"} <= set(preds)
+            n = cells[method]["examples"] * (2 if method == "lorahub_mean" else 1)
+            assert len(preds["input"]) == n
+            assert 100 * sum(preds["correct"]) / n == pytest.approx(cells[method]["accuracy"])
+        for seed in (0, 1):
+            recipe = json.loads((table_dir / task / "lorahub_runs" / f"seed_{seed}" / "recipe.json").read_text())
+            assert recipe["seed"] == seed and len(recipe["modules"]) == 3
+    first = pq.read_table(table_dir / "tiny_first_letter" / "zero_shot" / "predictions.parquet").to_pydict()
+    assert all(t.startswith("(") and "\nOptions:\n(A) " in x for x, t in zip(first["input"], first["target"]))
+
+
+def test_rerun_resumes_and_skips_written_cells(world, table_dir):
+    cell = table_dir / "tiny_reverse" / "icl" / "cell.json"
+    kept = table_dir / "tiny_first_letter" / "best_single" / "cell.json"
+    before, kept_before = cell.read_text(), kept.stat().st_mtime_ns
+    import shutil
+
+    shutil.rmtree(cell.parent)  # as if the run had stopped there
+    mean = table_dir / "tiny_reverse" / "lorahub_mean" / "cell.json"
+    mean_before = mean.stat().st_mtime_ns
+    shutil.rmtree(table_dir / "tiny_reverse" / "lorahub_runs" / "seed_1")
+    result = run_bbh(world, table_dir)
+    assert result.exit_code == 0, result.output
+    assert kept.stat().st_mtime_ns == kept_before  # not recomputed
+    assert mean.stat().st_mtime_ns == mean_before  # its cells written: the LoraHub runs are not redone
+    assert not (table_dir / "tiny_reverse" / "lorahub_runs" / "seed_1").exists()
+    redone = json.loads(cell.read_text())
+    assert redone["accuracy"] == json.loads(before)["accuracy"]  # the same cell again
+
+
+def test_other_settings_or_foreign_directory_refused(world, table_dir, tmp_path):
+    result = run_bbh(world, table_dir, "--split-seed", "1")
+    assert result.exit_code == 2 and "other settings" in result.output and "split_seed" in result.output
+    (tmp_path / "mine.txt").write_text("keep me")
+    result = run_bbh(world, tmp_path)
+    assert result.exit_code == 2 and "refusing to overwrite" in result.output
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_bad_task_fails_before_any_model(world, tmp_path):
+    args = ["bbh", "--model", str(tmp_path / "no-model"), "--hub", str(world["hub"]), "--output", str(tmp_path / "o"),
+            "--tasks", "boolean_expressions"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "programmatic" in result.output
+    result = CliRunner().invoke(app, args[:-1] + ["not_a_task"])
+    assert result.exit_code == 2 and "neither a BBH task" in result.output
+
+
+def test_run_subsets_seeded_and_bounded():
+    subsets = run_subsets(30, 5, 20)
+    assert subsets == run_subsets(30, 5, 20) and len({tuple(s) for s in subsets}) == 5
+    assert all(len(s) == 20 == len(set(s)) and max(s) < 30 for s in subsets)
+    assert run_subsets(4, 2, 20) == [[0, 1, 2, 3]] * 2
+
+
+def test_search_and_evaluate_read_bigbench_splits(world, tmp_path):
+    task = DATA / "tiny_reverse"
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["search", "--model", str(world["base"]), "--modules", str(world["hub"]),
+                                      "--examples", str(task), "--split-seed", "2", "--budget", "2", "--output", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "recipe.json").read_text())["num_examples"] == 5  # the few-shot split
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(out), "--data", str(task), "--split-seed", "2",
+                                      "--max-new-tokens", "6", "--output", str(tmp_path / "eval")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["examples"] == 14 - 5 and list(metrics["tasks"]) == ["tiny_reverse"]  # the test split
+    test_inputs = pq.read_table(tmp_path / "eval" / "predictions.parquet").column("input").to_pylist()
+    from lorahub_ray.io.examples import read_examples
+
+    assert not set(read_examples(f"{task}?seed=2").inputs) & set(test_inputs)
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(out), "--data", str(task), "--split", "train"])
+    assert result.exit_code == 2 and "split must be one of fewshot, test" in result.output
+
+
+@pytest.mark.slow
+def test_ray_data_workers_give_the_same_table(world, tmp_path, ray_cluster):
+    """--workers: every evaluation sharded on Ray Data, with the predictions of the in-process table."""
+    from lorahub_ray.api import bbh_table
+
+    options = dict(tasks=[str(DATA / "tiny_first_letter")], seeds=1, modules_per_run=2, budget=2, max_new_tokens=6,
+                   batch_size=4, progress=False)
+    local = bbh_table(str(world["base"]), str(world["hub"]), tmp_path / "local", **options)
+    sharded = bbh_table(str(world["base"]), str(world["hub"]), tmp_path / "ray", workers=1,
+                        address=ray_cluster["address"], **options)
+    for method in ("zero_shot", "icl", "lorahub_best", "best_single"):
+        a = pq.read_table(tmp_path / "local" / "tiny_first_letter" / method / "predictions.parquet").to_pydict()
+        b = pq.read_table(tmp_path / "ray" / "tiny_first_letter" / method / "predictions.parquet").to_pydict()
+        assert a == b, method
+        assert local["tasks"]["tiny_first_letter"][method]["accuracy"] == \
+            sharded["tasks"]["tiny_first_letter"][method]["accuracy"]
+    assert not list((tmp_path / "ray" / "tiny_first_letter").glob("**/.model-*"))  # the saved models are removed
+
+
+def test_hub_may_be_a_catalogue(world, tmp_path):
+    from lorahub_ray.evaluation.bbh import load_hub
+    from lorahub_ray.io import catalogue
+
+    cat = tmp_path / "hub.parquet"
+    catalogue.add(cat, [str(world["hub"])])
+    assert sorted(m.name for m in load_hub(str(cat))) == sorted(m.name for m in load_hub(str(world["hub"])))
+
+
+@pytest.mark.parametrize("command", ["bbh", "search", "evaluate", "compare"])
+def test_help_renders(command):
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--split-seed" in result.output
