@@ -143,7 +143,7 @@ def test_search_survives_the_loss_of_a_worker_node(world, tmp_path):
                     if attempt == 2:
                         raise
             undisturbed = _drive(address, env, world, "s3://two-nodes/calm", kill=None, budget=budget)
-            assert undisturbed["on_head"] == [False, False]  # both evaluators ran on the worker node
+            assert undisturbed["on_head"] == [False]  # the evaluators ran on the worker node only
             raylet = _raylet_of(worker.pid)
             disturbed = _drive(address, env, world, "s3://two-nodes/storm", kill=raylet, budget=budget)
         finally:
@@ -151,7 +151,7 @@ def test_search_survives_the_loss_of_a_worker_node(world, tmp_path):
                 if proc is not None:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(timeout=60)
-        assert disturbed["killed"] == [raylet] and disturbed["on_head"] == [False, False]
+        assert disturbed["killed"] == [raylet] and disturbed["on_head"] == [False]
         assert disturbed["evaluations"] == [budget, budget]  # the full budget, after the node was lost
         assert disturbed["objectives"] == pytest.approx(undisturbed["objectives"], abs=1e-9)
         assert disturbed["weights"] == pytest.approx(undisturbed["weights"], abs=1e-9)
