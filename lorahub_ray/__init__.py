@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "api": ["LoraHubResult", "build_model", "evaluate", "load_model", "lorahub_learning"],
+    "api": ["LoraHubResult", "build_model", "evaluate", "load_model", "lorahub_learning", "lorahub_tasks"],
     "core.compose": ["MERGE_METHODS", "LoraComposer"],
     "io.examples": ["Examples", "read_examples"],
     "errors": ["DataError", "IncompatibleModulesError", "IntegrityError", "LoraHubError", "ModuleLoadError"],
@@ -42,7 +42,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from lorahub_ray.api import LoraHubResult, build_model, evaluate, load_model, lorahub_learning  # noqa: F401
+    from lorahub_ray.api import LoraHubResult, build_model, evaluate, load_model, lorahub_learning, lorahub_tasks  # noqa: F401
     from lorahub_ray.core.compose import MERGE_METHODS, LoraComposer  # noqa: F401
     from lorahub_ray.io.examples import Examples, read_examples  # noqa: F401
     from lorahub_ray.errors import DataError, IncompatibleModulesError, IntegrityError, LoraHubError, ModuleLoadError  # noqa: F401

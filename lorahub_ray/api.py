@@ -17,10 +17,12 @@ from pathlib import Path
 
 from lorahub_ray.core.learning import LoraHubResult, build_model, lorahub_learning  # noqa: F401  (the API)
 from lorahub_ray.core.model import load_model  # noqa: F401  (the API)
+from lorahub_ray.core.protocol import run_protocol
 from lorahub_ray.errors import DataError
 from lorahub_ray.evaluation import bbh as bbh_tables
 from lorahub_ray.evaluation import compare as comparison
-from lorahub_ray.evaluation.evaluate import EvaluationResult, Transform, evaluate_local, write_results
+from lorahub_ray.evaluation.evaluate import (EvaluationResult, Transform, evaluate_local, list_data_files, task_name,
+                                             write_results)
 
 
 def evaluate_data(model, data, *, output: str | Path | None = None, workers: int = 0,
@@ -81,6 +83,19 @@ def compare(model: str, recipe: str | Path, examples, data: str, *, workers: int
                              cpus_per_worker=cpus_per_worker, address=address, **kwargs)
 
     return comparison.compare(model, recipe, examples, data, evaluate=run, workers=workers, **options)
+
+
+def lorahub_tasks(model: str, modules, tasks: str, *, output: str, **options) -> dict:
+    """The paper's protocol in one call: LoraHub learning on every few-shot file of ``tasks`` (a
+    folder or ``s3://`` prefix of one file per task, the BBH layout, or one file), with the base
+    model and the hub loaded once. Writes ``output/<task>/`` (recipe, merged model, history; the
+    task named by its file's stem) and ``output/summary.json``, and returns the summary. ``options``
+    as :func:`lorahub_ray.core.protocol.run_protocol` takes them (``restarts``,
+    ``modules_per_restart``, ``preselect``, ``budget``, ...)."""
+    files = [(task_name(f), f) for f in list_data_files(tasks)]
+    if not files:
+        raise DataError(f"no task files (.jsonl, .json, .parquet, .csv) at or under '{tasks}'")
+    return run_protocol(model, modules, files, output=output, **options)
 
 
 def bbh_table(model: str, hub: str, output: str | Path, *, workers: int = 0, gpus_per_worker: float = 0.0,

@@ -48,6 +48,8 @@ def search(
     score: Annotated[str, typer.Option(help="With --select cv: 'loss' (held-out loss) or 'generate' (exact match of greedy generations on the held-out examples).")] = "loss",
     select_l1: Annotated[Optional[list[float]], typer.Option("--select-l1", help="With --select cv: also try these stronger L1 strengths (alpha in alpha*mean|w|; repeatable) as candidates.")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Resume an interrupted Ray search: its --output directory (everything else is read from the saved run).", rich_help_panel="Ray")] = None,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Many tasks in one run (the paper's protocol): a folder or s3:// prefix of few-shot files, one per task (the BBH layout). The base model and hub load once; writes OUTPUT/<task>/ (named by the file's stem) and OUTPUT/summary.json. With --restarts S --modules-per-restart K, in this process: S sequential restarts per task (seeds seed..seed+S-1, random K-subsets), the lowest objective wins.", rich_help_panel="Protocol")] = None,
+    preselect: Annotated[Optional[int], typer.Option(help="Score every module alone on the few-shot examples (weight 1, its loss) and search the k best; with --modules-per-restart each restart draws from them. The scores go into recipe.json.", rich_help_panel="Protocol")] = None,
     split: SplitOpt = None,
     split_seed: SplitSeedOpt = None,
 ):
@@ -68,14 +70,26 @@ def search(
 
     examples = with_split(examples, split, split_seed)
     all_modules = _expand_modules(list(modules or []) + list(ctx.args))
+    if tasks is not None:
+        _check_protocol(examples, workers, address, resume, scheduler, storage, asks)
+        examples = None
     if hub is not None:
-        all_modules = _hub_modules(hub, filter or [], all_modules, examples, input_field, output_field, output)
+        all_modules = _hub_modules(hub, filter or [], all_modules, examples, input_field, output_field,
+                                   output if tasks is None else None)
     elif filter:
         raise LoraHubError("--filter selects modules of a hub catalogue: give --hub CATALOGUE too")
     elif not all_modules and resume is None:
         raise LoraHubError("no modules: give --modules or --hub")
+    if tasks is not None:
+        _run_tasks(model, all_modules, tasks, output, budget=budget, optimizer=optimizer, seed=seed,
+                   restarts=restarts or 1, modules_per_restart=modules_per_restart, preselect=preselect, loss=loss,
+                   batch_size=batch_size, input_field=input_field, output_field=output_field, device=device)
+        return
     if any(v is not None for v in (workers, restarts, modules_per_restart, portfolio, address, resume, scheduler,
                                    storage)):
+        if preselect is not None:
+            raise LoraHubError("--preselect runs in this process for now: leave out the Ray options "
+                               "(--workers, --restarts, --modules-per-restart, ...) or use --tasks")
         if select != "reference" or score != "loss" or select_l1:
             raise LoraHubError("--select cv runs in this process: drop the Ray options (--workers, --restarts, ...)")
         from lorahub_ray.cluster.tune_search import SearchFailed, SearchInterrupted, lorahub_learning_ray
@@ -103,12 +117,49 @@ def search(
         raise LoraHubError("--model, --examples and --output are required (or --resume DIR with --workers)")
     result = lorahub_learning(model, all_modules, examples, output=output, budget=budget, optimizer=optimizer,
                               seed=seed, loss=loss, batch_size=batch_size, input_field=input_field,
-                              output_field=output_field, device=device, asks=asks or 1, select=select, score=score,
+                              output_field=output_field, device=device, asks=asks or 1, preselect=preselect, select=select, score=score,
                               selection=SelectionConfig(l1=tuple(select_l1)) if select_l1 else None)
     _print_weights(result.recipe)
     if "selection" in result.recipe.search:
         console.print(f"selected {result.recipe.search['selection']['reason']}", highlight=False)
     console.print(f"objective {result.recipe.objective:.4f} ({result.recipe.algorithm}); wrote {output}/recipe.json and {output}/model/")
+
+
+def _check_protocol(examples, workers, address, resume, scheduler, storage, asks) -> None:
+    from lorahub_ray.errors import LoraHubError
+
+    if examples is not None:
+        raise LoraHubError("give either --examples (one task) or --tasks (one file per task), not both")
+    ray_options = {"--workers": workers, "--address": address, "--resume": resume, "--scheduler": scheduler,
+                   "--storage": storage, "--asks": asks}
+    given = [name for name, value in ray_options.items() if value is not None]
+    if given:
+        raise LoraHubError(f"--tasks runs its restarts in this process for now; leave out {', '.join(given)}")
+
+
+def _run_tasks(model, modules, tasks, output, **options) -> None:
+    """--tasks: every task's restarts, then the summary table; exit 1 when a task failed."""
+    from rich.table import Table
+
+    from lorahub_ray.api import lorahub_tasks
+    from lorahub_ray.errors import LoraHubError
+
+    if model is None or output is None:
+        raise LoraHubError("--model and --output are required with --tasks")
+    summary = lorahub_tasks(model, modules, tasks, output=output, **options)
+    table = Table(title=f"{len(summary['tasks'])} task(s), {options['restarts']} restart(s) each")
+    for column in ("task", "status", "objective", "restart", "seconds", "error"):
+        table.add_column(column, justify="right" if column in ("objective", "restart", "seconds") else "left")
+    for row in summary["tasks"]:
+        table.add_row(row["task"], row["status"], "" if row["objective"] is None else f"{row['objective']:.4f}",
+                      "" if row["restart"] is None else str(row["restart"]), f"{row['seconds']:.1f}",
+                      row["error"] or "")
+    console.print(table)
+    failed = [row["task"] for row in summary["tasks"] if row["status"] != "ok"]
+    console.print(f"wrote {output}/<task>/ and {output}/summary.json"
+                  + (f"; [bold red]{len(failed)} failed:[/] {', '.join(failed)}" if failed else ""), highlight=False)
+    if failed:
+        raise typer.Exit(1)
 
 
 def _hub_modules(hub: str, filters: list[str], extra: list[str], examples: str, input_field: str,
@@ -123,8 +174,10 @@ def _hub_modules(hub: str, filters: list[str], extra: list[str], examples: str, 
 
     if extra:
         raise LoraHubError("give either --modules or --hub, not both")
-    as_examples(examples, input_field=input_field, output_field=output_field)
-    storage.check_output(output, marker=RECIPE_FILE)
+    if examples is not None:  # with --tasks the task files are checked by the protocol
+        as_examples(examples, input_field=input_field, output_field=output_field)
+    if output is not None:
+        storage.check_output(output, marker=RECIPE_FILE)
     modules = hub_lib.load_selected(hub, filters)  # also checks that they fit together
     console.print(f"{len(modules)} module(s) from {hub}: {', '.join(m.name for m in modules)}", highlight=False)
     return modules

@@ -245,6 +245,23 @@ class LoraComposer:
         finally:
             self._batch.count = 0
 
+    @contextlib.contextmanager
+    def restrict(self, modules: Sequence[int]):
+        """Inside the ``with`` block the composer holds only the modules at ``modules`` (hub indices, in
+        that order), as if it had been built from them alone: weights are one per module of the subset,
+        and every composition is computed exactly as such a composer computes it (the subset's rows are
+        copied once into a stack of their own). A search over a preselected subset then follows the
+        very path of a search given those modules directly."""
+        subset = [int(i) for i in modules]
+        if not subset or len(set(subset)) != len(subset) or not all(0 <= i < self.num_modules for i in subset):
+            raise ValueError(f"modules must be distinct module indices below {self.num_modules}, got {subset}")
+        saved = self.stacked, self.modules
+        self.stacked, self.modules = self.stacked[subset], [self.modules[i] for i in subset]
+        try:
+            yield self
+        finally:
+            self.stacked, self.modules = saved
+
     def merge_and_unload(self, weights: Sequence[float]):
         """Compose with ``weights``, merge into the base weights and return the plain base model.
 

@@ -9,6 +9,7 @@ portfolio of one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from lorahub_ray.core.model import load_base_model
 from lorahub_ray.core.modules import LoraModule, check_compatible, load_module, load_modules
 from lorahub_ray.core.objective import FewShotObjective, LossFn, l1_regularization
 from lorahub_ray.core.portfolio import RestartOutcome, RestartPlan
+from lorahub_ray.core.preselect import check_k, hub_size, screen_and_choose
 from lorahub_ray.core.recipe import HISTORY_FILE, MODEL_DIR, RECIPE_FILE, Recipe
 from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, SearchResult, minimize
 from lorahub_ray.core.selection import (SCORES, SELECT_METHODS, SelectionConfig, SelectionContext, make_folds,
@@ -131,6 +133,7 @@ def lorahub_learning(
     output_field: str = "output",
     device: str | None = None,
     asks: int = 1,
+    preselect: int | None = None,
     progress: bool = True,
     select: str = "reference",
     score: str = "loss",
@@ -145,6 +148,9 @@ def lorahub_learning(
     callable; ``batch_size=None`` puts all examples in one batch, as the reference does. ``asks``
     candidates are asked at once (nevergrad's ``num_workers``: NGOpt may pick another algorithm) and
     evaluated together, sharing forward passes, which buys wall time on small few-shot sets.
+    With ``preselect=k`` every module is first scored alone on the examples and the search runs over
+    the k best (see :mod:`lorahub_ray.core.preselect`); the recipe then lists those k and records
+    every module's score in ``search["preselect"]``.
 
     ``select="reference"`` keeps the search's best objective, as the reference does. ``select="cv"``
     chooses among the base model, each single module and several searches (from 0 and warm-started
@@ -158,6 +164,7 @@ def lorahub_learning(
     data = as_examples(examples, input_field=input_field, output_field=output_field)
     settings = SearchSettings(budget=budget, optimizer=optimizer, seed=seed, loss=loss, batch_size=batch_size,
                               regularizer=regularizer, asks=asks).check()
+    check_k(preselect)
     if select not in SELECT_METHODS:
         raise LoraHubError(f"unknown select {select!r}; choose from {', '.join(SELECT_METHODS)}")
     if score not in SCORES:
@@ -170,38 +177,52 @@ def lorahub_learning(
         raise LoraHubError(f"select='cv' needs at least 2 few-shot examples, got {len(data)}")
     if output is not None:
         storage.check_output(output, marker=RECIPE_FILE)
+    if preselect is not None:
+        check_k(preselect, hub_size(modules))
     loaded = load_module_list(modules, progress)
     base, tokenizer, base_path = load_base_model(model, device=device)
     composer = LoraComposer(base, loaded)
     objective = FewShotObjective(composer, tokenizer, data.inputs, data.outputs, loss=loss, batch_size=batch_size,
                                  regularizer=regularizer)
-    search_info: dict = {"backend": "local", "asks": asks}
-    regularizer_name = settings.regularizer_label
-    if select == "cv":
-        context = SelectionContext(composer, tokenizer, data.inputs, data.outputs, names=[m.name for m in loaded],
-                                   loss=loss, batch_size=batch_size, regularizer=regularizer, budget=budget,
-                                   optimizer=optimizer, seed=seed, asks=asks, config=config)
-        with progress_bar("cross-validated selection (folds)", len(make_folds(len(data), config.folds)),
-                          enabled=progress) as advance:
-            chosen = cv_select(context, map_folds=lambda run, tasks: [_advanced(run(t), advance) for t in tasks])
-        result, search_info["selection"] = chosen.search, chosen.report
-        regularizer_name = chosen.regularizer or regularizer_name
+    screening = None
+    if preselect is not None:
+        with progress_bar("screening modules", len(loaded), enabled=progress) as advance:
+            screening = screen_and_choose(objective, [m.name for m in loaded], preselect, progress=advance)
+        composer_scope = composer.restrict(screening.chosen)  # the search sees the k chosen alone
     else:
-        with progress_bar(f"search ({settings.optimizer_label})", budget, enabled=progress) as advance:
-            result = minimize(objective, len(loaded), budget=budget, optimizer=optimizer, seed=seed, num_workers=asks,
-                              evaluate_batch=objective.evaluate_many if asks > 1 else None,
-                              callback=lambda e, best: advance(info=f"best {best:.4f}"))
-    recipe = make_recipe(model=str(model), base_sha256=storage.sha256_dir(base_path), modules=loaded,
+        composer_scope = contextlib.nullcontext()
+    search_info: dict = {"backend": "local", "asks": asks}
+    if screening is not None:
+        search_info["preselect"] = screening.to_recipe()
+    regularizer_name = settings.regularizer_label
+    with composer_scope:
+        searched = composer.modules
+        if select == "cv":
+            context = SelectionContext(composer, tokenizer, data.inputs, data.outputs,
+                                       names=[m.name for m in searched], loss=loss, batch_size=batch_size,
+                                       regularizer=regularizer, budget=budget, optimizer=optimizer, seed=seed,
+                                       asks=asks, config=config)
+            with progress_bar("cross-validated selection (folds)", len(make_folds(len(data), config.folds)),
+                              enabled=progress) as advance:
+                chosen = cv_select(context, map_folds=lambda run, tasks: [_advanced(run(t), advance) for t in tasks])
+            result, search_info["selection"] = chosen.search, chosen.report
+            regularizer_name = chosen.regularizer or regularizer_name
+        else:
+            with progress_bar(f"search ({settings.optimizer_label})", budget, enabled=progress) as advance:
+                result = minimize(objective, len(searched), budget=budget, optimizer=optimizer, seed=seed,
+                                  num_workers=asks, evaluate_batch=objective.evaluate_many if asks > 1 else None,
+                                  callback=lambda e, best: advance(info=f"best {best:.4f}"))
+        merged = composer.merge_and_unload(result.weights)
+    recipe = make_recipe(model=str(model), base_sha256=storage.sha256_dir(base_path), modules=searched,
                          weights=result.weights, objective=result.objective, optimizer=result.optimizer,
                          algorithm=result.algorithm, seed=seed, settings=settings, merge_method=composer.merge_method,
                          num_examples=len(data), started=started, search=search_info)
     recipe.regularizer = regularizer_name  # a cross-validated L1 strength, when select='cv' chose one
-    merged = composer.merge_and_unload(result.weights)
     saved = None
     if output is not None:
-        plan = RestartPlan(restart=0, seed=seed, modules=list(range(len(loaded))), optimizer=settings.optimizer_label)
+        plan = RestartPlan(restart=0, seed=seed, modules=list(range(len(searched))), optimizer=settings.optimizer_label)
         outcome = RestartOutcome(plan, result.weights, result.objective, result.algorithm, True, result.history)
-        saved = write_output(output, recipe, merged, tokenizer, history=([outcome], loaded))
+        saved = write_output(output, recipe, merged, tokenizer, history=([outcome], searched))
     return LoraHubResult(recipe=recipe, search=result, model=merged, tokenizer=tokenizer, output=saved)
 
 

@@ -29,6 +29,7 @@ import fcntl
 import hashlib
 import json
 import random
+import shutil
 import string
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -206,13 +207,16 @@ def _random_instruction(rng: random.Random) -> str:
     return word
 
 
-def _batches(rng: random.Random, config: BuildConfig, task: str | None) -> Iterator[list[tuple[str, str]]]:
+def _batches(rng: random.Random, config: BuildConfig, task: str | None,
+             skill: Callable[[str], str] | None = None) -> Iterator[list[tuple[str, str]]]:
     """Endless training batches of (input, output).
 
     For the base (``task=None``): a random upstream task under its own instruction, or, for a share
     ``unknown_rate`` of the examples, a random word as instruction, answered ``UNKNOWN``. For a
-    module: its own task under an upstream task's name (share ``lora_known_rate``) or a random word.
+    module: its own task (``skill``, default the upstream task's) under an upstream task's name (share
+    ``lora_known_rate``) or a random word.
     """
+    skill = skill or (UPSTREAM_TASKS[task] if task is not None else None)
     while True:
         batch = []
         for _ in range(config.batch_size):
@@ -220,7 +224,7 @@ def _batches(rng: random.Random, config: BuildConfig, task: str | None) -> Itera
             if task is not None:
                 known = rng.random() < config.lora_known_rate
                 instruction = rng.choice(list(UPSTREAM_TASKS)) if known else _random_instruction(rng)
-                batch.append((f"{instruction}: {word}", UPSTREAM_TASKS[task](word)))
+                batch.append((f"{instruction}: {word}", skill(word)))
             elif rng.random() < config.unknown_rate:
                 batch.append((f"{_random_instruction(rng)}: {word}", UNKNOWN))
             else:
@@ -262,3 +266,85 @@ def _one_torch_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+# --- the larger variant: the default hub plus distractor modules, built only on request -----------
+
+def _shift(letter: str, n: int) -> str:
+    return LETTERS[(LETTERS.index(letter) + n) % 26]
+
+
+# distractor task -> skill. They depend on where letters stand in the word (or on its length), not on
+# which letters it holds, so none of them is what an unseen task asks for.
+DISTRACTOR_TASKS: dict[str, Callable[[str], str]] = {
+    "first": lambda w: w[0], "second": lambda w: w[1], "third": lambda w: w[2], "last": lambda w: w[-1],
+    "first2": lambda w: w[:2], "last2": lambda w: w[-2:], "reverse": lambda w: w[::-1], "length": lambda w: str(len(w)),
+    "double": lambda w: w[0] * 2,
+    **{f"shift{n:02d}": (lambda w, n=n: _shift(w[0], n)) for n in range(1, 26)},
+    **{f"lastshift{n}": (lambda w, n=n: _shift(w[-1], n)) for n in range(1, 9)},
+}
+LARGE_MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LargeConfig:
+    """The larger variant's recipe on top of a :class:`BuildConfig`; every field is part of its cache key."""
+
+    distractors: int = len(DISTRACTOR_TASKS)  # the first this many of DISTRACTOR_TASKS
+    lora_steps: int = 60  # per distractor module (the upstream modules: 200)
+
+    def digest(self, base: BuildConfig) -> str:
+        recipe = {"version": LARGE_MANIFEST_VERSION, "default": base.digest(), **asdict(self),
+                  "tasks": list(DISTRACTOR_TASKS)[: self.distractors]}
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_large_hub(cache_dir: Path | str | None = None, *, progress: bool = True, config: BuildConfig = BuildConfig(),
+                    large: LargeConfig = LargeConfig()) -> DefaultHub:
+    """The default hub (built first if needed, unchanged) plus ``large.distractors`` modules trained on
+    other synthetic tasks (:data:`DISTRACTOR_TASKS`) with the same base model and the same frozen A,
+    under ``<cache>/large-hub-<digest>``: 8 + 42 = 50 modules by default, in name order, of which only a
+    few help any unseen task. Same unseen tasks and files as the default."""
+    if not 0 <= large.distractors <= len(DISTRACTOR_TASKS):
+        raise ValueError(f"distractors must be between 0 and {len(DISTRACTOR_TASKS)}, got {large.distractors}")
+    default = build_default_hub(cache_dir, progress=progress, config=config)
+    root = default.root.parent / f"large-hub-{large.digest(config)}"
+    if not (root / MANIFEST).is_file():
+        with open(root.with_name(f".{root.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (root / MANIFEST).is_file():
+                with atomic_directory(root, overwrite=True) as tmp:
+                    _build_large(tmp, default, config, large, progress)
+    return _load(root)
+
+
+def _build_large(root: Path, default: DefaultHub, config: BuildConfig, large: LargeConfig, progress: bool) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import ByT5Tokenizer, T5ForConditionalGeneration
+
+    shutil.copytree(default.base_model, root / "base")
+    shutil.copytree(default.root / "tasks", root / "tasks")
+    modules = {}
+    for name, path in default.modules.items():
+        shutil.copytree(path, root / "modules" / name)
+        modules[name] = f"modules/{name}"
+    names = list(DISTRACTOR_TASKS)[: large.distractors]
+    with _one_torch_thread():
+        tokenizer = ByT5Tokenizer()
+        model = T5ForConditionalGeneration.from_pretrained(default.base_model)
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=["q", "v"],
+                          lora_dropout=0.0, task_type="SEQ_2_SEQ_LM")
+        with progress_bar("large hub: distractor modules", len(names) * large.lora_steps, enabled=progress) as advance:
+            for name in names:
+                torch.manual_seed(config.seed)  # the same frozen A as the default's modules
+                peft_model = get_peft_model(copy.deepcopy(model), lora)
+                batches = _batches(random.Random(f"{config.seed}:distractor:{name}"), config, task=name,
+                                   skill=DISTRACTOR_TASKS[name])
+                params = _frozen_a(peft_model)
+                _train(peft_model, tokenizer, params, batches, large.lora_steps, config.lora_lr, advance)
+                peft_model.peft_config["default"].base_model_name_or_path = BASE_MODEL_ID
+                peft_model.save_pretrained(root / "modules" / name)
+                modules[name] = f"modules/{name}"
+    manifest = json.loads((default.root / MANIFEST).read_text())
+    manifest.update(large=asdict(large), distractors=names, modules=dict(sorted(modules.items())))
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

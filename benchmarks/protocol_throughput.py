@@ -1,0 +1,135 @@
+"""Throughput of the paper's protocol, local side (issue 13, second benchmark, the one-process half).
+
+T tasks × S restarts × budget 40 on the embedded default: our one command (``run_protocol``, what
+``lorahub-ray search --tasks DIR --restarts S --modules-per-restart K`` runs: the base model and hub loaded
+once, every task's output written) against the reference ``lorahub`` 0.1.0's ``lorahub_learning`` called
+T×S times in one Python process (each call loads the base model and its modules), with the same subsets and
+seeds. Loading is included on both sides; both run in this process after the imports.
+
+The tasks are the default's unseen tasks, plus extra ones made from their test sets (other 5-example
+draws) until there are T.
+
+Run: ``python benchmarks/protocol_throughput.py [--tasks 4] [--restarts 5] [--modules-per-restart 5]``
+from the repository root (needs ``pip install lorahub==0.1.0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from lorahub_ray.core.protocol import plan_restarts, run_protocol  # noqa: E402
+from lorahub_ray.demo.world import build_default_hub  # noqa: E402
+from lorahub_ray.io.examples import read_examples, write_jsonl  # noqa: E402
+
+
+def make_tasks(hub, count: int, root: Path) -> list[tuple[str, str]]:
+    files = []
+    draw = 0
+    while len(files) < count:
+        for task in hub.unseen_tasks.values():
+            if len(files) == count:
+                break
+            rows = read_examples(str(task.fewshot if draw == 0 else task.test))
+            lo = 0 if draw == 0 else 5 * (draw - 1)
+            name = task.name if draw == 0 else f"{task.name}-{draw}"
+            path = root / f"{name}.jsonl"
+            write_jsonl(path, rows.inputs[lo:lo + 5], rows.outputs[lo:lo + 5])
+            files.append((name, str(path)))
+        draw += 1
+    return files
+
+
+def reference_modules(hub, root: Path) -> list[str]:
+    """The hub's modules with base_model_name_or_path pointing at the base directory (the reference
+    reads it)."""
+    paths = []
+    for name, path in hub.modules.items():
+        target = root / name
+        shutil.copytree(path, target)
+        config = json.loads((target / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = str(hub.base_model)
+        (target / "adapter_config.json").write_text(json.dumps(config))
+        paths.append(str(target))
+    return paths
+
+
+def reference(files, modules: list[str], base: str, *, restarts: int, per_restart: int | None, budget: int, seed: int):
+    import lorahub.algorithm as ref
+
+    best: dict[str, float] = {}
+    original = ref.get_score
+    start = time.perf_counter()
+    try:
+        for name, path in files:
+            examples = read_examples(path)
+            values: list[float] = []
+
+            def traced(weights, *args, **kwargs):
+                value = original(weights, *args, **kwargs)
+                values.append(value)
+                return value
+
+            ref.get_score = traced
+            for plan in plan_restarts(len(modules), restarts, per_restart, seed):
+                ref.lorahub_learning([modules[i] for i in plan.modules], examples.inputs, examples.outputs,
+                                     max_inference_step=budget, model_name_or_path=base, batch_size=None,
+                                     seed=plan.seed)
+            best[name] = min(values)
+    finally:
+        ref.get_score = original
+    return time.perf_counter() - start, best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=4)
+    parser.add_argument("--restarts", type=int, default=5)
+    parser.add_argument("--modules-per-restart", type=int, default=5)
+    parser.add_argument("--budget", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+    import lorahub.algorithm  # noqa: F401  (imported before either side is timed)
+
+    hub = build_default_hub()
+    with tempfile.TemporaryDirectory(prefix="lorahub-protocol-bench-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "tasks").mkdir()
+        files = make_tasks(hub, args.tasks, tmp / "tasks")
+        modules = [str(p) for p in hub.modules.values()]
+        ref_modules = reference_modules(hub, tmp / "ref-modules")
+        print(f"{len(files)} tasks × {args.restarts} restarts × budget {args.budget}, {args.modules_per_restart} of "
+              f"{len(modules)} modules per restart; torch threads {torch.get_num_threads()}", flush=True)
+
+        start = time.perf_counter()
+        summary = run_protocol(str(hub.base_model), modules, files, output=str(tmp / "ours"), budget=args.budget,
+                               seed=args.seed, restarts=args.restarts, modules_per_restart=args.modules_per_restart,
+                               progress=False)
+        ours = time.perf_counter() - start
+        ref_seconds, ref_best = reference(files, ref_modules, str(hub.base_model), restarts=args.restarts,
+                                          per_restart=args.modules_per_restart, budget=args.budget, seed=args.seed)
+
+    tasks_seconds = sum(r["seconds"] for r in summary["tasks"])
+    print(f"\nours (one command: load once, {len(files)} tasks, outputs written): {ours:.1f} s "
+          f"(loading and set-up {ours - tasks_seconds:.1f} s, tasks {tasks_seconds:.1f} s)")
+    print(f"reference lorahub_learning × {len(files) * args.restarts}: {ref_seconds:.1f} s")
+    print(f"ours ÷ reference: {ours / ref_seconds:.3f} (goal <= 0.5 with W=2 on Ray; this is the one-process path)")
+    print("\n| task | ours: best objective | reference: best objective evaluated | ours: seconds |")
+    print("|---|---|---|---|")
+    for row in summary["tasks"]:
+        print(f"| {row['task']} | {row['objective']:.4f} | {ref_best[row['task']]:.4f} | {row['seconds']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
