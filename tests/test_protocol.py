@@ -128,7 +128,7 @@ def test_tasks_one_malformed_the_others_finish(world, task_dir, tmp_path):
         for (key, a), (_, b) in zip(rebuilt.state_dict().items(), saved.state_dict().items()):
             assert torch.allclose(a, b, atol=1e-6), key
         history = pq.read_table(out / name / "history.parquet").to_pydict()
-        assert sorted(set(history["trial"])) == [0, 1, 2] and len(history["trial"]) == 18
+        assert sorted(set(history["restart"])) == [0, 1, 2] and len(history["restart"]) == 18
     assert rows["first"]["objective"] != rows["reverse"]["objective"]  # each task searched its own examples
 
 

@@ -1,4 +1,4 @@
-"""Sharded evaluation with Ray Data, the partial-sum objective and the paper's comparison."""
+"""Sharded evaluation with Ray Data and the paper's comparison."""
 
 import json
 import random
@@ -20,7 +20,6 @@ from lorahub_ray.evaluation.evaluate import (
     group_of,
     list_data_files,
 )
-from lorahub_ray.core.partial import PartialObjective, combine, shard_ranges
 from lorahub_ray.demo.world import build_default_hub
 
 TIMING = ("seconds", "examples_per_second", "workers", "cpus_per_worker", "gpus_per_worker")
@@ -166,62 +165,6 @@ def test_s3_prefix_in_process(s3_tasks, learned_model, in_process):
     """JSONL, Parquet and CSV read from a real S3 API (moto server on loopback) give the local result."""
     local = evaluate_data(str(learned_model), s3_tasks, batch_size=4, max_new_tokens=6, progress=False)
     assert local.predictions == in_process.predictions
-
-
-# --- the sharded objective -----------------------------------------------------------------------
-
-
-def test_shard_ranges_hold_whole_batches():
-    assert shard_ranges(10, num_shards=3, batch_size=2) == [range(0, 4), range(4, 8), range(8, 10)]
-    assert shard_ranges(10, num_shards=8, batch_size=4) == [range(0, 4), range(4, 8), range(8, 10)]
-    assert shard_ranges(5, num_shards=4, batch_size=None) == [range(0, 5)]  # one batch: no split
-    for n, w, b in [(50, 4, 8), (5000, 7, 32), (13, 2, 1)]:
-        ranges = shard_ranges(n, num_shards=w, batch_size=b)
-        assert [i for r in ranges for i in r] == list(range(n))
-        assert all(r.start % b == 0 for r in ranges)
-
-
-@pytest.mark.parametrize("loss, batch_size", [("reference", 3), ("reference", None), ("mean", 2)])
-def test_partial_sums_equal_the_unsharded_objective(world, loss, batch_size):
-    from lorahub_ray.core.compose import LoraComposer
-    from lorahub_ray.core.model import load_base_model
-
-    rows = _rows(23, 5)
-    inputs, outputs = [r["input"] for r in rows], [r["output"] for r in rows]
-    base, tok, _ = load_base_model(str(world["base"]), device="cpu")
-    composer = LoraComposer(base, lr.load_modules([str(world["hub"])]))
-    whole = lr.FewShotObjective(composer, tok, inputs, outputs, loss=loss, batch_size=batch_size)
-    parts = [PartialObjective(composer, tok, inputs[r.start : r.stop], outputs[r.start : r.stop], loss=loss,
-                              batch_size=batch_size)
-             for r in shard_ranges(len(inputs), num_shards=3, batch_size=batch_size)]
-    candidates = ([0.0, 0.0, 0.0, 0.0], [0.5, -1.2, 0.3, 1.4], [1.5, 1.5, -1.5, 0.1])
-    for w in candidates:
-        assert combine([p(w) for p in parts], w) == pytest.approx(whole(w), abs=1e-6)
-    shared = [p.many(candidates) for p in parts]  # the candidates sharing forward passes, per shard
-    assert [combine([s[i] for s in shared], w) for i, w in enumerate(candidates)] == pytest.approx(
-        [whole(w) for w in candidates], abs=1e-6)
-
-
-def test_sharded_objective_on_ray_actors(ray_cluster, world):
-    from lorahub_ray.core.compose import LoraComposer
-    from lorahub_ray.core.model import load_base_model
-    from lorahub_ray.cluster.evaluators import ShardedObjective
-    from lorahub_ray.core.search import minimize
-
-    rows = _rows(12, 7)
-    data = (tuple(r["input"] for r in rows), tuple(r["output"] for r in rows))
-    base, tok, _ = load_base_model(str(world["base"]), device="cpu")
-    whole = lr.FewShotObjective(LoraComposer(base, lr.load_modules([str(world["hub"])])), tok, *data,
-                                batch_size=4)
-    with ShardedObjective(str(world["base"]), [str(world["hub"])], data, workers=2, batch_size=4,
-                          cpus_per_worker=0.5) as sharded:
-        assert len(sharded.actors) == 2 and sharded.dim == 4
-        candidates = [[0.1, -0.4, 0.9, 0.0], [-1.0, 0.2, 0.3, 1.1]]
-        assert sharded.evaluate_batch(candidates) == pytest.approx([whole(w) for w in candidates], abs=1e-6)
-        result = minimize(sharded, sharded.dim, budget=4, evaluate_batch=sharded.evaluate_batch, num_workers=2)
-    expected = minimize(whole, 4, budget=4, num_workers=2)
-    assert result.weights == pytest.approx(expected.weights)
-    assert result.objective == pytest.approx(expected.objective, abs=1e-6)
 
 
 # --- the comparison ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``lorahub-ray search``: LoraHub learning, in this process or on Ray Tune."""
+"""``lorahub-ray search``: LoraHub learning, in this process or on Ray (a portfolio of restarts)."""
 
 from __future__ import annotations
 
@@ -36,14 +36,15 @@ def search(
     device: DeviceOpt = None,
     template: TemplateOpt = None,
     workers: Annotated[Optional[int], typer.Option(help="Run on Ray with this many evaluator actors (each holds the model once). Without it (and without --restarts/--address/--resume) the search runs in this process.", rich_help_panel="Ray")] = None,
-    restarts: Annotated[Optional[int], typer.Option(help="Independent searches (seeds seed, seed+1, ...) run as concurrent Ray Tune trials; the best wins.", rich_help_panel="Ray")] = None,
+    restarts: Annotated[Optional[int], typer.Option(help="Restarts of the portfolio (default: --workers): restart 0 is the one-process search, the others permute the module order and use seeds seed+1, ...; they run in lockstep over the workers and the lowest objective wins.", rich_help_panel="Ray")] = None,
     modules_per_restart: Annotated[Optional[int], typer.Option(help="Each restart searches a random subset of this many modules (the paper: 20).", rich_help_panel="Ray")] = None,
+    portfolio: Annotated[Optional[str], typer.Option(help="Optimizers for restarts 1, 2, ... (cycled), e.g. Cobyla,CMA,OnePlusOne; restart 0 runs --optimizer.", rich_help_panel="Ray")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster: 'auto', host:port or ray://host:10001 (default: $RAY_ADDRESS, else a private local Ray).", rich_help_panel="Ray")] = None,
     cpus_per_worker: Annotated[Optional[float], typer.Option(help="CPUs per evaluator actor (default: an equal share of the cluster, at most 1).", rich_help_panel="Ray")] = None,
     gpus_per_worker: Annotated[float, typer.Option(help="GPUs per evaluator actor; fractions such as 0.25 let actors share a GPU.", rich_help_panel="Ray")] = 0.0,
-    scheduler: Annotated[Optional[str], typer.Option(help="'asha' stops hopeless restarts early; default: run all to the budget.", rich_help_panel="Ray")] = None,
-    asks: Annotated[Optional[int], typer.Option(min=1, help="Candidates asked at once per search (nevergrad's num_workers) and evaluated together, sharing forward passes; default 1 in this process, ceil(workers / restarts) on Ray. More asks buy wall time at some cost in quality.")] = None,
-    storage: Annotated[Optional[str], typer.Option(help="Ray Tune experiment storage (default: OUTPUT.tune; use shared storage such as s3:// on a multi-node cluster).", rich_help_panel="Ray")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="'asha': successive halving of the restarts (at budget/4, budget/2, ... evaluations the worse half stops; restart 0 never); default: run all to the budget.", rich_help_panel="Ray")] = None,
+    asks: Annotated[Optional[int], typer.Option(min=1, help="Candidates asked at once per search (nevergrad's num_workers) and evaluated together, sharing forward passes; default 1. More asks trade quality for time (NGOpt then picks another algorithm): a warning says so.")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Where the run's state is saved after every round (default: OUTPUT.search; s3:// works).", rich_help_panel="Ray")] = None,
     select: Annotated[str, typer.Option(help="'reference': keep the search's lowest few-shot objective (the reference). 'cv': choose among the base model, each single module and searches (from 0 and warm-started at the best single modules) by cross-validation over the examples (leave-one-out up to 5, else 5-fold), then refit the winner on all examples. In this process only.")] = "reference",
     score: Annotated[str, typer.Option(help="With --select cv: 'loss' (held-out loss) or 'generate' (exact match of greedy generations on the held-out examples).")] = "loss",
     select_l1: Annotated[Optional[list[float]], typer.Option("--select-l1", help="With --select cv: also try these stronger L1 strengths (alpha in alpha*mean|w|; repeatable) as candidates.")] = None,
@@ -59,7 +60,7 @@ def search(
 
         lorahub-ray search --model google/flan-t5-large --modules hub/ --examples fewshot.jsonl --output runs/task
 
-    On Ray (a local one, or a cluster with --address), 5 restarts over 2 model-holding actors:
+    On Ray (a local one, or a cluster with --address), a portfolio of 5 restarts over 2 model-holding actors:
 
         lorahub-ray search -m google/flan-t5-large --modules hub/ -e fewshot.jsonl -o runs/task --workers 2 --restarts 5
     """
@@ -85,7 +86,8 @@ def search(
                    restarts=restarts or 1, modules_per_restart=modules_per_restart, preselect=preselect, loss=loss,
                    batch_size=batch_size, input_field=input_field, output_field=output_field, device=device)
         return
-    if any(v is not None for v in (workers, restarts, modules_per_restart, address, resume, scheduler, storage)):
+    if any(v is not None for v in (workers, restarts, modules_per_restart, portfolio, address, resume, scheduler,
+                                   storage)):
         if preselect is not None:
             raise LoraHubError("--preselect runs in this process for now: leave out the Ray options "
                                "(--workers, --restarts, --modules-per-restart, ...) or use --tasks")
@@ -95,8 +97,9 @@ def search(
 
         try:
             result = lorahub_learning_ray(
-            model, all_modules, examples, output=output, workers=workers or 2, restarts=restarts or 1,
-            modules_per_restart=modules_per_restart, budget=budget, optimizer=optimizer, seed=seed, loss=loss,
+            model, all_modules, examples, output=output, workers=workers or 2, restarts=restarts,
+            modules_per_restart=modules_per_restart, portfolio=_expand_modules([portfolio]) if portfolio else None,
+            budget=budget, optimizer=optimizer, seed=seed, loss=loss,
             batch_size=batch_size, input_field=input_field, output_field=output_field, address=address,
             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, device=device, scheduler=scheduler,
             asks=asks, storage_path=storage, resume=resume, template=template or "plain")
@@ -108,7 +111,7 @@ def search(
             raise typer.Exit(1) from None
         _print_weights(result.recipe)
         console.print(f"objective {result.recipe.objective:.4f} ({result.recipe.algorithm}, restart "
-                      f"{result.best.restart} of {len(result.trials)}) in {result.seconds:.1f} s; wrote "
+                      f"{result.best.restart} of {len(result.restarts)}) in {result.seconds:.1f} s; wrote "
                       f"{result.output}/recipe.json, model/, history.parquet and search.png")
         return
     if model is None or examples is None or output is None:

@@ -1,8 +1,10 @@
 """LoraHub learning in one process: load, search, merge, and write the output (recipe, model, history).
 
 The search on Ray (:mod:`lorahub_ray.cluster.tune_search`) shares what lies around the search
-itself: :func:`load_module_list`, :func:`make_recipe` and :func:`write_output`, whose history
-table (:func:`write_history`) has one schema for both backends.
+itself: the settings and their checks (:class:`~lorahub_ray.core.settings.SearchSettings`),
+:func:`load_module_list`, :func:`make_recipe` and :func:`write_output`, whose history table
+(:func:`write_history`) has one schema for both backends: the local search is restart 0 of a
+portfolio of one.
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ from lorahub_ray.errors import IntegrityError, LoraHubError
 from lorahub_ray.core.families import check_template
 from lorahub_ray.core.model import base_family, base_model_sha256, load_base_model
 from lorahub_ray.core.modules import LoraModule, check_compatible, load_module, load_modules
-from lorahub_ray.core.objective import LOSSES, FewShotObjective, LossFn, l1_regularization
+from lorahub_ray.core.objective import FewShotObjective, LossFn, l1_regularization
+from lorahub_ray.core.portfolio import RestartOutcome, RestartPlan
 from lorahub_ray.core.preselect import check_k, hub_size, screen_and_choose
-from lorahub_ray.progress import progress_bar
 from lorahub_ray.core.recipe import HISTORY_FILE, MODEL_DIR, RECIPE_FILE, Recipe
+from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, SearchResult, minimize
 from lorahub_ray.core.selection import (SCORES, SELECT_METHODS, SelectionConfig, SelectionContext, make_folds,
                                        select as cv_select)
-from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, SearchResult, check_optimizer, minimize
+from lorahub_ray.core.settings import SearchSettings
+from lorahub_ray.progress import progress_bar
 
 
 @dataclass
@@ -58,34 +62,57 @@ def load_module_list(modules: Sequence[str | LoraModule], progress: bool) -> lis
         return load_modules(uris, progress=lambda m: advance(info=m.name))
 
 
-def write_output(output: str | Path, recipe: Recipe, model, tokenizer, history: SearchResult | None = None,
+def make_recipe(*, model: str, base_sha256: str, modules: Sequence[LoraModule], weights: Sequence[float],
+                objective: float, optimizer: str, algorithm: str, seed: int, settings: SearchSettings,
+                merge_method: str, num_examples: int, started: str, search: dict, template: str = "plain") -> Recipe:
+    """The recipe of a finished search, local or on Ray (``search`` says how it ran; ``optimizer`` and
+    ``seed`` are the winning restart's)."""
+    return Recipe(
+        base_model=str(model), base_model_sha256=base_sha256,
+        modules=[{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in modules],
+        weights=[float(w) for w in weights], objective=float(objective), optimizer=optimizer,
+        algorithm=algorithm, budget=settings.budget, seed=seed, loss=settings.loss_label,
+        batch_size=settings.batch_size, regularizer=settings.regularizer_label, merge_method=merge_method,
+        template=template, num_examples=num_examples, started=started, finished=now(), search=search)
+
+
+def write_output(output: str | Path, recipe: Recipe, model, tokenizer,
+                 history: tuple[Sequence[RestartOutcome], Sequence[LoraModule]] | None = None,
                  extra: Callable[[Path], None] | None = None) -> Path | str:
-    """Write ``recipe.json``, ``model/`` (merged, ``save_pretrained``) and ``history.parquet`` atomically
-    (to a local directory, or to ``s3://...`` with ``recipe.json`` uploaded last); ``extra(directory)``
-    may add more files before the output is published."""
+    """Write ``recipe.json``, ``model/`` (merged, ``save_pretrained``) and ``history.parquet``
+    (``history = (outcomes, modules)``, see :func:`write_history`) atomically (to a local directory,
+    or to ``s3://...`` with ``recipe.json`` uploaded last); ``extra(directory)`` may add more files
+    before the output is published."""
     with storage.output_directory(output, marker=RECIPE_FILE) as tmp:
         model.save_pretrained(tmp / MODEL_DIR)
         tokenizer.save_pretrained(tmp / MODEL_DIR)
         if history is not None:
-            write_history(tmp / HISTORY_FILE, history)
+            write_history(tmp / HISTORY_FILE, *history)
         if extra is not None:
             extra(tmp)
         recipe.save(tmp)  # last: a directory with recipe.json is complete
     return str(output) if storage.is_remote(str(output)) else Path(output)
 
 
-def write_history(path: Path, search: SearchResult) -> None:
-    import pyarrow as pa
+def write_history(path: Path, outcomes: Sequence[RestartOutcome], modules: Sequence[LoraModule]) -> None:
+    """Every evaluation of every restart, one row each: restart, seed, optimizer, algorithm, step, modules
+    (names, in the restart's order), weights (in that order), objective, seconds (of the evaluation)
+    and wall (seconds since the restart's search started)."""
+    import pyarrow as pa  # only for writing the table
     import pyarrow.parquet as pq
 
-    rows = search.history
+    rows = [(o, e) for o in outcomes for e in o.history]
     table = pa.table({
-        "trial": [e.trial for e in rows],
-        "step": [e.step for e in rows],
-        "weights": [e.weights for e in rows],
-        "objective": [e.objective for e in rows],
-        "seconds": [e.seconds for e in rows],
-        "algorithm": [search.algorithm] * len(rows),
+        "restart": pa.array([o.restart for o, _ in rows], pa.int32()),
+        "seed": pa.array([o.plan.seed for o, _ in rows], pa.int64()),
+        "optimizer": pa.array([o.plan.optimizer for o, _ in rows], pa.string()),
+        "algorithm": pa.array([o.algorithm for o, _ in rows], pa.string()),
+        "step": pa.array([e.step for _, e in rows], pa.int32()),
+        "modules": pa.array([[modules[i].name for i in o.plan.modules] for o, _ in rows], pa.list_(pa.string())),
+        "weights": pa.array([e.weights for _, e in rows], pa.list_(pa.float64())),
+        "objective": pa.array([e.objective for _, e in rows], pa.float64()),
+        "seconds": pa.array([e.seconds for _, e in rows], pa.float64()),
+        "wall": pa.array([e.wall for _, e in rows], pa.float64()),
     })
     pq.write_table(table, path)
 
@@ -139,14 +166,9 @@ def lorahub_learning(
     started = now()
     # cheap checks first: bad input fails before any model is loaded
     data = as_examples(examples, input_field=input_field, output_field=output_field)
-    check_optimizer(optimizer)
-    if budget < 1:
-        raise LoraHubError(f"budget must be at least 1, got {budget}")
-    if asks < 1:
-        raise LoraHubError(f"asks must be at least 1, got {asks}")
+    settings = SearchSettings(budget=budget, optimizer=optimizer, seed=seed, loss=loss, batch_size=batch_size,
+                              regularizer=regularizer, asks=asks).check()
     check_template(template)
-    if isinstance(loss, str) and loss not in LOSSES:
-        raise LoraHubError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)}")
     check_k(preselect)
     if select not in SELECT_METHODS:
         raise LoraHubError(f"unknown select {select!r}; choose from {', '.join(SELECT_METHODS)}")
@@ -181,7 +203,7 @@ def lorahub_learning(
     search_info: dict = {"backend": "local", "asks": asks}
     if screening is not None:
         search_info["preselect"] = screening.to_recipe()
-    regularizer_name = "l1(0.05)" if regularizer is l1_regularization else getattr(regularizer, "__name__", "custom")
+    regularizer_name = settings.regularizer_label
     with composer_scope:
         searched = composer.modules
         if select == "cv":
@@ -195,21 +217,21 @@ def lorahub_learning(
             result, search_info["selection"] = chosen.search, chosen.report
             regularizer_name = chosen.regularizer or regularizer_name
         else:
-            with progress_bar(f"search ({optimizer})", budget, enabled=progress) as advance:
+            with progress_bar(f"search ({settings.optimizer_label})", budget, enabled=progress) as advance:
                 result = minimize(objective, len(searched), budget=budget, optimizer=optimizer, seed=seed,
                                   num_workers=asks, evaluate_batch=objective.evaluate_many if asks > 1 else None,
                                   callback=lambda e, best: advance(info=f"best {best:.4f}"))
         merged = composer.merge_and_unload(result.weights)
-    recipe = Recipe(
-        base_model=str(model), base_model_sha256=base_model_sha256(base_path),
-        modules=[{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in searched],
-        weights=result.weights, objective=result.objective, optimizer=result.optimizer, algorithm=result.algorithm,
-        budget=budget, seed=seed, loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),
-        batch_size=batch_size, regularizer=regularizer_name,
-        merge_method=composer.merge_method, template=template, num_examples=len(data), started=started, finished=now(),
-        search=search_info,
-    )
-    saved = write_output(output, recipe, merged, tokenizer, result) if output is not None else None
+    recipe = make_recipe(model=str(model), base_sha256=base_model_sha256(base_path), modules=searched,
+                         weights=result.weights, objective=result.objective, optimizer=result.optimizer,
+                         algorithm=result.algorithm, seed=seed, settings=settings, merge_method=composer.merge_method,
+                         num_examples=len(data), started=started, search=search_info, template=template)
+    recipe.regularizer = regularizer_name  # a cross-validated L1 strength, when select='cv' chose one
+    saved = None
+    if output is not None:
+        plan = RestartPlan(restart=0, seed=seed, modules=list(range(len(searched))), optimizer=settings.optimizer_label)
+        outcome = RestartOutcome(plan, result.weights, result.objective, result.algorithm, True, result.history)
+        saved = write_output(output, recipe, merged, tokenizer, history=([outcome], searched))
     return LoraHubResult(recipe=recipe, search=result, model=merged, tokenizer=tokenizer, output=saved)
 
 

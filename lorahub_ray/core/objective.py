@@ -154,3 +154,22 @@ class FewShotObjective:
         losses = self.losses(candidates, indices)
         values = [loss + float(self.regularizer(w)) for loss, w in zip(losses, candidates)]
         return [v if math.isfinite(v) else math.inf for v in values]
+
+    def evaluate_subsets(self, candidates: Sequence[Sequence[float]], subsets: Sequence[Sequence[int]]) -> list[float]:
+        """:meth:`evaluate_many` for candidates that each hold the weights of their own modules
+        (``subsets[i]``, module indices in the order of ``candidates[i]``): all share forward passes
+        over the union of the subsets (each candidate's other modules at weight 0), and the
+        regulariser sees each candidate's own weights. With one candidate, or when the union is the
+        whole hub in order, this is exactly :meth:`evaluate_many` (one candidate: ``objective(w)``)."""
+        union = sorted({int(m) for subset in subsets for m in subset})
+        position = {m: j for j, m in enumerate(union)}
+        rows = []
+        for weights, subset in zip(candidates, subsets):
+            row = [0.0] * len(union)
+            for m, w in zip(subset, weights):
+                row[position[int(m)]] = float(w)
+            rows.append(row)
+        whole = union == list(range(len(self.composer.modules)))
+        losses = self.losses(rows, None if whole else union)
+        values = [loss + float(self.regularizer(w)) for loss, w in zip(losses, candidates)]
+        return [v if math.isfinite(v) else math.inf for v in values]

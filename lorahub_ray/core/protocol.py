@@ -30,6 +30,7 @@ import numpy as np
 
 from lorahub_ray.core.compose import LoraComposer
 from lorahub_ray.core.learning import load_module_list, now, write_output
+from lorahub_ray.core import portfolio
 from lorahub_ray.core.model import load_base_model
 from lorahub_ray.core.modules import LoraModule
 from lorahub_ray.core.objective import LOSSES, FewShotObjective, LossFn, l1_regularization
@@ -293,8 +294,12 @@ class LocalRunner:
         best = search.best
         with self._scope(best.plan.modules):
             merged = merged_copy(self.composer, best.result.weights)
+        outcomes = [portfolio.RestartOutcome(portfolio.RestartPlan(restart=o.plan.index, seed=o.plan.seed,
+                                                             modules=list(o.plan.modules), optimizer=o.result.optimizer),
+                                   o.result.weights, o.result.objective, o.result.algorithm, True, o.result.history)
+                    for o in search.restarts]  # one history schema with the other searches
         return str(write_output(output, self.recipe(examples, search), merged, self.tokenizer,
-                                combined_history(search)))
+                                history=(outcomes, self.modules)))
 
 
 def run_protocol(model: str, modules: Sequence[str | LoraModule], files: Sequence[tuple[str, str]], *, output: str,

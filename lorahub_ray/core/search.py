@@ -29,8 +29,9 @@ class Evaluation:
     step: int
     weights: list[float]
     objective: float
-    seconds: float
-    trial: int = 0
+    seconds: float  # of this evaluation (a batch's time shared by its candidates)
+    trial: int = 0  # the restart it belongs to
+    wall: float = 0.0  # seconds since its search started (a resumed search carries on from its history)
 
 
 @dataclass
@@ -127,6 +128,7 @@ def minimize(objective: Callable[[Sequence[float]], float], dim: int, *, budget:
     history = list(history or [])
     best = min((e.objective for e in history), default=math.inf)
     told_unsaved = False
+    began = time.perf_counter() - (history[-1].wall if history else 0.0)
     while len(history) < budget:
         n = min(num_workers, budget - len(history))
         candidates = [opt.ask() for _ in range(n)]
@@ -140,7 +142,8 @@ def minimize(objective: Callable[[Sequence[float]], float], dim: int, *, budget:
             value = _finite(value)
             opt.tell(cand, value)
             best = min(best, value)
-            history.append(Evaluation(len(history), [float(x) for x in cand.value], value, seconds))
+            history.append(Evaluation(len(history), [float(x) for x in cand.value], value, seconds,
+                                      wall=time.perf_counter() - began))
             if callback is not None:
                 callback(history[-1], best)
         told_unsaved = True

@@ -26,6 +26,7 @@ from lorahub_ray.io.examples import Examples, as_examples
 from lorahub_ray.errors import LoraHubError
 from lorahub_ray.evaluation.evaluate import EvaluationResult, evaluate_local, model_template, read_tasks, write_results
 from lorahub_ray.core.recipe import MODEL_DIR, RECIPE_FILE
+from lorahub_ray.plots import plot_comparison
 
 COMPARE_FILE = "compare.json"
 PLOT_FILE = "compare.png"
@@ -101,36 +102,9 @@ def compare(model: str, recipe: str | Path, examples, data: str, *, output: str 
         with storage.output_directory(output, marker=COMPARE_FILE) as tmp:
             for arm, r in results.items():
                 write_results(tmp / arm, r)
-            plot(report, tmp / PLOT_FILE)
+            plot_comparison(report, tmp / PLOT_FILE)
             (tmp / COMPARE_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-def plot(report: dict, path: Path) -> Path:
-    """Two bar charts side by side: accuracy and input tokens per example, per arm."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    arms = list(report["arms"])
-    colors = ["#9e9e9e", "#5c6bc0", "#ef6c00"][: len(arms)]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
-    acc = [report["arms"][a]["accuracy"] for a in arms]
-    tok = [report["arms"][a]["input_tokens_per_example"] for a in arms]
-    ax1.bar(arms, acc, color=colors)
-    ax1.set_ylabel("exact-match accuracy (%)")
-    ax1.set_ylim(0, 100)
-    ax2.bar(arms, tok, color=colors)
-    ax2.set_ylabel("input tokens per example")
-    for ax, values, fmt in ((ax1, acc, "{:.1f}"), (ax2, tok, "{:.0f}")):
-        for i, v in enumerate(values):
-            ax.annotate(fmt.format(v), (i, v), ha="center", va="bottom", fontsize=9)
-    fig.suptitle(f"{Path(str(report['data'])).name}: {report['examples']}-shot ICL vs LoraHub")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
 
 
 def format_table(report: dict):
