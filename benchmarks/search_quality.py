@@ -50,7 +50,7 @@ def main() -> None:
     import ray
 
     import lorahub_ray as lr
-    from lorahub_ray.cluster.tune_search import lorahub_learning_ray
+    from lorahub_ray.cluster.ray_search import lorahub_learning_ray
     from lorahub_ray.core.compose import LoraComposer
     from lorahub_ray.core.model import load_base_model
     from lorahub_ray.demo.world import build_default_hub

@@ -347,7 +347,7 @@ def test_a_search_with_adapters_of_the_other_family_fails_before_the_base_model_
 def test_ray_search_and_ray_data_evaluation_of_a_causal_lm_with_a_chat_template(llama, ray_cluster, tmp_path):
     """One evaluator actor on Ray Tune equals the local search (same template), and the recipe's chat
     template is applied by the sharded Ray Data evaluation exactly as in process."""
-    from lorahub_ray.cluster.tune_search import lorahub_learning_ray
+    from lorahub_ray.cluster.ray_search import lorahub_learning_ray
 
     hub = tmp_path / "hub"
     for i, n in enumerate(["a", "b", "c"]):

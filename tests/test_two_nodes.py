@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DRIVER = r"""
 import json, os, signal, sys
 import ray
-from lorahub_ray.cluster.tune_search import lorahub_learning_ray
+from lorahub_ray.cluster.ray_search import lorahub_learning_ray
 
 args = json.loads(sys.argv[1])
 ray.init(address=args["address"], logging_level="ERROR", log_to_driver=False)

@@ -93,7 +93,7 @@ def search(
                                "(--workers, --restarts, --modules-per-restart, ...) or use --tasks")
         if select != "reference" or score != "loss" or select_l1:
             raise LoraHubError("--select cv runs in this process: drop the Ray options (--workers, --restarts, ...)")
-        from lorahub_ray.cluster.tune_search import SearchFailed, SearchInterrupted, lorahub_learning_ray
+        from lorahub_ray.cluster.ray_search import SearchFailed, SearchInterrupted, lorahub_learning_ray
 
         try:
             result = lorahub_learning_ray(

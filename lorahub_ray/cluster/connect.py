@@ -162,9 +162,9 @@ def token_auth() -> bool:
 
 
 def default_cpus_per_worker(workers: int, reserved: float = 0.0) -> float:
-    """The CPU share of one evaluator (Tune search) or Ray Data actor: an equal share of the
-    cluster's CPUs after ``reserved`` CPUs kept free for the work beside the actors (the Tune
-    trials' small share; Ray Data's read and shuffle tasks, which stall if actors hold every CPU),
+    """The CPU share of one evaluator (Ray search) or Ray Data actor: an equal share of the
+    cluster's CPUs after ``reserved`` CPUs kept free for the work beside the actors (none for the
+    search; Ray Data's read and shuffle tasks, which stall if actors hold every CPU),
     rounded down to 0.01, at most 1 and at least 0.1."""
     have = float(ray.cluster_resources().get("CPU", 0.0))
     share = math.floor((have - reserved) / max(1, workers) * 100) / 100

@@ -1,4 +1,4 @@
-"""The few-shot objective on Ray actors. This module stays light (no nevergrad, no Ray Tune): it
+"""The few-shot objective on Ray actors. This module stays light (no nevergrad): it
 is what an evaluator actor's process imports.
 
 :class:`Evaluator` (used by the Ray search, :mod:`lorahub_ray.cluster.restarts`) holds the base

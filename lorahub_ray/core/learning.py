@@ -1,6 +1,6 @@
 """LoraHub learning in one process: load, search, merge, and write the output (recipe, model, history).
 
-The search on Ray (:mod:`lorahub_ray.cluster.tune_search`) shares what lies around the search
+The search on Ray (:mod:`lorahub_ray.cluster.ray_search`) shares what lies around the search
 itself: the settings and their checks (:class:`~lorahub_ray.core.settings.SearchSettings`),
 :func:`load_module_list`, :func:`make_recipe` and :func:`write_output`, whose history table
 (:func:`write_history`) has one schema for both backends: the local search is restart 0 of a

@@ -3,7 +3,7 @@
 :class:`SearchSettings` holds what decides the search itself (budget, optimizer, seed, loss,
 batch size, regulariser, asks per step); :meth:`SearchSettings.check` is the one validation both
 :func:`lorahub_ray.core.learning.lorahub_learning` and the Ray search
-(:mod:`lorahub_ray.cluster.tune_search`) run before any expensive work, and the ``*_label``
+(:mod:`lorahub_ray.cluster.ray_search`) run before any expensive work, and the ``*_label``
 properties are what the recipe records.
 """
 

@@ -12,7 +12,7 @@ budget 40 per restart, all built offline. Printed as ratios measured side by sid
   forward passes) ÷ W restarts, per round;
 * our wall time (loading included, Ray start excluded) ÷ the reference's.
 
-Run: ``python benchmarks/tune_search.py [--workers 2] [--budget 40]`` from the repository root.
+Run: ``python benchmarks/ray_search.py [--workers 2] [--budget 40]`` from the repository root.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def main() -> None:
     import lorahub_ray as lr
     from helpers import EXAMPLES
     from lorahub_ray.cluster.evaluators import Evaluator
-    from lorahub_ray.cluster.tune_search import lorahub_learning_ray
+    from lorahub_ray.cluster.ray_search import lorahub_learning_ray
 
     inputs = [e["input"] for e in EXAMPLES]
     outputs = [e["output"] for e in EXAMPLES]

@@ -14,7 +14,7 @@ import pytest
 import lorahub_ray as lr
 from lorahub_ray.cluster.restarts import canonical, rungs, split_round
 from helpers import assert_same_weights
-from lorahub_ray.cluster.tune_search import ResourceError, SearchFailed, SearchInterrupted, lorahub_learning_ray
+from lorahub_ray.cluster.ray_search import ResourceError, SearchFailed, SearchInterrupted, lorahub_learning_ray
 from lorahub_ray.core.portfolio import plan_restarts
 from lorahub_ray.errors import LoraHubWarning
 
