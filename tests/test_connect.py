@@ -24,12 +24,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def lorahub(*args, env=None, timeout=HANG_GUARD_S):
-    """``python -m lorahub_ray ARGS`` in a fresh process (its own Ray state); (code, output)."""
+def lorahub(*args, env=None, timeout=HANG_GUARD_S, alone=False):
+    """``python -m lorahub_ray ARGS`` in a fresh process (its own Ray state); (code, output). With
+    ``alone`` it runs in a PID namespace of its own (``unshare``, as root), so that it sees no other
+    process of this machine: Ray's ``auto`` joins any live Ray it finds among the processes (the
+    tests' own session head, say), and a machine whose earlier Ray runs had all ended has none."""
     base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     base.update(PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0", **(env or {}))
-    done = subprocess.run([sys.executable, "-m", "lorahub_ray", *map(str, args)], env=base, cwd=tempfile.gettempdir(),
-                          capture_output=True, text=True, timeout=timeout)
+    prefix = ["unshare", "--pid", "--fork", "--mount-proc"] if alone else []
+    done = subprocess.run([*prefix, sys.executable, "-m", "lorahub_ray", *map(str, args)], env=base,
+                          cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=timeout)
     return done.returncode, done.stdout + done.stderr
 
 
@@ -77,7 +81,7 @@ def test_a_stale_auto_detected_cluster_starts_a_local_ray(world, ray_tmpdir, tmp
     (ray_tmpdir / "ray" / "ray_current_cluster").write_text(dead)  # what a crashed `ray start` leaves behind
     code, text = lorahub("evaluate", "--model", world["base"], "--data", world["examples"], "--workers", 1,
                          "--max-new-tokens", 4, "--output", tmp_path / "eval", "--address", "auto",
-                         env={"RAY_TMPDIR": str(ray_tmpdir)})
+                         env={"RAY_TMPDIR": str(ray_tmpdir)}, alone=True)
     assert code == 0, text
     warned = [line for line in text.splitlines() if line.startswith("warning:")]
     assert len(warned) == 1 and "does not answer; starting a local Ray instead" in warned[0], text

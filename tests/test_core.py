@@ -302,7 +302,7 @@ def test_custom_loss_evaluates_candidates_one_at_a_time(world):
     assert values == [objective([0.5, 0, 0, 0]), objective([0, 0.5, 0, 0])]
 
 
-def test_cli_search_with_asks_runs_in_process_and_shares_forward_passes(world, tmp_path):
+def test_cli_search_with_asks_runs_in_process_and_shares_forward_passes(world, tmp_path, monkeypatch):
     """--asks without --workers: the local engine asks 3 candidates at a time and evaluates them together."""
     import pyarrow.parquet as pq
     import ray
@@ -310,12 +310,16 @@ def test_cli_search_with_asks_runs_in_process_and_shares_forward_passes(world, t
 
     from lorahub_ray.cli import app
 
+    def no_ray(*args, **kwargs):  # whatever Ray this test process already has, the command must not reach for one
+        raise AssertionError("search --asks without --workers connected to Ray")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr("lorahub_ray.cluster.ray_search.connect", no_ray)
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["search", "--model", str(world["base"]), "--modules", str(world["hub"]),
                                       "--examples", str(world["examples"]), "--output", str(out), "--budget", "7",
                                       "--asks", "3"])
     assert result.exit_code == 0, result.output
-    assert not ray.is_initialized()
     recipe = lr.Recipe.load(out)
     assert recipe.search == {"backend": "local", "asks": 3}
     rows = pq.read_table(out / "history.parquet").to_pylist()
