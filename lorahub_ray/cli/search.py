@@ -88,9 +88,6 @@ def search(
         return
     if any(v is not None for v in (workers, restarts, modules_per_restart, portfolio, address, resume, scheduler,
                                    storage)):
-        if preselect is not None:
-            raise LoraHubError("--preselect runs in this process for now: leave out the Ray options "
-                               "(--workers, --restarts, --modules-per-restart, ...) or use --tasks")
         if select != "reference" or score != "loss" or select_l1:
             raise LoraHubError("--select cv runs in this process: drop the Ray options (--workers, --restarts, ...)")
         from lorahub_ray.cluster.ray_search import SearchFailed, SearchInterrupted, lorahub_learning_ray
@@ -102,7 +99,7 @@ def search(
             budget=budget, optimizer=optimizer, seed=seed, loss=loss,
             batch_size=batch_size, input_field=input_field, output_field=output_field, address=address,
             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, device=device, scheduler=scheduler,
-            asks=asks, storage_path=storage, resume=resume, template=template or "plain")
+            asks=asks, storage_path=storage, resume=resume, template=template or "plain", preselect=preselect)
         except SearchInterrupted as exc:
             console.print(f"[bold yellow]interrupted:[/] {exc}", highlight=False)
             raise typer.Exit(130) from None
