@@ -35,3 +35,37 @@ def test_ray_preselect_searches_the_k_modules_the_local_screen_picks(world, ray_
     with pytest.raises(lr.LoraHubError, match="preselect 5 is more than the hub's 4"):
         lorahub_learning_ray(str(world["base"]), [str(world["hub"])], str(world["examples"]),
                              output=tmp_path / "bad", preselect=5, address=ray_cluster["address"], progress=False)
+
+
+def test_ray_tasks_give_each_task_what_the_ray_search_gives_it_alone(world, ray_cluster, tmp_path):
+    from lorahub_ray.cluster.ray_tasks import lorahub_tasks_ray
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    files = {"reverse": write_jsonl(tasks / "reverse.jsonl", EXAMPLES), "first": write_jsonl(tasks / "first.jsonl", OTHER)}
+    (tasks / "broken.jsonl").write_text(json.dumps({"input": "a"}) + "\n")
+    out = tmp_path / "runs"
+    summary = lorahub_tasks_ray(str(world["base"]), [str(world["hub"])], str(tasks), output=str(out), workers=2,
+                                restarts=3, modules_per_restart=3, budget=BUDGET, seed=3,
+                                address=ray_cluster["address"], progress=False)
+    assert summary == json.loads((out / "summary.json").read_text())
+    rows = {r["task"]: r for r in summary["tasks"]}
+    assert rows["broken"]["status"] == "failed" and "broken.jsonl" in rows["broken"]["error"]
+    assert not (out / "broken").exists()
+    for name, file in files.items():
+        alone = lorahub_learning_ray(str(world["base"]), [str(world["hub"])], str(file), output=tmp_path / name,
+                                     workers=2, restarts=3, modules_per_restart=3, budget=BUDGET, seed=3,
+                                     address=ray_cluster["address"], progress=False)
+        row, recipe = rows[name], lr.Recipe.load(out / name)
+        assert row["status"] == "ok" and row["restart"] == alone.best.restart
+        assert row["objective"] == pytest.approx(alone.recipe.objective, rel=1e-6)
+        assert row["restarts"] == pytest.approx([o.objective for o in alone.restarts], rel=1e-6)
+        assert recipe.modules == alone.recipe.modules and len(recipe.modules) == 3
+        assert recipe.weights == pytest.approx(alone.recipe.weights, abs=1e-6)
+        assert recipe.search["backend"] == "ray" and recipe.search["task"] == name
+        assert [r["order"] for r in recipe.search["restarts"]] == [r["order"] for r in alone.recipe.search["restarts"]]
+        rebuilt, _ = lr.build_model(out / name)
+        for (key, a), (_, b) in zip(rebuilt.state_dict().items(), alone.model.state_dict().items()):
+            assert (a - b).abs().max() < 1e-5, key
+        assert (out / name / "history.parquet").exists() and (out / name / "model").is_dir()
+    assert rows["first"]["objective"] != rows["reverse"]["objective"]  # each task searched its own examples

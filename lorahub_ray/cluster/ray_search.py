@@ -187,7 +187,7 @@ def lorahub_learning_ray(
         run_id = uuid.uuid4().hex[:8]
         # the driver holds the modules' object ref for the whole run: a restarted actor reads them again
         actors, modules_ref = _start_evaluators(spec, loaded, run_id, actor_restarts)
-        _wait_for_evaluators(actors, ready_timeout)
+        wait_for_evaluators(actors, ready_timeout)
         _preselect(spec, actors)
         outcomes = _search(spec, actors, run_id, progress, callback)
         del modules_ref  # (held until here)
@@ -263,7 +263,7 @@ def _preselect(spec: RunSpec, actors: list) -> None:
     spec.write()
 
 
-def _wait_for_evaluators(actors: list, timeout: float) -> None:
+def wait_for_evaluators(actors: list, timeout: float) -> None:
     """Wait until every evaluator has started, or fail once with the cause."""
     try:
         ray.get([a.ready.remote() for a in actors], timeout=timeout)
@@ -338,6 +338,13 @@ def _root_message(exc: BaseException) -> str:
     return text[-1] if text else repr(exc)
 
 
+def describe_restarts(outcomes: list[RestartOutcome], names: list[str]) -> list[dict]:
+    """What the recipe records of every restart (``search["restarts"]``)."""
+    return [{"restart": o.restart, "seed": o.plan.seed, "optimizer": o.plan.optimizer, "algorithm": o.algorithm,
+             "order": [names[i] for i in o.plan.modules], "objective": o.objective, "evaluations": len(o.history),
+             "finished": o.finished} for o in outcomes]
+
+
 def _finish(spec: RunSpec, loaded, outcomes: list[RestartOutcome], started: str, seconds: float,
             base_sha256: str) -> RayLoraHubResult:
     best = best_outcome(outcomes)
@@ -345,16 +352,12 @@ def _finish(spec: RunSpec, loaded, outcomes: list[RestartOutcome], started: str,
     chosen = [loaded[i] for i in indices]
     base, tokenizer, _ = load_base_model(spec.model, device=spec.device or "cpu")
     composer = LoraComposer(base, chosen)
-    names = [m.name for m in loaded]
     search = {"backend": "ray", "workers": spec.workers, "asks": spec.settings.asks,
               "modules_per_restart": spec.modules_per_restart, "portfolio": spec.portfolio,
               "scheduler": spec.scheduler, "cpus_per_worker": spec.cpus_per_worker,
               "gpus_per_worker": spec.gpus_per_worker, "storage": spec.storage, "best_restart": best.restart,
               "seconds": seconds, **({"preselect": spec.extra["preselect"]} if "preselect" in spec.extra else {}),
-              "restarts": [{"restart": o.restart, "seed": o.plan.seed, "optimizer": o.plan.optimizer,
-                            "algorithm": o.algorithm, "order": [names[i] for i in o.plan.modules],
-                            "objective": o.objective, "evaluations": len(o.history), "finished": o.finished}
-                           for o in outcomes]}
+              "restarts": describe_restarts(outcomes, [m.name for m in loaded])}
     recipe = make_recipe(model=spec.model, base_sha256=base_sha256, modules=chosen, weights=weights,
                          objective=best.objective, optimizer=best.plan.optimizer, algorithm=best.algorithm,
                          seed=best.plan.seed, settings=spec.settings, merge_method=composer.merge_method,
