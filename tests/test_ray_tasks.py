@@ -69,3 +69,30 @@ def test_ray_tasks_give_each_task_what_the_ray_search_gives_it_alone(world, ray_
             assert (a - b).abs().max() < 1e-5, key
         assert (out / name / "history.parquet").exists() and (out / name / "model").is_dir()
     assert rows["first"]["objective"] != rows["reverse"]["objective"]  # each task searched its own examples
+
+
+def test_cli_tasks_with_preselect_on_ray(world, ray_cluster, tmp_path):
+    from typer.testing import CliRunner
+
+    from lorahub_ray.cli import app
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_jsonl(tasks / "reverse.jsonl", EXAMPLES)
+    write_jsonl(tasks / "first.jsonl", OTHER)
+    out = tmp_path / "runs"
+    args = ["search", "-m", str(world["base"]), "--modules", str(world["hub"]), "--tasks", str(tasks), "-o", str(out),
+            "--budget", "4", "--workers", "2", "--address", ray_cluster["address"], "--restarts", "3",
+            "--preselect", "3", "--modules-per-restart", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["status"] for r in summary["tasks"]] == ["ok", "ok"] and summary["restarts"] == 3
+    for row in summary["tasks"]:
+        search = lr.Recipe.load(out / row["task"]).search
+        chosen = search["preselect"]["chosen"]
+        assert search["backend"] == "ray" and len(chosen) == 3 and len(search["preselect"]["scores"]) == 4
+        assert len(search["restarts"]) == 3
+        assert all(set(r["order"]) <= set(chosen) and len(r["order"]) == 2 for r in search["restarts"])
+    refused = CliRunner().invoke(app, args[:-6] + ["--resume", str(out)])
+    assert refused.exit_code == 2 and "--resume" in refused.output
