@@ -92,11 +92,11 @@ def lorahub_tasks(model: str, modules, tasks: str, *, output: str, workers: int 
     model and the hub loaded once. Writes ``output/<task>/`` (recipe, merged model, history; the
     task named by its file's stem) and ``output/summary.json``, and returns the summary. ``options``
     as :func:`lorahub_ray.core.protocol.run_protocol` takes them (``restarts``,
-    ``modules_per_restart``, ``preselect``, ``budget``, ...). With ``workers`` or ``address`` the
+    ``modules_per_restart``, ``preselect``, ``budget``, ...). With ``workers`` (≥ 1) or ``address`` the
     tasks run on Ray (:func:`lorahub_ray.cluster.ray_tasks.lorahub_tasks_ray`: one set of evaluator
     actors for all tasks, each task a portfolio of restarts; ``portfolio``, ``asks``,
     ``cpus_per_worker``, ``gpus_per_worker`` and ``template`` go there too)."""
-    if workers is not None or address is not None:
+    if workers or address is not None:
         from lorahub_ray.cluster.ray_tasks import lorahub_tasks_ray  # Ray is imported only when it is asked for
 
         return lorahub_tasks_ray(model, modules, tasks, output=output, workers=workers or 2, address=address,
