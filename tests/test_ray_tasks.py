@@ -96,3 +96,19 @@ def test_cli_tasks_with_preselect_on_ray(world, ray_cluster, tmp_path):
         assert all(set(r["order"]) <= set(chosen) and len(r["order"]) == 2 for r in search["restarts"])
     refused = CliRunner().invoke(app, args[:-6] + ["--resume", str(out)])
     assert refused.exit_code == 2 and "--resume" in refused.output
+
+
+def test_cli_one_task_with_preselect_on_ray(world, ray_cluster, tmp_path):
+    from typer.testing import CliRunner
+
+    from lorahub_ray.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["search", "-m", str(world["base"]), "--modules", str(world["hub"]), "-e",
+                                      str(world["examples"]), "-o", str(out), "--budget", "4", "--workers", "2",
+                                      "--address", ray_cluster["address"], "--preselect", "2"])
+    assert result.exit_code == 0, result.output
+    recipe = lr.Recipe.load(out)
+    chosen = recipe.search["preselect"]["chosen"]
+    assert len(chosen) == 2 and [m["name"] for m in recipe.modules] == chosen
+    assert all(sorted(r["order"]) == sorted(chosen) for r in recipe.search["restarts"])
