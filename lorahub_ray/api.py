@@ -85,13 +85,22 @@ def compare(model: str, recipe: str | Path, examples, data: str, *, workers: int
     return comparison.compare(model, recipe, examples, data, evaluate=run, workers=workers, **options)
 
 
-def lorahub_tasks(model: str, modules, tasks: str, *, output: str, **options) -> dict:
+def lorahub_tasks(model: str, modules, tasks: str, *, output: str, workers: int | None = None,
+                  address: str | None = None, **options) -> dict:
     """The paper's protocol in one call: LoraHub learning on every few-shot file of ``tasks`` (a
     folder or ``s3://`` prefix of one file per task, the BBH layout, or one file), with the base
     model and the hub loaded once. Writes ``output/<task>/`` (recipe, merged model, history; the
     task named by its file's stem) and ``output/summary.json``, and returns the summary. ``options``
     as :func:`lorahub_ray.core.protocol.run_protocol` takes them (``restarts``,
-    ``modules_per_restart``, ``preselect``, ``budget``, ...)."""
+    ``modules_per_restart``, ``preselect``, ``budget``, ...). With ``workers`` (≥ 1) or ``address`` the
+    tasks run on Ray (:func:`lorahub_ray.cluster.ray_tasks.lorahub_tasks_ray`: one set of evaluator
+    actors for all tasks, each task a portfolio of restarts; ``portfolio``, ``asks``,
+    ``cpus_per_worker``, ``gpus_per_worker`` and ``template`` go there too)."""
+    if workers or address is not None:
+        from lorahub_ray.cluster.ray_tasks import lorahub_tasks_ray  # Ray is imported only when it is asked for
+
+        return lorahub_tasks_ray(model, modules, tasks, output=output, workers=workers or 2, address=address,
+                                 **options)
     files = [(task_name(f), f) for f in list_data_files(tasks)]
     if not files:
         raise DataError(f"no task files (.jsonl, .json, .parquet, .csv) at or under '{tasks}'")

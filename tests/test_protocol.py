@@ -168,8 +168,8 @@ def test_tasks_refuse_bad_input_before_loading(world, task_dir, tmp_path):
         run_protocol("/no/such/model", [str(world["hub"])], files, output=str(tmp_path / "x"), preselect=9,
                      progress=False)
     result = CliRunner().invoke(app, ["search", "-m", "/no/such/model", "--modules", str(world["hub"]), "--tasks",
-                                      str(task_dir), "-o", str(tmp_path / "y"), "--workers", "2"])
-    assert result.exit_code == 2 and "--workers" in result.output
+                                      str(task_dir), "-o", str(tmp_path / "y"), "--scheduler", "asha"])
+    assert result.exit_code == 2 and "--scheduler" in result.output
 
 
 def test_large_hub_adds_distractors_and_leaves_the_default_alone(tmp_path):

@@ -49,8 +49,8 @@ def search(
     score: Annotated[str, typer.Option(help="With --select cv: 'loss' (held-out loss) or 'generate' (exact match of greedy generations on the held-out examples).")] = "loss",
     select_l1: Annotated[Optional[list[float]], typer.Option("--select-l1", help="With --select cv: also try these stronger L1 strengths (alpha in alpha*mean|w|; repeatable) as candidates.")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Resume an interrupted Ray search: its --output directory (everything else is read from the saved run).", rich_help_panel="Ray")] = None,
-    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Many tasks in one run (the paper's protocol): a folder or s3:// prefix of few-shot files, one per task (the BBH layout). The base model and hub load once; writes OUTPUT/<task>/ (named by the file's stem) and OUTPUT/summary.json. With --restarts S --modules-per-restart K, in this process: S sequential restarts per task (seeds seed..seed+S-1, random K-subsets), the lowest objective wins.", rich_help_panel="Protocol")] = None,
-    preselect: Annotated[Optional[int], typer.Option(help="Score every module alone on the few-shot examples (weight 1, its loss) and search the k best; with --modules-per-restart each restart draws from them. The scores go into recipe.json.", rich_help_panel="Protocol")] = None,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Many tasks in one run (the paper's protocol): a folder or s3:// prefix of few-shot files, one per task (the BBH layout). The base model and hub load once; writes OUTPUT/<task>/ (named by the file's stem) and OUTPUT/summary.json. With --restarts S --modules-per-restart K, in this process: S sequential restarts per task (seeds seed..seed+S-1, random K-subsets), the lowest objective wins. With --workers/--address: on Ray, one set of evaluator actors for all tasks, each task a portfolio of S restarts (default --workers) in lockstep.", rich_help_panel="Protocol")] = None,
+    preselect: Annotated[Optional[int], typer.Option(help="Score every module alone on the few-shot examples (weight 1, its loss) and search the k best; with --modules-per-restart each restart draws from them. The scores go into recipe.json. On Ray the screening runs on the evaluator actors.", rich_help_panel="Protocol")] = None,
     split: SplitOpt = None,
     split_seed: SplitSeedOpt = None,
 ):
@@ -72,7 +72,8 @@ def search(
     examples = with_split(examples, split, split_seed)
     all_modules = _expand_modules(list(modules or []) + list(ctx.args))
     if tasks is not None:
-        _check_protocol(examples, workers, address, resume, scheduler, storage, asks)
+        on_ray = any(v is not None for v in (workers, address, portfolio))
+        _check_protocol(examples, on_ray, resume, scheduler, storage, asks)
         examples = None
     if hub is not None:
         all_modules = _hub_modules(hub, filter or [], all_modules, examples, input_field, output_field,
@@ -82,15 +83,16 @@ def search(
     elif not all_modules and resume is None:
         raise LoraHubError("no modules: give --modules or --hub")
     if tasks is not None:
+        ray_options = dict(workers=workers or 2, address=address, asks=asks, cpus_per_worker=cpus_per_worker,
+                           gpus_per_worker=gpus_per_worker, template=template or "plain",
+                           portfolio=_expand_modules([portfolio]) if portfolio else None) if on_ray else {}
         _run_tasks(model, all_modules, tasks, output, budget=budget, optimizer=optimizer, seed=seed,
-                   restarts=restarts or 1, modules_per_restart=modules_per_restart, preselect=preselect, loss=loss,
-                   batch_size=batch_size, input_field=input_field, output_field=output_field, device=device)
+                   restarts=restarts if on_ray else restarts or 1, modules_per_restart=modules_per_restart,
+                   preselect=preselect, loss=loss, batch_size=batch_size, input_field=input_field,
+                   output_field=output_field, device=device, **ray_options)
         return
     if any(v is not None for v in (workers, restarts, modules_per_restart, portfolio, address, resume, scheduler,
                                    storage)):
-        if preselect is not None:
-            raise LoraHubError("--preselect runs in this process for now: leave out the Ray options "
-                               "(--workers, --restarts, --modules-per-restart, ...) or use --tasks")
         if select != "reference" or score != "loss" or select_l1:
             raise LoraHubError("--select cv runs in this process: drop the Ray options (--workers, --restarts, ...)")
         from lorahub_ray.cluster.ray_search import SearchFailed, SearchInterrupted, lorahub_learning_ray
@@ -102,7 +104,7 @@ def search(
             budget=budget, optimizer=optimizer, seed=seed, loss=loss,
             batch_size=batch_size, input_field=input_field, output_field=output_field, address=address,
             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, device=device, scheduler=scheduler,
-            asks=asks, storage_path=storage, resume=resume, template=template or "plain")
+            asks=asks, storage_path=storage, resume=resume, template=template or "plain", preselect=preselect)
         except SearchInterrupted as exc:
             console.print(f"[bold yellow]interrupted:[/] {exc}", highlight=False)
             raise typer.Exit(130) from None
@@ -127,16 +129,17 @@ def search(
     console.print(f"objective {result.recipe.objective:.4f} ({result.recipe.algorithm}); wrote {output}/recipe.json and {output}/model/")
 
 
-def _check_protocol(examples, workers, address, resume, scheduler, storage, asks) -> None:
+def _check_protocol(examples, on_ray: bool, resume, scheduler, storage, asks) -> None:
     from lorahub_ray.errors import LoraHubError
 
     if examples is not None:
         raise LoraHubError("give either --examples (one task) or --tasks (one file per task), not both")
-    ray_options = {"--workers": workers, "--address": address, "--resume": resume, "--scheduler": scheduler,
-                   "--storage": storage, "--asks": asks}
-    given = [name for name, value in ray_options.items() if value is not None]
+    refused = {"--resume": resume, "--scheduler": scheduler, "--storage": storage}
+    given = [name for name, value in refused.items() if value is not None]
     if given:
-        raise LoraHubError(f"--tasks runs its restarts in this process for now; leave out {', '.join(given)}")
+        raise LoraHubError(f"--tasks does not take {', '.join(given)} (one search's options); leave them out")
+    if asks is not None and not on_ray:
+        raise LoraHubError("--asks with --tasks runs on Ray: give --workers N too")
 
 
 def _run_tasks(model, modules, tasks, output, **options) -> None:
@@ -149,7 +152,8 @@ def _run_tasks(model, modules, tasks, output, **options) -> None:
     if model is None or output is None:
         raise LoraHubError("--model and --output are required with --tasks")
     summary = lorahub_tasks(model, modules, tasks, output=output, **options)
-    table = Table(title=f"{len(summary['tasks'])} task(s), {options['restarts']} restart(s) each")
+    table = Table(title=f"{len(summary['tasks'])} task(s), {summary['restarts']} restart(s) each"
+                  + (f" on {options['workers']} Ray worker(s)" if options.get("workers") else ""))
     for column in ("task", "status", "objective", "restart", "seconds", "error"):
         table.add_column(column, justify="right" if column in ("objective", "restart", "seconds") else "left")
     for row in summary["tasks"]:

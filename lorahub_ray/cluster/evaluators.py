@@ -12,7 +12,6 @@ import os
 from collections.abc import Sequence
 
 
-
 class Evaluator:
     """Holds the base model with the K modules stacked in one LoRA slot and the tokenised examples.
 
@@ -21,19 +20,28 @@ class Evaluator:
     modules when ``None``; the others get weight 0, which is the composition of the subset alone).
     """
 
-    def __init__(self, model: str, modules, inputs, outputs, *, loss, batch_size, regularizer, device, threads,
-                 template: str = "plain"):
+    def __init__(self, model: str, modules, inputs=None, outputs=None, *, loss, batch_size, regularizer, device,
+                 threads, template: str = "plain"):
         import torch
 
         from lorahub_ray.core.compose import LoraComposer
         from lorahub_ray.core.model import load_base_model
-        from lorahub_ray.core.objective import FewShotObjective
 
         if threads:
             torch.set_num_threads(threads)
-        base, tokenizer, _ = load_base_model(model, device=device)
-        self.objective = FewShotObjective(LoraComposer(base, modules), tokenizer, inputs, outputs, loss=loss,
-                                          batch_size=batch_size, regularizer=regularizer, template=template)
+        base, self.tokenizer, _ = load_base_model(model, device=device)
+        self.composer = LoraComposer(base, modules)
+        self.options = dict(loss=loss, batch_size=batch_size, regularizer=regularizer, template=template)
+        self.objective = None
+        if inputs is not None:
+            self.set_examples(inputs, outputs)
+
+    def set_examples(self, inputs: Sequence[str], outputs: Sequence[str]) -> int:
+        """Take another task's examples (tokenised here); the model and the modules stay loaded."""
+        from lorahub_ray.core.objective import FewShotObjective
+
+        self.objective = FewShotObjective(self.composer, self.tokenizer, inputs, outputs, **self.options)
+        return len(inputs)
 
     def ready(self) -> dict:
         import ray
@@ -42,6 +50,10 @@ class Evaluator:
 
     def evaluate_many(self, candidates: Sequence[Sequence[float]], indices: Sequence[int] | None = None) -> list[float]:
         return self.objective.evaluate_many(candidates, indices)
+
+    def losses(self, candidates: Sequence[Sequence[float]], indices: Sequence[int] | None = None) -> list[float]:
+        """The losses without the regulariser (see :meth:`FewShotObjective.losses`): preselection's scores."""
+        return list(self.objective.losses(candidates, indices))
 
     def evaluate_subsets(self, candidates: Sequence[Sequence[float]], subsets: Sequence[Sequence[int]]) -> list[float]:
         """Each candidate with its own modules (see :meth:`FewShotObjective.evaluate_subsets`)."""

@@ -36,6 +36,7 @@ from lorahub_ray.cluster.connect import connect, default_cpus_per_worker
 from lorahub_ray.core.families import check_template
 from lorahub_ray.cluster.evaluators import Evaluator
 from lorahub_ray.cluster.restarts import Restart, StopRequested, run_lockstep, start_restarts
+from lorahub_ray.cluster.screening import screen_on_actors
 from lorahub_ray.cluster.run_spec import (RUN_FILE, RunSpec, check_ray_options, normalise_output, read_spec, read_text,
                                           storage_root)
 from lorahub_ray.core.compose import LoraComposer
@@ -44,6 +45,7 @@ from lorahub_ray.core.model import base_model_sha256, check_base_model, load_bas
 from lorahub_ray.core.modules import LoraModule, check_compatible, load_module
 from lorahub_ray.core.objective import l1_regularization
 from lorahub_ray.core.portfolio import RestartOutcome, best_outcome, plan_restarts
+from lorahub_ray.core.preselect import check_k
 from lorahub_ray.core.recipe import RECIPE_FILE, Recipe
 from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, algorithm_name
 from lorahub_ray.core.settings import SearchSettings
@@ -137,6 +139,7 @@ def lorahub_learning_ray(
     progress: bool = True,
     callback: Callable[[dict], None] | None = None,
     template: str = "plain",
+    preselect: int | None = None,
 ) -> RayLoraHubResult:
     """LoraHub learning on Ray: a portfolio of ``restarts`` (default ``workers``) sequential searches in
     lockstep over ``workers`` evaluator actors; the lowest objective wins.
@@ -149,7 +152,9 @@ def lorahub_learning_ray(
     ``optimizer``), ``scheduler="asha"`` (halving: stop the worse half of the restarts at rungs),
     ``asks`` (candidates asked at once per restart, default 1; more trade quality for time),
     ``storage_path`` (the run's state, default ``<output>.search``) and ``resume`` (the output of an
-    interrupted run: everything else is read from its state). ``callback(event)`` is called after
+    interrupted run: everything else is read from its state). ``preselect=k`` first scores every
+    module alone on the actors (:mod:`lorahub_ray.cluster.screening`) and plans the restarts over
+    the k best (recorded in ``recipe.search["preselect"]``). ``callback(event)`` is called after
     every evaluation with ``{"run", "restart", "evaluations", "best", "objective"}``.
     """
     started_at, started = time.time(), now()
@@ -167,7 +172,7 @@ def lorahub_learning_ray(
             modules_per_restart=modules_per_restart, portfolio=portfolio, device=device, scheduler=scheduler,
             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, storage_path=storage_path,
             input_field=input_field, output_field=output_field, progress=progress, template=template,
-            settings=SearchSettings(budget=budget, optimizer=optimizer, seed=seed, loss=loss, batch_size=batch_size,
+            preselect=preselect, settings=SearchSettings(budget=budget, optimizer=optimizer, seed=seed, loss=loss, batch_size=batch_size,
                                     regularizer=regularizer, asks=asks or 1))
     hashing = ThreadPoolExecutor(1, thread_name_prefix="lorahub-hash")  # the recipe's base hash, while the search runs
     base_sha256 = hashing.submit(base_model_sha256, base_path)
@@ -182,7 +187,8 @@ def lorahub_learning_ray(
         run_id = uuid.uuid4().hex[:8]
         # the driver holds the modules' object ref for the whole run: a restarted actor reads them again
         actors, modules_ref = _start_evaluators(spec, loaded, run_id, actor_restarts)
-        _wait_for_evaluators(actors, ready_timeout)
+        wait_for_evaluators(actors, ready_timeout)
+        _preselect(spec, actors)
         outcomes = _search(spec, actors, run_id, progress, callback)
         del modules_ref  # (held until here)
     finally:
@@ -195,13 +201,14 @@ def lorahub_learning_ray(
 
 def _new_spec(model, modules, examples, *, output, workers, restarts, modules_per_restart, portfolio, device,
               scheduler, cpus_per_worker, gpus_per_worker, storage_path, input_field, output_field, progress,
-              template: str, settings: SearchSettings) -> tuple[RunSpec, list[LoraModule], Path]:
+              template: str, preselect: int | None, settings: SearchSettings) -> tuple[RunSpec, list[LoraModule], Path]:
     """Every check before any expensive work, then the modules and the restart plan."""
     if model is None or not modules or examples is None or output is None:
         raise LoraHubError("model, modules, examples and output are required (or resume=DIR)")
     data = as_examples(examples, input_field=input_field, output_field=output_field)
     settings.check()
     check_template(template)
+    check_k(preselect)
     restarts = workers if restarts is None else restarts
     check_ray_options(workers=workers, restarts=restarts, modules_per_restart=modules_per_restart,
                       scheduler=scheduler, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
@@ -213,6 +220,7 @@ def _new_spec(model, modules, examples, *, output, workers, restarts, modules_pe
         raise LoraHubError(f"a search already ran in '{root}': resume it with --resume {output} or remove that directory")
     base_path = check_base_model(str(model))  # a wrong model fails here, not in every evaluator
     loaded = load_module_list(modules, progress)
+    check_k(preselect, len(loaded))
     plans = plan_restarts(len(loaded), restarts, seed=settings.seed, optimizer=settings.optimizer_label,
                           portfolio=list(portfolio) if portfolio else None, modules_per_restart=modules_per_restart)
     spec = RunSpec(model=str(model), modules=[{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in loaded],
@@ -220,7 +228,8 @@ def _new_spec(model, modules, examples, *, output, workers, restarts, modules_pe
                    settings=settings, workers=workers, plans=plans, portfolio=list(portfolio) if portfolio else None,
                    modules_per_restart=modules_per_restart, cpus_per_worker=cpus_per_worker,
                    gpus_per_worker=gpus_per_worker, device=device, scheduler=scheduler or "fifo",
-                   examples=None if data.source is None else str(data.source), template=template)
+                   examples=None if data.source is None else str(data.source), template=template,
+                   extra={} if preselect is None else {"preselect": {"k": preselect}})
     return spec, loaded, base_path
 
 
@@ -238,7 +247,23 @@ def _start_evaluators(spec: RunSpec, loaded, run_id: str, actor_restarts: int) -
     return actors, modules_ref
 
 
-def _wait_for_evaluators(actors: list, timeout: float) -> None:
+def _preselect(spec: RunSpec, actors: list) -> None:
+    """With ``preselect``: screen the hub on the actors once (a resumed run keeps its screening), plan
+    the restarts over the k best and save both in the run file."""
+    asked = spec.extra.get("preselect")
+    if asked is None or "chosen" in asked:
+        return
+    names = [m["name"] for m in spec.modules]
+    screening = screen_on_actors(actors, names, asked["k"])
+    s = spec.settings
+    spec.plans = plan_restarts(len(names), spec.restarts, seed=s.seed, optimizer=s.optimizer_label,
+                               portfolio=spec.portfolio, modules_per_restart=spec.modules_per_restart,
+                               candidates=screening.chosen)
+    spec.extra["preselect"] = screening.to_recipe()
+    spec.write()
+
+
+def wait_for_evaluators(actors: list, timeout: float) -> None:
     """Wait until every evaluator has started, or fail once with the cause."""
     try:
         ray.get([a.ready.remote() for a in actors], timeout=timeout)
@@ -313,6 +338,13 @@ def _root_message(exc: BaseException) -> str:
     return text[-1] if text else repr(exc)
 
 
+def describe_restarts(outcomes: list[RestartOutcome], names: list[str]) -> list[dict]:
+    """What the recipe records of every restart (``search["restarts"]``)."""
+    return [{"restart": o.restart, "seed": o.plan.seed, "optimizer": o.plan.optimizer, "algorithm": o.algorithm,
+             "order": [names[i] for i in o.plan.modules], "objective": o.objective, "evaluations": len(o.history),
+             "finished": o.finished} for o in outcomes]
+
+
 def _finish(spec: RunSpec, loaded, outcomes: list[RestartOutcome], started: str, seconds: float,
             base_sha256: str) -> RayLoraHubResult:
     best = best_outcome(outcomes)
@@ -320,16 +352,12 @@ def _finish(spec: RunSpec, loaded, outcomes: list[RestartOutcome], started: str,
     chosen = [loaded[i] for i in indices]
     base, tokenizer, _ = load_base_model(spec.model, device=spec.device or "cpu")
     composer = LoraComposer(base, chosen)
-    names = [m.name for m in loaded]
     search = {"backend": "ray", "workers": spec.workers, "asks": spec.settings.asks,
               "modules_per_restart": spec.modules_per_restart, "portfolio": spec.portfolio,
               "scheduler": spec.scheduler, "cpus_per_worker": spec.cpus_per_worker,
               "gpus_per_worker": spec.gpus_per_worker, "storage": spec.storage, "best_restart": best.restart,
-              "seconds": seconds,
-              "restarts": [{"restart": o.restart, "seed": o.plan.seed, "optimizer": o.plan.optimizer,
-                            "algorithm": o.algorithm, "order": [names[i] for i in o.plan.modules],
-                            "objective": o.objective, "evaluations": len(o.history), "finished": o.finished}
-                           for o in outcomes]}
+              "seconds": seconds, **({"preselect": spec.extra["preselect"]} if "preselect" in spec.extra else {}),
+              "restarts": describe_restarts(outcomes, [m.name for m in loaded])}
     recipe = make_recipe(model=spec.model, base_sha256=base_sha256, modules=chosen, weights=weights,
                          objective=best.objective, optimizer=best.plan.optimizer, algorithm=best.algorithm,
                          seed=best.plan.seed, settings=spec.settings, merge_method=composer.merge_method,

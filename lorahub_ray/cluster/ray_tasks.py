@@ -1,0 +1,183 @@
+"""The paper's protocol on Ray: many tasks, each a portfolio of restarts, on ONE set of evaluator actors.
+
+:class:`RayRunner` is a :class:`~lorahub_ray.core.protocol.TaskRunner` for
+:func:`~lorahub_ray.core.protocol.run_tasks`. Its ``W`` :class:`~lorahub_ray.cluster.evaluators.Evaluator`
+actors load the base model and the whole hub once for all tasks; a task hands them its examples
+(``Evaluator.set_examples``, tokenised there), is screened with ``preselect``
+(:mod:`lorahub_ray.cluster.screening`), and runs the Ray search's portfolio of restarts in lockstep
+(:mod:`lorahub_ray.cluster.restarts`, the plans of :func:`lorahub_ray.core.portfolio.plan_restarts`),
+so that each task gets what :func:`~lorahub_ray.cluster.ray_search.lorahub_learning_ray` gives it
+alone. The driver holds one base model and the hub too, to merge each task's winner into a copy.
+``DIR/<task>/`` and ``DIR/summary.json`` are written by :func:`run_tasks`, as on the local path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import ray
+
+from lorahub_ray.cluster.connect import connect, default_cpus_per_worker
+from lorahub_ray.cluster.evaluators import Evaluator
+from lorahub_ray.cluster.ray_search import check_resources, describe_restarts, wait_for_evaluators
+from lorahub_ray.cluster.restarts import run_lockstep, start_restarts
+from lorahub_ray.cluster.run_spec import check_ray_options
+from lorahub_ray.cluster.screening import screen_on_actors
+from lorahub_ray.core.compose import LoraComposer
+from lorahub_ray.core.families import check_template
+from lorahub_ray.core.learning import make_recipe, now, write_output
+from lorahub_ray.core.model import base_model_sha256, check_base_model, load_base_model
+from lorahub_ray.core.modules import LoraModule
+from lorahub_ray.core.objective import l1_regularization
+from lorahub_ray.core.portfolio import RestartOutcome, best_outcome, plan_restarts
+from lorahub_ray.core.preselect import check_k
+from lorahub_ray.core import protocol
+from lorahub_ray.core.search import SearchResult
+from lorahub_ray.core.settings import SearchSettings
+from lorahub_ray.errors import DataError
+from lorahub_ray.evaluation.evaluate import list_data_files, task_name
+from lorahub_ray.io.examples import Examples
+
+
+@dataclass
+class RayTaskSearch(protocol.TaskSearch):
+    """A task's restarts as :func:`run_tasks` reads them, plus the portfolio's own outcomes."""
+
+    outcomes: list[RestartOutcome] = field(default_factory=list)
+
+
+class RayRunner:
+    """Restarts of every task on one set of Ray evaluator actors (see the module docstring). Close it
+    (or use it as a context manager) to end its actors and the Ray it started."""
+
+    def __init__(self, modules: Sequence[LoraModule], *, model: str, device: str | None = None, budget: int = 40,
+                 optimizer: str = "NGOpt", seed: int = 42, restarts: int | None = None,
+                 modules_per_restart: int | None = None, preselect: int | None = None, loss="reference",
+                 batch_size: int | None = None, regularizer: Callable = l1_regularization, workers: int = 2,
+                 portfolio: Sequence[str] | None = None, asks: int | None = None, address: str | None = None,
+                 cpus_per_worker: float | None = None, gpus_per_worker: float = 0.0, template: str = "plain",
+                 actor_restarts: int = 3, ready_timeout: float = 600.0):
+        self.settings = SearchSettings(budget=budget, optimizer=optimizer, seed=seed, loss=loss,
+                                       batch_size=batch_size, regularizer=regularizer, asks=asks or 1)
+        self.settings.check()
+        check_template(template)
+        self.restarts = workers if restarts is None else restarts
+        check_ray_options(workers=workers, restarts=self.restarts, modules_per_restart=modules_per_restart,
+                          scheduler=None, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                          portfolio=portfolio)
+        check_k(preselect, len(modules))
+        self.modules, self.model, self.template = list(modules), str(model), template
+        self.workers, self.portfolio = workers, list(portfolio) if portfolio else None
+        self.modules_per_restart, self.preselect = modules_per_restart, preselect
+        self.gpus_per_worker, self.device = gpus_per_worker, device or ("cuda" if gpus_per_worker > 0 else "cpu")
+        base_path = check_base_model(self.model)
+        self.actors: list = []
+        self.started_ray = connect(address)
+        try:
+            self.cpus_per_worker = cpus_per_worker or default_cpus_per_worker(workers)
+            check_resources(workers, self.cpus_per_worker, gpus_per_worker)
+            self.modules_ref = ray.put(self.modules)  # held while the runner lives: a restarted actor reads it
+            remote = ray.remote(Evaluator).options(num_cpus=self.cpus_per_worker, num_gpus=gpus_per_worker,
+                                                   max_restarts=actor_restarts, max_task_retries=actor_restarts)
+            s = self.settings
+            self.actors = [remote.remote(self.model, self.modules_ref, loss=s.loss, batch_size=s.batch_size,
+                                         regularizer=s.regularizer, device=self.device,
+                                         threads=max(1, int(self.cpus_per_worker)), template=template)
+                           for _ in range(workers)]
+            base, self.tokenizer, _ = load_base_model(self.model, device=device or "cpu")  # while the actors start
+            self.composer = LoraComposer(base, self.modules)
+            self.base_sha256 = base_model_sha256(base_path)
+            wait_for_evaluators(self.actors, ready_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False
+
+    def __enter__(self) -> "RayRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def search(self, task: str, examples: Examples, advance: Callable[..., None]) -> RayTaskSearch:
+        started, s = now(), self.settings
+        ray.get([a.set_examples.remote(list(examples.inputs), list(examples.outputs)) for a in self.actors])
+        screening = None
+        if self.preselect is not None:
+            screening = screen_on_actors(self.actors, [m.name for m in self.modules], self.preselect)
+        plans = plan_restarts(len(self.modules), self.restarts, seed=s.seed, optimizer=s.optimizer_label,
+                              portfolio=self.portfolio, modules_per_restart=self.modules_per_restart,
+                              candidates=screening.chosen if screening is not None else None)
+        restarts = start_restarts(plans, {s.optimizer_label: s.optimizer}, budget=s.budget, asks=s.asks)
+
+        def on_evaluation(r, e) -> None:
+            if len(r.history) == s.budget:
+                advance(info=f"{task}: restart {r.plan.restart + 1}/{self.restarts} done, best {r.best:.4f}")
+
+        outcomes = run_lockstep(restarts, self.actors, budget=s.budget, asks=s.asks, on_evaluation=on_evaluation)
+        rows = []
+        for o in outcomes:
+            indices, weights = o.canonical()
+            result = SearchResult(weights, o.objective, o.plan.optimizer, o.algorithm, s.budget, o.plan.seed,
+                                  num_workers=s.asks, history=o.history)
+            rows.append(protocol.RestartOutcome(protocol.RestartPlan(o.restart, o.plan.seed, indices), result,
+                                                o.history[-1].wall if o.history else 0.0))
+        return RayTaskSearch(rows, screening, started, outcomes)
+
+    def write(self, task: str, examples: Examples, search: RayTaskSearch, output: str) -> str:
+        best = best_outcome(search.outcomes)
+        indices, weights = best.canonical()
+        whole = indices == list(range(len(self.modules)))
+        with contextlib.nullcontext() if whole else self.composer.restrict(indices):
+            merged = protocol.merged_copy(self.composer, weights)
+        described = {"backend": "ray", "task": task, "workers": self.workers, "asks": self.settings.asks,
+                     "modules_per_restart": self.modules_per_restart, "portfolio": self.portfolio,
+                     "scheduler": "fifo", "cpus_per_worker": self.cpus_per_worker,
+                     "gpus_per_worker": self.gpus_per_worker, "best_restart": best.restart,
+                     "restarts": describe_restarts(search.outcomes, [m.name for m in self.modules])}
+        if search.screening is not None:
+            described["preselect"] = search.screening.to_recipe()
+        recipe = make_recipe(model=self.model, base_sha256=self.base_sha256,
+                             modules=[self.modules[i] for i in indices], weights=weights, objective=best.objective,
+                             optimizer=best.plan.optimizer, algorithm=best.algorithm, seed=best.plan.seed,
+                             settings=self.settings, merge_method=self.composer.merge_method,
+                             num_examples=len(examples), started=search.started, search=described,
+                             template=self.template)
+        return str(write_output(output, recipe, merged, self.tokenizer, history=(search.outcomes, self.modules)))
+
+
+def lorahub_tasks_ray(model: str, modules, tasks: str, *, output: str, workers: int = 2,
+                      restarts: int | None = None, portfolio: Sequence[str] | None = None, asks: int | None = None,
+                      address: str | None = None, cpus_per_worker: float | None = None,
+                      gpus_per_worker: float = 0.0, template: str = "plain", **options) -> dict:
+    """:func:`lorahub_ray.api.lorahub_tasks` on Ray: every task of ``tasks`` (a folder or ``s3://``
+    prefix of few-shot files) a portfolio of ``restarts`` (default ``workers``) restarts over
+    ``workers`` evaluator actors that load the model and hub once. ``options`` as
+    :func:`~lorahub_ray.core.protocol.run_protocol` takes them. Returns the summary."""
+    files = [(task_name(f), f) for f in list_data_files(tasks)]
+    if not files:
+        raise DataError(f"no task files (.jsonl, .json, .parquet, .csv) at or under '{tasks}'")
+    runners: list[RayRunner] = []
+
+    def make_runner(loaded, **chosen) -> RayRunner:
+        runners.append(RayRunner(loaded, workers=workers, portfolio=portfolio, asks=asks, address=address,
+                                 cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                                 template=template, **chosen))
+        return runners[-1]
+
+    try:
+        return protocol.run_protocol(model, modules, files, output=output,
+                                     restarts=workers if restarts is None else restarts,
+                                     make_runner=make_runner, **options)
+    finally:
+        for runner in runners:
+            runner.close()
