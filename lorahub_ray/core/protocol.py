@@ -36,7 +36,7 @@ from lorahub_ray.core.modules import LoraModule
 from lorahub_ray.core.objective import LOSSES, FewShotObjective, LossFn, l1_regularization
 from lorahub_ray.core.preselect import Screening, check_k, hub_size, screen_and_choose
 from lorahub_ray.core.recipe import RECIPE_FILE, Recipe
-from lorahub_ray.core.search import Evaluation, SearchResult, check_optimizer, minimize
+from lorahub_ray.core.search import SearchResult, check_optimizer, minimize
 from lorahub_ray.errors import DataError, LoraHubError
 from lorahub_ray.io import storage
 from lorahub_ray.io.examples import Examples, read_examples
@@ -204,16 +204,6 @@ def merged_copy(composer: LoraComposer, weights: Sequence[float]):
     model and can serve the next task."""
     composer.compose(weights)
     return copy.deepcopy(composer.model).merge_and_unload()
-
-
-def combined_history(search: TaskSearch) -> SearchResult:
-    """Every restart's evaluations in one history, ``trial`` = restart index."""
-    best = search.best.result
-    rows = [Evaluation(e.step, e.weights, e.objective, e.seconds, trial=o.plan.index)
-            for o in search.restarts for e in o.result.history]
-    algorithms = sorted({o.result.algorithm for o in search.restarts})
-    return SearchResult(best.weights, best.objective, best.optimizer, "/".join(algorithms), best.budget, best.seed,
-                        history=rows)
 
 
 @dataclass
