@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -143,3 +144,37 @@ def make_llama_module(base: Path, path: Path, *, seed: int, r: int = 4, targets=
     cfg["base_model_name_or_path"] = base_id
     cfg_file.write_text(json.dumps(cfg, indent=2))
     return path
+
+
+def start_ray_head(log, env: dict, *, num_cpus: int, timeout: float):
+    """``ray start --head --block`` on loopback in its own process group (ended with pytest, see
+    :func:`end_with_this_process`), with free ports; waits for its dashboard, the last thing a head
+    starts. Returns ``(process, gcs_address, dashboard_port)``; the caller ends the group by its pid."""
+    import socket
+    import subprocess
+    import time
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port, dash, agent = free_port(), free_port(), free_port()
+    head = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--num-cpus={num_cpus}",
+         "--num-gpus=0", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}",
+         f"--dashboard-agent-listen-port={agent}",  # the default, 52365, is taken by any other head here
+         "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=end_with_this_process)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", dash), timeout=1).close()
+            return head, f"127.0.0.1:{port}", dash
+        except OSError:
+            if head.poll() is not None or time.monotonic() > deadline:
+                if head.poll() is None:  # timed out: end what did start
+                    os.killpg(head.pid, signal.SIGKILL)
+                raise RuntimeError(f"ray head did not start; see {log.name}") from None
+            time.sleep(0.5)

@@ -8,11 +8,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-from helpers import end_with_this_process
+from helpers import start_ray_head
 
 REPO = Path(__file__).parents[1]
 HANG_GUARD_S = 240  # a dead address used to hang for minutes; a busy 2-core machine imports torch slowly
@@ -98,26 +97,11 @@ def token_head(tmp_path):
     (home / ".ray").mkdir()
     (home / ".ray" / "auth_token").write_text("lorahub-ray-test-token-0123456789abcdef\n")
     ray_tmp = Path(tempfile.mkdtemp(prefix="lhr-"))
-    port, dash, agent = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env.update(HOME=str(home), RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO))
     log = open(tmp_path / "head.log", "w")
-    head = subprocess.Popen(
-        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--num-cpus=1", "--num-gpus=0",
-         f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        preexec_fn=end_with_this_process)
+    head, _, dash = start_ray_head(log, env, num_cpus=1, timeout=240)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", dash), timeout=1).close()
-                break
-            except OSError:
-                if head.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"ray head did not start; see {log.name}") from None
-                time.sleep(0.5)
         yield {"home": home, "dashboard": f"http://127.0.0.1:{dash}", "log": Path(log.name)}
     finally:
         os.killpg(head.pid, signal.SIGKILL)
