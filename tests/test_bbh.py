@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lorahub_ray.cli import app
-from lorahub_ray.evaluation.bbh import METHODS, run_subsets
+from lorahub_ray.evaluation.bbh import BASELINES, METHODS, run_subsets
 
 DATA = Path(__file__).parent / "data" / "bigbench"
 TASKS = f"{DATA / 'tiny_reverse'},{DATA / 'tiny_first_letter'}"
@@ -36,10 +36,15 @@ def test_table_has_every_task_method_and_column(table_dir):
     assert set(table) == {"tasks", "macro"}
     assert set(table["tasks"]) == {"tiny_reverse", "tiny_first_letter"}
     for cells in list(table["tasks"].values()) + [table["macro"]]:
-        assert set(cells) == set(METHODS)
-        for cell in cells.values():
+        assert set(cells) == set(METHODS) | set(BASELINES)
+        for method in METHODS:
+            cell = cells[method]
             assert 0 <= cell["accuracy"] <= 100 and cell["tokens_per_example"] > 0 and cell["seconds"] > 0
-    for method in METHODS:
+    for cells in table["tasks"].values():
+        for cell in cells.values():  # a 95% interval around every accuracy, narrower with more examples
+            lo, hi = cell["ci95"]
+            assert lo <= cell["accuracy"] <= hi and 0 < hi - lo < 100
+    for method in METHODS + BASELINES:
         assert table["macro"][method]["accuracy"] == pytest.approx(
             sum(t[method]["accuracy"] for t in table["tasks"].values()) / 2)
     assert (table_dir / "table.png").stat().st_size > 0
@@ -61,6 +66,19 @@ def test_table_has_every_task_method_and_column(table_dir):
             assert recipe["seed"] == seed and len(recipe["modules"]) == 3
     first = pq.read_table(table_dir / "tiny_first_letter" / "zero_shot" / "predictions.parquet").to_pydict()
     assert all(t.startswith("(") and "\nOptions:\n(A) " in x for x, t in zip(first["input"], first["target"]))
+    # the baselines, from the test set alone; option accuracy on the multiple-choice task only
+    choice, generative = table["tasks"]["tiny_first_letter"], table["tasks"]["tiny_reverse"]
+    letters = [x.rpartition("\nOptions:\n")[2].count("\n(") + 1 for x in first["input"]]
+    assert choice["chance"]["accuracy"] == pytest.approx(100 * sum(1 / k for k in letters) / len(letters))
+    top = max(set(first["target"]), key=first["target"].count)
+    assert choice["majority"]["accuracy"] == pytest.approx(100 * first["target"].count(top) / len(first["target"]))
+    assert generative["chance"]["accuracy"] == 0
+    for method in METHODS:
+        assert 0 <= choice[method]["option_accuracy"] <= 100 and "option_accuracy" not in generative[method]
+    # select cv: its winner is one of its candidates, and its recipe rebuilds the cell's model
+    for cells in (choice, generative):
+        winner = cells["select_cv"]["winner"]
+        assert winner == "base" or winner.startswith(("single:", "lorahub", "from-best-"))
 
 
 def test_rerun_resumes_and_skips_written_cells(world, table_dir):

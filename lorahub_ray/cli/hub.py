@@ -1,4 +1,4 @@
-"""``lorahub-ray hub add|list|validate``: the module hub catalogue."""
+"""``lorahub-ray hub add|list|validate|build``: the module hub catalogue, and a hub trained on BIG-bench tasks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from lorahub_ray.cli.app import (app, console, fail_cleanly)
+from lorahub_ray.cli.app import DeviceOpt, app, console, fail_cleanly, quiet_libraries
 
 
 # --- the module hub ------------------------------------------------------------------------------
@@ -88,3 +88,47 @@ def hub_validate(
     typer.echo(f"{len(rows) - bad} of {len(rows)} module(s) valid")
     if problems:
         raise typer.Exit(1)
+
+
+@hub_app.command("build")
+@fail_cleanly
+def hub_build(
+    model: Annotated[str, typer.Option("--model", "-m", help="Base model, seq2seq or causal LM: Hub id, local directory, s3:// URI or .gguf file.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Hub folder: modules/<task>/, catalogue.parquet and build.json; rerun with the same settings to resume.")],
+    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated BIG-bench sources, one module each (default: the 20 upstream tasks of the BBH and transfer tables; BBH's own sources are refused).")] = None,
+    steps: Annotated[int, typer.Option(help="Training steps per module.")] = 100,
+    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of every module's training.")] = 0,
+    split_seed: Annotated[int, typer.Option(help="Seed of each task's train/held-out split.")] = 0,
+    train_size: Annotated[int, typer.Option(help="At most this many training examples per task.")] = 1000,
+    test_size: Annotated[int, typer.Option(help="Held-out examples per task on which each module is scored.")] = 100,
+    template: Annotated[str, typer.Option(help="'plain' or 'chat' (use the same in search and evaluation).")] = "plain",
+    device: DeviceOpt = None,
+):
+    """Train one LoRA module per BIG-bench task into a hub, each scored on its own held-out split.
+
+    Example:
+
+        lorahub-ray hub build -m SmolLM2-135M-Instruct.Q4_1.gguf -o hubs/smollm2 --template chat
+    """
+    from rich.table import Table
+
+    from lorahub_ray.evaluation.hub_build import BIGBENCH_UPSTREAM, build_hub
+
+    quiet_libraries()
+    entries = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else list(BIGBENCH_UPSTREAM)
+    manifest = build_hub(model, output, tasks=entries, steps=steps, rank=rank, lr=lr, batch_size=batch_size, seed=seed,
+                         split_seed=split_seed, train_size=train_size, test_size=test_size, template=template,
+                         device=device)
+    view = Table(title=f"{output}: held-out exact match % of each module on its own task")
+    for column in ("module", "train", "test", "seconds", "loss", "base %", "module %"):
+        view.add_column(column, justify="left" if column == "module" else "right")
+    for name, m in manifest["modules"].items():
+        view.add_row(name, str(m["train_examples"]), str(m["test_examples"]), f"{m['train_seconds']:.0f}",
+                     f"{m['loss_first']:.2f} -> {m['loss_last']:.2f}", f"{m['base_accuracy']:.0f}",
+                     f"{m['module_accuracy']:.0f}")
+    Console().print(view)
+    console.print(f"{len(manifest['modules'])} module(s) in {output}/catalogue.parquet; {manifest['seconds']:.0f} s "
+                  f"in all", highlight=False)

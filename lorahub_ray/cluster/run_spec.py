@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -138,12 +137,4 @@ def read_text(root: str, name: str) -> str | None:
 
 def write_text(root: str, name: str, text: str) -> None:
     """Replace ``root/name`` in one step: a rename locally, one PUT on S3."""
-    if storage.is_remote(root):
-        fs, path = fsspec.core.url_to_fs(root.rstrip("/") + "/" + name)
-        fs.pipe_file(path, text.encode())
-        return
-    directory = Path(root)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{name}.{os.getpid()}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, directory / name)
+    storage.write_text(root.rstrip("/") + "/" + name, text)

@@ -210,7 +210,7 @@ def lorahub_learning(
             context = SelectionContext(composer, tokenizer, data.inputs, data.outputs,
                                        names=[m.name for m in searched], loss=loss, batch_size=batch_size,
                                        regularizer=regularizer, budget=budget, optimizer=optimizer, seed=seed,
-                                       asks=asks, config=config)
+                                       asks=asks, config=config, template=template)
             with progress_bar("cross-validated selection (folds)", len(make_folds(len(data), config.folds)),
                               enabled=progress) as advance:
                 chosen = cv_select(context, map_folds=lambda run, tasks: [_advanced(run(t), advance) for t in tasks])

@@ -17,15 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
-import fsspec
 import numpy as np
 
 from lorahub_ray.core.compose import LoraComposer
@@ -146,16 +142,7 @@ def check_outputs(output: str, tasks: Sequence[TaskFile]) -> None:
 
 def write_summary(output: str, summary: dict) -> None:
     """``DIR/summary.json``, replaced in one step (a rename locally; one object put on S3)."""
-    text = json.dumps(summary, indent=2) + "\n"
-    if storage.is_remote(str(output)):
-        with fsspec.open(f"{str(output).rstrip('/')}/{SUMMARY_FILE}", "w") as fh:
-            fh.write(text)
-        return
-    directory = Path(output).expanduser()
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{SUMMARY_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, directory / SUMMARY_FILE)
+    storage.write_json(f"{str(output).rstrip('/')}/{SUMMARY_FILE}", summary)
 
 
 def run_tasks(tasks: Sequence[TaskFile], runner: TaskRunner, output: str, *, settings: dict | None = None,

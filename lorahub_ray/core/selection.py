@@ -131,8 +131,9 @@ class SelectionContext:
                  names: Sequence[str], loss: str | LossFn = "reference", batch_size: int | None = None,
                  regularizer: Callable[[Sequence[float]], float] = l1_regularization,
                  budget: int = DEFAULT_BUDGET, optimizer: str = DEFAULT_OPTIMIZER, seed: int = 42, asks: int = 1,
-                 config: SelectionConfig = SelectionConfig()):
+                 config: SelectionConfig = SelectionConfig(), template: str = "plain"):
         config.check()
+        self.template = template  # every fold's losses and generations render the inputs with it
         self.composer, self.tokenizer = composer, tokenizer
         self.inputs, self.outputs = list(inputs), list(outputs)
         self.names = list(names)
@@ -159,7 +160,7 @@ class SelectionContext:
         return FewShotObjective(self.composer, self.tokenizer, [self.inputs[i] for i in indices],
                                 [self.outputs[i] for i in indices], loss=loss or self.loss,
                                 batch_size=batch_size if loss else self.batch_size,
-                                regularizer=regularizer or self.regularizer)
+                                regularizer=regularizer or self.regularizer, template=self.template)
 
     def ranked_singles(self, objective: FewShotObjective) -> list[int]:
         """Module indices by the loss of each module alone on ``objective``'s examples, best first."""
@@ -195,7 +196,7 @@ class SelectionContext:
             for name, w in candidates.items():
                 self.composer.compose(w)
                 predictions = generate(self.composer.model, self.tokenizer, inputs,
-                                       max_new_tokens=self.config.max_new_tokens)
+                                       max_new_tokens=self.config.max_new_tokens, template=self.template)
                 correct[name] = sum(exact_match(p, t) for p, t in zip(predictions, targets))
         return loss, correct
 

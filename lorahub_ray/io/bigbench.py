@@ -5,22 +5,26 @@ A source is one of
                                                       and extracted by name, see :mod:`.bigbench_sdist`);
     ``path/to/task.json``                             one BIG-bench task file;
     ``path/to/task_dir``                              a folder with a ``task.json`` (and subtask folders);
-each optionally followed by ``?split=fewshot|test&seed=N&shots=K`` (the CLI's ``--split`` and
-``--split-seed`` write that). A task whose top ``task.json`` has no examples is the union of its
+each optionally followed by ``?split=fewshot|test&seed=N&shots=K&format=F&size=M`` (the CLI's
+``--split`` and ``--split-seed`` write split and seed). A task whose top ``task.json`` has no examples is the union of its
 subtasks (``<task>/<subtask>/task.json``), as BIG-bench scores it.
 
 Examples
     *Generative* (``input``/``target``): the pair ``(input, target)``; a list of targets keeps its
     first. *Multiple choice* (``input``/``target_scores``): a BBH-style prompt, the question, then
     ``Options:`` and one ``(A) option`` line per option, whose answer is the letter of the best-scored
-    option, ``(A)``, as BBH writes it. BIG-bench often lists the correct option first (99% of
+    option, ``(A)``, as BBH writes it. An example with both (arithmetic's, which pads its options
+    with words such as "banana") is multiple choice by default (``format=auto``, as BBH's
+    geometric_shapes and temporal_sequences); ``format=generate`` keeps its ``target`` instead, and
+    ``format=choice`` requires options everywhere. BIG-bench often lists the correct option first (99% of
     date_understanding), so the options are **shuffled**, seeded by the split seed and the example's
     index. Every input starts with the task's ``task_prefix`` and ``example_input_prefix``.
 
 Splits
     The examples are shuffled with the seed; ``fewshot`` is the first ``shots`` (5) of them, ``test``
     the rest, without any example whose question and options equal a few-shot one, capped at 250 (as
-    BBH's test sets). The same seed gives the same split on any machine; the two never overlap.
+    BBH's test sets) or at ``size``. A hub trained on a task uses ``shots`` as its training set
+    (:func:`train_shots`), so that its ``test`` split stays held out. The same seed gives the same split on any machine; the two never overlap.
 
 A malformed task file is an error that names the file and the example's index.
 """
@@ -43,6 +47,7 @@ from lorahub_ray.io import bigbench_sdist, storage
 SCHEME = "bigbench:"
 TASK_FILE = "task.json"
 SPLITS = ("fewshot", "test")
+FORMATS = ("auto", "generate", "choice")
 DEFAULT_SHOTS = 5
 TEST_SIZE = 250
 FORMAT_VERSION = 1  # of the materialised split files; bump when the formatting changes
@@ -70,10 +75,14 @@ class Source:
     split: str
     seed: int = 0
     shots: int = DEFAULT_SHOTS
+    format: str = "auto"
+    size: int = TEST_SIZE  # the test split's cap
 
     @property
     def uri(self) -> str:
-        return f"{self.location}?split={self.split}&seed={self.seed}&shots={self.shots}"
+        extra = "".join(f"&{k}={v}" for k, v, default in (("format", self.format, "auto"),
+                                                           ("size", self.size, TEST_SIZE)) if v != default)
+        return f"{self.location}?split={self.split}&seed={self.seed}&shots={self.shots}{extra}"
 
 
 # --- sources ---------------------------------------------------------------------------------------
@@ -95,9 +104,10 @@ def parse_source(uri, *, default_split: str = "fewshot") -> Source:
     text = str(uri)
     location, _, query = text.partition("?")
     params = parse_qs(query, keep_blank_values=True, strict_parsing=False) if query else {}
-    unknown = sorted(set(params) - {"split", "seed", "shots"})
+    unknown = sorted(set(params) - set(OPTIONS))
     if unknown:
-        raise DataError(f"{text}: unknown option(s) {', '.join(unknown)}; a BIG-bench source takes split, seed, shots")
+        raise DataError(f"{text}: unknown option(s) {', '.join(unknown)}; a BIG-bench source takes "
+                        f"{', '.join(OPTIONS)}")
 
     def one(name, default):
         values = params.get(name)
@@ -106,25 +116,33 @@ def parse_source(uri, *, default_split: str = "fewshot") -> Source:
     split = one("split", default_split)
     if split not in SPLITS:
         raise DataError(f"{text}: split must be one of {', '.join(SPLITS)}, got '{split}'")
+    fmt = one("format", "auto")
+    if fmt not in FORMATS:
+        raise DataError(f"{text}: format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     try:
-        seed, shots = int(one("seed", 0)), int(one("shots", DEFAULT_SHOTS))
+        seed, shots, size = int(one("seed", 0)), int(one("shots", DEFAULT_SHOTS)), int(one("size", TEST_SIZE))
     except ValueError:
-        raise DataError(f"{text}: seed and shots must be integers") from None
-    if shots < 1:
-        raise DataError(f"{text}: shots must be at least 1, got {shots}")
+        raise DataError(f"{text}: seed, shots and size must be integers") from None
+    if shots < 1 or size < 1:
+        raise DataError(f"{text}: shots and size must be at least 1, got {shots} and {size}")
     if location.startswith(SCHEME) and not location[len(SCHEME):].strip("/"):
         raise DataError(f"{text}: name a task, as bigbench:TASK or bigbench:TASK/SUBTASK")
-    return Source(location, split, seed, shots)
+    return Source(location, split, seed, shots, fmt, size)
 
 
-def with_split(uri, split: str | None = None, seed: int | None = None):
-    """``uri`` with ``split`` and/or ``seed`` set if it is a BIG-bench source (what is not given is kept,
-    so an unset split still takes its reader's default); other sources are returned unchanged."""
-    if uri is None or (split is None and seed is None) or not is_bigbench(uri):
+OPTIONS = ("split", "seed", "shots", "format", "size")
+
+
+def with_split(uri, split: str | None = None, seed: int | None = None, **options):
+    """``uri`` with ``split``, ``seed`` and any other of :data:`OPTIONS` set if it is a BIG-bench source
+    (what is not given is kept, so an unset split still takes its reader's default); other sources are
+    returned unchanged."""
+    given = {k: v for k, v in {"split": split, "seed": seed, **options}.items() if v is not None}
+    if uri is None or not given or not is_bigbench(uri):
         return uri
     location, _, query = str(uri).partition("?")
     params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()} if query else {}
-    params.update({k: str(v) for k, v in (("split", split), ("seed", seed)) if v is not None})
+    params.update({k: str(v) for k, v in given.items()})
     text = location + "?" + "&".join(f"{k}={v}" for k, v in params.items())
     parse_source(text)  # checks split, seed and any other option now
     return text
@@ -186,8 +204,9 @@ def _prefix(data: dict, key: str, path: Path) -> str:
     return value
 
 
-def parse_task(path: Path) -> list[Item]:
-    """Every example of one ``task.json``, checked (errors name the file and the example index)."""
+def parse_task(path: Path, format: str = "auto") -> list[Item]:
+    """Every example of one ``task.json``, checked (errors name the file and the example index); see
+    the module's docstring for ``format``."""
     data = _load_json(path)
     examples = data.get("examples")
     if not isinstance(examples, list) or not examples:
@@ -202,7 +221,11 @@ def parse_task(path: Path) -> list[Item]:
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{where}: 'input' must be a non-empty string")
         text = (lead + text).strip()
-        if "target_scores" in ex:
+        if format == "choice" and "target_scores" not in ex:
+            raise DataError(f"{where}: no 'target_scores', so it cannot be multiple choice (format=choice)")
+        if format == "generate" and "target" not in ex:
+            raise DataError(f"{where}: no 'target', so it cannot be generative (format=generate)")
+        if "target_scores" in ex and format != "generate":
             items.append(_choice(ex["target_scores"], text, where))
         elif "target" in ex:
             target = ex["target"]
@@ -243,7 +266,8 @@ def format_item(item: Item, rng: random.Random) -> tuple[str, str]:
 # --- splits ----------------------------------------------------------------------------------------
 
 
-def split_indices(items: list[Item], split: str, seed: int, shots: int, where: str) -> list[int]:
+def split_indices(items: list[Item], split: str, seed: int, shots: int, where: str,
+                  size: int = TEST_SIZE) -> list[int]:
     if len(items) <= shots:
         raise DataError(f"{where}: {len(items)} examples, too few for {shots} few-shot examples and a test set")
     order = list(range(len(items)))
@@ -252,7 +276,7 @@ def split_indices(items: list[Item], split: str, seed: int, shots: int, where: s
     if split == "fewshot":
         return fewshot
     seen = {items[i].key for i in fewshot}
-    test = [i for i in order[shots:] if items[i].key not in seen][:TEST_SIZE]
+    test = [i for i in order[shots:] if items[i].key not in seen][:size]
     if not test:
         raise DataError(f"{where}: every example repeats a few-shot one; no test set is left")
     return test
@@ -270,8 +294,8 @@ def load_split(uri, *, default_split: str = "fewshot") -> Split:
     """The examples of one split of a BIG-bench source (see the module's docstring)."""
     source = parse_source(uri, default_split=default_split)
     name, files = task_files(source.location)
-    items = [item for f in files for item in parse_task(f)]
-    chosen = split_indices(items, source.split, source.seed, source.shots, str(uri))
+    items = [item for f in files for item in parse_task(f, source.format)]
+    chosen = split_indices(items, source.split, source.seed, source.shots, str(uri), source.size)
     inputs, outputs = [], []
     for i in chosen:
         x, y = format_item(items[i], random.Random(f"lorahub-ray bigbench options {source.seed} {i}"))
@@ -286,7 +310,8 @@ def materialize(uri, *, default_split: str = "test") -> Path:
     hashes the task files' content, the split, seed and shots, and the format version."""
     source = parse_source(uri, default_split=default_split)
     split = load_split(source.uri)
-    digest = hashlib.sha256(f"{FORMAT_VERSION} {source.split} {source.seed} {source.shots}".encode())
+    digest = hashlib.sha256(f"{FORMAT_VERSION} {source.split} {source.seed} {source.shots} {source.format} "
+                            f"{source.size}".encode())
     for f in split.files:
         digest.update(hashlib.sha256(Path(f).read_bytes()).digest())
     path = storage.cache_root() / "bigbench" / "splits" / digest.hexdigest()[:16] / f"{split.name}.jsonl"
@@ -297,3 +322,20 @@ def materialize(uri, *, default_split: str = "test") -> Path:
                                for i, o in zip(split.inputs, split.outputs)), encoding="utf-8")
         os.replace(tmp, path)
     return path
+
+
+def count(uri) -> int:
+    """How many examples the BIG-bench source ``uri`` holds (all splits), in its ``format``."""
+    source = parse_source(uri)
+    return sum(len(parse_task(f, source.format)) for f in task_files(source.location)[1])
+
+
+def train_shots(uri, *, train_size: int, test_size: int) -> int:
+    """The ``shots`` that make the ``fewshot`` split a training set of up to ``train_size`` examples
+    while at least ``min(test_size, a fifth of the task)`` stay for the held-out ``test`` split."""
+    n = count(uri)
+    held_out = max(1, min(test_size, n // 5))
+    shots = min(train_size, n - held_out)
+    if shots < 1:
+        raise DataError(f"{uri}: {n} examples, too few to train on and hold some out")
+    return shots

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import uuid
 from pathlib import Path
 
 from lorahub_ray.errors import DataError
@@ -87,13 +86,6 @@ def read_index() -> dict[str, bool] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def unknown_task(task: str, index: dict[str, bool]) -> DataError:
     if task in index and not index[task]:
         return DataError(f"BIG-bench task '{task}' is programmatic (a task.py, no task.json) in the sdist: it has no "
@@ -134,7 +126,7 @@ def extract_tasks(tasks: list[str]) -> dict[str, Path]:
                                 shutil.copyfileobj(src, out)
                     elif inner.endswith("task.py"):
                         found.setdefault(task, False)
-            _write_atomic(root / INDEX_FILE, json.dumps(dict(sorted(found.items())), indent=0) + "\n")
+            storage.write_text(root / INDEX_FILE, json.dumps(dict(sorted(found.items())), indent=0) + "\n")
             for t in todo:
                 if not found.get(t):
                     raise unknown_task(t, found)

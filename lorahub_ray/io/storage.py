@@ -263,6 +263,25 @@ def upload_directory(local: Path, uri: str, *, marker: str) -> None:
     fs.invalidate_cache(root)
 
 
+def write_text(uri: str | Path, text: str) -> None:
+    """Replace the file at ``uri`` in one step, so a reader sees the old text or the new, never half:
+    a rename of a temporary sibling locally, one object put on S3. Parent folders are created."""
+    if is_remote(str(uri)):
+        fs, path = fsspec.core.url_to_fs(str(uri))
+        fs.pipe_file(path, text.encode())
+        return
+    path = Path(uri).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(uri: str | Path, data) -> None:
+    """``data`` as indented JSON at ``uri``, replaced in one step (:func:`write_text`)."""
+    write_text(uri, json.dumps(data, indent=2) + "\n")
+
+
 def arrow_filesystem(uri: str):
     """``(pyarrow filesystem, path)`` for Ray's libraries (Ray Data's readers, Tune's storage):
     ``None`` and the absolute path for local files, else a pyarrow filesystem over fsspec (s3fs for

@@ -1,0 +1,227 @@
+"""The cells of one task of the BBH table (see :mod:`.bbh` for what each method is): computed,
+written to ``<output>/<TASK>/<METHOD>/`` (``cell.json`` beside ``predictions.parquet``) and read
+back on a rerun, so that a table resumes cell by cell. Also the two baselines that need no model
+and the 95% Wilson interval of a cell's accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from lorahub_ray.core.compose import LoraComposer
+from lorahub_ray.core.learning import lorahub_learning
+from lorahub_ray.core.model import load_base_model, load_model
+from lorahub_ray.core.objective import FewShotObjective
+from lorahub_ray.evaluation.compare import InContextPrompt
+from lorahub_ray.evaluation.evaluate import EvaluationResult
+from lorahub_ray.evaluation.generate import normalize
+from lorahub_ray.evaluation.options import option_accuracy, option_letters
+from lorahub_ray.io import storage
+from lorahub_ray.io.examples import Examples, read_examples
+
+METHODS = ("zero_shot", "icl", "lorahub_mean", "lorahub_best", "best_single", "select_cv")
+BASELINES = ("chance", "majority")
+CELL_FILE = "cell.json"
+PREDICTIONS_FILE = "predictions.parquet"
+RUNS_DIR = "lorahub_runs"
+
+Evaluate = Callable[..., EvaluationResult]
+
+
+def wilson(correct: float, n: int, z: float = 1.96) -> list[float]:
+    """The 95% Wilson score interval of ``correct`` successes in ``n``, in percent."""
+    if n <= 0:
+        return [0.0, 100.0]
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(100 * max(0.0, centre - half), 2), round(100 * min(1.0, centre + half), 2)]
+
+
+def _cell(result: EvaluationResult, seconds: float, options: dict | None = None, **extra) -> dict:
+    m = result.metrics
+    cell = {"accuracy": m["accuracy"], "ci95": wilson(m["accuracy"] * m["examples"] / 100, m["examples"]),
+            "tokens_per_example": m["input_tokens_per_example"], "seconds": seconds, "examples": m["examples"]}
+    if options is not None:
+        cell["option_accuracy"] = options["accuracy"]
+    return {**cell, **extra}
+
+
+def baselines(test: str) -> dict[str, dict]:
+    """The ``chance`` and ``majority`` cells of a test set (no model)."""
+    from collections import Counter
+
+    data = read_examples(test)
+    n = len(data)
+    letters = [option_letters(x) for x in data.inputs]
+    chance = 100.0 * sum(1 / len(o) for o in letters if o) / n
+    top = Counter(normalize(y) for y in data.outputs).most_common(1)[0]
+    cells = {}
+    for name, accuracy, extra in (("chance", chance, {}), ("majority", 100.0 * top[1] / n, {"answer": top[0]})):
+        cells[name] = {"accuracy": accuracy, "ci95": wilson(accuracy * n / 100, n), "tokens_per_example": 0.0,
+                       "seconds": 0.0, "examples": n, **extra}
+    return cells
+
+
+def _write_cell(folder: Path, cell: dict, columns: dict[str, list], extra: Callable[[Path], None] | None = None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with storage.output_directory(folder, marker=CELL_FILE) as tmp:
+        table = {"input": pa.array(columns["input"], pa.string()),
+                 "target": pa.array(columns["target"], pa.string()),
+                 "prediction": pa.array(columns["prediction"], pa.string()),
+                 "correct": pa.array(columns["correct"], pa.bool_()),
+                 "input_tokens": pa.array(columns["input_tokens"], pa.int64())}
+        if "seed" in columns:
+            table["seed"] = pa.array(columns["seed"], pa.int64())
+        pq.write_table(pa.table(table), tmp / PREDICTIONS_FILE)
+        if extra is not None:
+            extra(tmp)
+        (tmp / CELL_FILE).write_text(json.dumps(cell, indent=2) + "\n")
+    return cell
+
+
+def _read_cell(folder: Path) -> dict | None:
+    path = folder / CELL_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+
+class TaskCells:
+    """The cells of one task after another, sharing the base model loaded once (in-process)."""
+
+    def __init__(self, model, modules, subsets, output: Path, *, evaluate: Evaluate, workers: int, device, common,
+                 budget: int, optimizer: str, template: str):
+        self.model, self.modules, self.subsets, self.output = model, modules, subsets, output
+        self.evaluate, self.workers, self.device, self.common = evaluate, workers, device, common
+        self.budget, self.optimizer, self.template = budget, optimizer, template
+        self._base = None
+
+    def close(self) -> None:
+        self._base = None
+
+    def _base_model(self):
+        if self._base is None:
+            self._base = load_model(self.model, device=self.device)
+        return self._base
+
+    def _options(self, model, tokenizer, data: str, transform=None) -> dict | None:
+        """Option log-likelihood accuracy on ``data`` (in this process), for multiple-choice tasks."""
+        test = read_examples(data)
+        inputs = [transform(x) for x in test.inputs] if transform else test.inputs
+        return option_accuracy(model, tokenizer, inputs, test.outputs, template=self.template,
+                               batch_size=self.common["batch_size"])
+
+    def _eval_base(self, data: str, transform=None) -> tuple[EvaluationResult, dict | None]:
+        model, tokenizer = self._base_model()
+        options = self._options(model, tokenizer, data, transform)
+        if self.workers:
+            return self.evaluate(self.model, data, transform=transform, **self.common), options
+        return self.evaluate(model, data, tokenizer=tokenizer, transform=transform, **self.common), options
+
+    def _eval_merged(self, merged, tokenizer, data: str, folder: Path) -> tuple[EvaluationResult, dict | None]:
+        options = self._options(merged, tokenizer, data)
+        if not self.workers:
+            return self.evaluate(merged, data, tokenizer=tokenizer, **self.common), options
+        saved = folder.parent / f".model-{folder.name}-{uuid.uuid4().hex[:8]}"  # Ray workers load it from disk
+        try:
+            merged.save_pretrained(saved)
+            tokenizer.save_pretrained(saved)
+            return self.evaluate(str(saved), data, **self.common), options
+        finally:
+            shutil.rmtree(saved, ignore_errors=True)
+
+    def task(self, name: str, fewshot: Examples, test: str, advance) -> dict:
+        where = self.output / name
+        cells: dict[str, dict] = baselines(test)
+        for method, transform in (("zero_shot", None), ("icl", InContextPrompt.from_examples(fewshot))):
+            cells[method] = _read_cell(where / method) or self._timed(
+                where / method, lambda: self._eval_base(test, transform))
+            advance(info=f"{name} {method}")
+        mean, best = _read_cell(where / "lorahub_mean"), _read_cell(where / "lorahub_best")
+        if mean is None or best is None:  # the runs themselves are cells too, each written once
+            runs = [self._run(name, fewshot, test, seed) for seed in range(len(self.subsets))]
+            mean = mean or self._mean(where, runs)
+            top = max(range(len(runs)), key=lambda s: (runs[s]["accuracy"], -s))
+            best = best or self._copy_run(where, top, runs[top])
+        cells["lorahub_mean"] = mean
+        advance(info=f"{name} lorahub_mean")
+        cells["lorahub_best"] = best
+        advance(info=f"{name} lorahub_best")
+        cells["best_single"] = _read_cell(where / "best_single") or self._best_single(where, fewshot, test)
+        advance(info=f"{name} best_single")
+        cells["select_cv"] = _read_cell(where / "select_cv") or self._select_cv(where, fewshot, test)
+        advance(info=f"{name} select_cv")
+        return cells
+
+    def _timed(self, folder: Path, fn) -> dict:
+        start = time.perf_counter()
+        result, options = fn()
+        return _write_cell(folder, _cell(result, time.perf_counter() - start, options), result.predictions)
+
+    def _learn(self, modules, fewshot: Examples, seed: int, **options):
+        return lorahub_learning(self.model, modules, fewshot, budget=self.budget, optimizer=self.optimizer, seed=seed,
+                                device=self.device, template=self.template, progress=False, **options)
+
+    def _run(self, name: str, fewshot: Examples, test: str, seed: int) -> dict:
+        folder = self.output / name / RUNS_DIR / f"seed_{seed}"
+        done = _read_cell(folder)
+        if done is not None:
+            return done
+        start = time.perf_counter()
+        learned = self._learn([self.modules[i] for i in self.subsets[seed]], fewshot, seed)
+        result, options = self._eval_merged(learned.model, learned.tokenizer, test, folder)
+        cell = _cell(result, time.perf_counter() - start, options, seed=seed, weights=learned.weights)
+        return _write_cell(folder, cell, result.predictions, extra=learned.recipe.save)
+
+    def _mean(self, where: Path, runs: list[dict]) -> dict:
+        import pyarrow.parquet as pq
+
+        columns: dict[str, list] = {}
+        for run in runs:
+            part = pq.read_table(where / RUNS_DIR / f"seed_{run['seed']}" / PREDICTIONS_FILE).to_pydict()
+            part["seed"] = [run["seed"]] * len(part["input"])
+            for k, v in part.items():
+                columns.setdefault(k, []).extend(v)
+        keys = ("accuracy", "tokens_per_example", "seconds") + (("option_accuracy",) if "option_accuracy" in runs[0]
+                                                                else ())
+        cell = {k: sum(r[k] for r in runs) / len(runs) for k in keys}
+        cell["ci95"] = wilson(sum(columns["correct"]), len(columns["correct"]))
+        cell.update(examples=runs[0]["examples"], runs={str(r["seed"]): r["accuracy"] for r in runs})
+        return _write_cell(where / "lorahub_mean", cell, columns)
+
+    def _copy_run(self, where: Path, seed: int, run: dict) -> dict:
+        import pyarrow.parquet as pq
+
+        columns = pq.read_table(where / RUNS_DIR / f"seed_{seed}" / PREDICTIONS_FILE).to_pydict()
+        return _write_cell(where / "lorahub_best", dict(run), columns)
+
+    def _best_single(self, where: Path, fewshot: Examples, test: str) -> dict:
+        start = time.perf_counter()
+        base, tokenizer, _ = load_base_model(self.model, device=self.device)
+        composer = LoraComposer(base, self.modules)
+        objective = FewShotObjective(composer, tokenizer, fewshot.inputs, fewshot.outputs, template=self.template)
+        n = len(self.modules)
+        one_hot = [[1.0 if j == i else 0.0 for j in range(n)] for i in range(n)]
+        losses = [objective.loss(w) for w in one_hot]
+        best = min(range(n), key=lambda i: (losses[i], i))
+        merged = composer.merge_and_unload(one_hot[best])
+        result, options = self._eval_merged(merged, tokenizer, test, where / "best_single")
+        cell = _cell(result, time.perf_counter() - start, options, module=self.modules[best].name, loss=losses[best])
+        return _write_cell(where / "best_single", cell, result.predictions)
+
+    def _select_cv(self, where: Path, fewshot: Examples, test: str) -> dict:
+        start = time.perf_counter()
+        learned = self._learn(self.modules, fewshot, 0, select="cv")
+        result, options = self._eval_merged(learned.model, learned.tokenizer, test, where / "select_cv")
+        report = learned.recipe.search["selection"]
+        cell = _cell(result, time.perf_counter() - start, options, winner=report["winner"], reason=report["reason"],
+                     weights=learned.weights)
+        return _write_cell(where / "select_cv", cell, result.predictions, extra=learned.recipe.save)
