@@ -88,6 +88,24 @@ def test_split_excludes_repeated_questions_and_caps_test_at_250(tmp_path):
     assert not set(few.inputs) & set(test.inputs)
 
 
+def test_format_picks_the_target_or_the_options_and_size_caps_the_test_set(tmp_path):
+    examples = [{"input": f"What is {i} plus 1?", "target": str(i + 1),
+                 "target_scores": {str(i + 1): 1, "banana": 0}} for i in range(40)]
+    folder = tmp_path / "both"
+    folder.mkdir()
+    (folder / "task.json").write_text(json.dumps({"examples": examples}))
+    auto = read_examples(f"{folder}?split=test")  # options by default, as BBH's tasks with both
+    assert all(y in ("(A)", "(B)") and "\nOptions:\n" in x for x, y in zip(auto.inputs, auto.outputs))
+    gen = read_examples(f"{folder}?split=test&format=generate&size=7")
+    assert len(gen) == 7 and all(int(y) == int(x.split()[2]) + 1 for x, y in zip(gen.inputs, gen.outputs))
+    assert gen.inputs == [x.partition("\nOptions:\n")[0] for x in auto.inputs[:7]]  # the same split either way
+    (folder / "task.json").write_text(json.dumps({"examples": examples + [{"input": "x", "target_scores": {"a": 1, "b": 0}}]}))
+    with pytest.raises(DataError, match="example 40: no 'target', so it cannot be generative"):
+        read_examples(f"{folder}?format=generate")
+    with pytest.raises(DataError, match="format must be one of auto, generate, choice"):
+        read_examples(f"{folder}?format=text")
+
+
 def test_task_with_subtasks_is_their_union_and_a_subtask_alone(tmp_path):
     whole = bigbench.load_split(f"{DATA / 'tiny_family'}?split=test")
     assert whole.name == "tiny_family"

@@ -1,0 +1,169 @@
+"""`lorahub-ray hub build` (one module per BIG-bench task, scored on its held-out split), option
+log-likelihood accuracy, and select cv under a chat template, on the tiny Llama."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from helpers import EXAMPLES, make_llama_base, make_llama_module
+
+from lorahub_ray.cli import app
+from lorahub_ray.errors import LoraHubError
+from lorahub_ray.evaluation import hub_build
+from lorahub_ray.io import bigbench, catalogue, storage
+
+DATA = Path(__file__).parent / "data" / "bigbench"
+INPUTS, OUTPUTS = [e["input"] for e in EXAMPLES], [e["output"] for e in EXAMPLES]
+TASKS = [str(DATA / "tiny_reverse"), str(DATA / "tiny_first_letter")]
+
+
+@pytest.fixture(scope="module")
+def chat_base(tmp_path_factory):
+    return make_llama_base(tmp_path_factory.mktemp("llama") / "chat", chat=True)
+
+
+@pytest.fixture(scope="module")
+def built(chat_base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hub") / "hub"
+    result = CliRunner().invoke(app, ["hub", "build", "-m", str(chat_base), "-o", str(out), "--tasks", ",".join(TASKS),
+                                      "--steps", "3", "--test-size", "4", "--template", "chat"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_build_trains_one_module_per_task_hashed_into_the_catalogue(built):
+    manifest = json.loads((built / "build.json").read_text())
+    assert list(manifest["modules"]) == ["tiny_reverse", "tiny_first_letter"]
+    rows = {r["id"]: r for r in catalogue.read_catalogue(str(built / "catalogue.parquet"))}
+    assert set(rows) == set(manifest["modules"])
+    for name, entry in manifest["modules"].items():
+        folder = built / "modules" / name
+        assert (folder / "adapter_config.json").is_file()
+        assert entry["sha256"] == rows[name]["sha256"] == storage.sha256_dir(folder)
+        # 14 examples: a fifth (2) held out, below --test-size 4, the other 12 trained on
+        assert rows[name]["task"] == name and (entry["train_examples"], entry["test_examples"]) == (12, 2)
+        assert 0 <= entry["base_accuracy"] <= 100 and 0 <= entry["module_accuracy"] <= 100
+    assert manifest["settings"]["template"] == "chat"
+
+
+def test_the_training_split_and_the_held_out_split_are_disjoint():
+    for task in TASKS:
+        shots = bigbench.train_shots(task, train_size=1000, test_size=4)
+        train = bigbench.load_split(bigbench.with_split(task, "fewshot", shots=shots, size=4))
+        test = bigbench.load_split(bigbench.with_split(task, "test", shots=shots, size=4))
+        assert len(test.inputs) == 2 and len(train.inputs) == shots == 12
+        assert not set(train.inputs) & set(test.inputs)
+
+
+def test_a_rerun_resumes_and_other_settings_are_refused(built, chat_base):
+    stamp = {p: p.stat().st_mtime_ns for p in (built / "modules").glob("*/adapter_model.safetensors")}
+    again = hub_build.build_hub(str(chat_base), built, tasks=TASKS, steps=3, test_size=4, template="chat", progress=False)
+    assert list(again["modules"]) == ["tiny_reverse", "tiny_first_letter"]
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp  # nothing trained again
+    with pytest.raises(LoraHubError, match="other settings \\(steps\\)"):
+        hub_build.build_hub(str(chat_base), built, tasks=TASKS, steps=4, test_size=4, template="chat", progress=False)
+
+
+def test_bbh_sources_are_refused_before_anything_loads(tmp_path):
+    with pytest.raises(LoraHubError, match="must not be trained on BBH data.*bigbench:date_understanding "
+                                           "\\(the source of BBH's date_understanding\\)"):
+        hub_build.build_hub(str(tmp_path / "no-model"), tmp_path / "hub",
+                            tasks=[TASKS[0], "bigbench:date_understanding"], progress=False)
+    assert not (tmp_path / "hub").exists()
+
+
+def test_the_upstream_hub_holds_no_transfer_task_and_none_that_contains_one():
+    from lorahub_ray.evaluation.bbh import TRANSFER_SUITE
+
+    def location(source):
+        return bigbench.parse_source(source).location.removeprefix(bigbench.SCHEME)
+
+    upstream = {location(s) for s in hub_build.BIGBENCH_UPSTREAM}
+    assert len(upstream) == len(hub_build.BIGBENCH_UPSTREAM) >= 20
+    hub_build.check_upstream(hub_build.BIGBENCH_UPSTREAM)  # no BBH source among them
+    for held_out in map(location, TRANSFER_SUITE):
+        task, _, sub = held_out.partition("/")
+        assert held_out not in upstream and task not in upstream  # neither it nor its whole task
+    # plural_json is plural_regular_json plus plural_irregular_json
+    assert "linguistic_mappings/plural_json" not in upstream
+
+
+@pytest.mark.slow
+def test_no_transfer_test_example_is_in_the_upstream_training_data():
+    """On the real sdist: the transfer suite's test inputs never appear in an upstream task's examples."""
+    from lorahub_ray.evaluation.bbh import TRANSFER_SUITE
+    from lorahub_ray.io import bigbench_sdist
+
+    bigbench_sdist.extract_tasks(sorted({bigbench.parse_source(s).location[len(bigbench.SCHEME):].split("/")[0]
+                                         for s in hub_build.BIGBENCH_UPSTREAM + TRANSFER_SUITE}))
+    seen = set()
+    for source in hub_build.BIGBENCH_UPSTREAM:
+        fmt = bigbench.parse_source(source).format
+        for f in bigbench.task_files(bigbench.parse_source(source).location)[1]:
+            seen |= {item.input for item in bigbench.parse_task(f, fmt)}
+    for source in TRANSFER_SUITE:
+        test = bigbench.load_split(bigbench.with_split(source, "test"))
+        assert not seen & {x.split("\nOptions:\n")[0] for x in test.inputs}, source
+
+
+# --- option log-likelihood accuracy ------------------------------------------------------------------
+
+
+def test_option_letters_come_from_the_last_options_list():
+    from lorahub_ray.evaluation.options import option_letters
+
+    prompt = "Q: x?\nOptions:\n(A) one\n(B) two\nA: (B)\n\nQ: y?\nOptions:\n(A) red\n(B) blue\n(C) green"
+    assert option_letters(prompt) == ["A", "B", "C"]
+    assert option_letters("What is 2 plus 2?") == []
+
+
+def test_option_scores_are_the_log_likelihood_of_each_answer(chat_base):
+    from lorahub_ray.core.families import family_of_model
+    from lorahub_ray.core.model import load_model
+    from lorahub_ray.evaluation.options import option_accuracy, option_log_likelihoods
+
+    model, tok = load_model(str(chat_base))
+    inputs = ["Pick one.\nOptions:\n(A) a\n(B) b", "Which?\nOptions:\n(A) x\n(B) y\n(C) z", "no options here"]
+    scores = option_log_likelihoods(model, tok, inputs, template="chat", batch_size=2)
+    assert [len(s) for s in scores] == [2, 3, 0]
+    family = family_of_model(model)
+    with torch.no_grad():
+        for text, row in zip(inputs, scores):
+            for letter, score in zip("ABC", row):  # one sequence at a time, no padding: the same sum
+                ids, labels = family.sequences(tok, [text], [f"({letter})"], template="chat")[0]
+                logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+                want = sum(logp[t - 1, y] for t, y in enumerate(labels) if y != -100 and t > 0)
+                assert score == pytest.approx(float(want), abs=1e-4)
+    result = option_accuracy(model, tok, inputs, ["(B)", "(C)", "x"], template="chat")
+    best = ["(" + "ABC"[max(range(len(s)), key=s.__getitem__)] + ")" for s in scores[:2]]
+    assert result["predictions"] == best + [None] and result["examples"] == 2
+    assert result["accuracy"] == 50.0 * ((best[0] == "(B)") + (best[1] == "(C)"))
+    assert option_accuracy(model, tok, ["a", "b"], ["x", "y"]) is None
+
+
+# --- select cv renders with the template -------------------------------------------------------------
+
+
+def test_select_cv_scores_folds_with_the_recipes_template(chat_base, tmp_path):
+    from lorahub_ray.core.compose import LoraComposer
+    from lorahub_ray.core.model import load_base_model
+    from lorahub_ray.core.modules import load_module
+    from lorahub_ray.core.objective import FewShotObjective
+    from lorahub_ray.core.selection import SelectionConfig, SelectionContext
+
+    paths = [make_llama_module(chat_base, tmp_path / n, seed=i) for i, n in enumerate(["a", "b"])]
+    base, tok, _ = load_base_model(str(chat_base))
+    composer = LoraComposer(base, [load_module(str(p), p.name) for p in paths])
+    held = {}
+    for template in ("plain", "chat"):
+        context = SelectionContext(composer, tok, INPUTS, OUTPUTS, names=["a", "b"], budget=2,
+                                   config=SelectionConfig(warm_starts=0), template=template)
+        held[template], _ = context.held_out({"single:a": [1.0, 0.0]}, [0, 1])
+        direct = FewShotObjective(composer, tok, INPUTS[:2], OUTPUTS[:2], loss="mean", template=template)
+        assert held[template]["single:a"] == pytest.approx(float(direct.losses([[1.0, 0.0]])[0]))
+    assert held["plain"]["single:a"] != pytest.approx(held["chat"]["single:a"])
