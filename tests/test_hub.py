@@ -152,6 +152,21 @@ def test_validate_flags_a_module_for_another_base_model(world, tmp_path):
     assert "does not fit base model" in problems[0].message and "shape" in problems[0].message
 
 
+def test_validate_flags_a_module_of_the_other_family_by_its_config(world, tmp_path):
+    from helpers import make_llama_base, make_llama_module
+
+    llama = make_llama_base(tmp_path / "llama")
+    cat = tmp_path / "cat.parquet"
+    hub.add(cat, [str(world["modules"][0]), str(make_llama_module(llama, tmp_path / "causal-mod", seed=1))])
+    rows, problems = hub.validate(cat, base_model=str(world["base"]))
+    assert [p.id for p in problems] == ["causal-mod"]
+    message = problems[0].message
+    assert "CAUSAL_LM adapter" in message and "seq2seq" in message and "adapter_config.json" in message
+    _, problems = hub.validate(cat, base_model=str(llama))  # and the T5 module against the Llama
+    assert [p.id for p in problems] == [world["modules"][0].name]
+    assert "SEQ_2_SEQ_LM adapter" in problems[0].message
+
+
 def test_validate_flags_a_catalogue_row_that_disagrees(world, tmp_path):
     cat = tmp_path / "cat.parquet"
     hub.add(cat, [str(world["modules"][0])])

@@ -222,11 +222,13 @@ class Problem:
     message: str
 
 
-def _base_shapes(base_model: str) -> dict[str, tuple]:
+def _base_shapes(base_model: str):
+    """The base model's family and the shape of each of its parameters."""
+    from lorahub_ray.core.families import family_of_model
     from lorahub_ray.core.model import load_base_model
 
     model, _, _ = load_base_model(base_model, device="cpu")
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+    return family_of_model(model), {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
 def _fits_base(module: LoraModule, shapes: dict[str, tuple]) -> str | None:
@@ -251,9 +253,10 @@ def _fits_base(module: LoraModule, shapes: dict[str, tuple]) -> str | None:
 def validate(catalogue: str | Path, *, base_model: str | None = None, filters: Sequence[str] = ()) -> tuple[list[dict], list[Problem]]:
     """Check every (selected) module of the catalogue: its files load, its sha256 and its rank,
     target modules and base model agree with the catalogue, and (with ``base_model``) its tensors fit
-    that model's layers. Returns ``(rows checked, problems)``; every module is checked."""
+    that model's family (a ``SEQ_2_SEQ_LM`` adapter for a T5, ``CAUSAL_LM`` for a Llama) and layers.
+    Returns ``(rows checked, problems)``; every module is checked."""
     rows = select(read_catalogue(catalogue), filters)
-    shapes = _base_shapes(base_model) if base_model is not None else None
+    family, shapes = _base_shapes(base_model) if base_model is not None else (None, None)
     problems = []
     for row in rows:
         try:
@@ -269,6 +272,12 @@ def validate(catalogue: str | Path, *, base_model: str | None = None, filters: S
             if entry[key] != row[key]:
                 problems.append(Problem(row["id"], f"module '{row['id']}' has {key}={entry[key]!r} but the catalogue "
                                                    f"records {row[key]!r}"))
+        if family is not None:
+            try:
+                family.check_module(module)
+            except LoraHubError as exc:
+                problems.append(Problem(row["id"], str(exc)))
+                continue
         if shapes is not None:
             why = _fits_base(module, shapes)
             if why:
