@@ -37,7 +37,7 @@ from lorahub_ray.core.model import load_base_model  # noqa: E402
 from lorahub_ray.core.modules import load_modules  # noqa: E402
 from lorahub_ray.core.objective import FewShotObjective  # noqa: E402
 from lorahub_ray.core.preselect import DEFAULT_CHUNK, screen, screen_and_choose  # noqa: E402
-from lorahub_ray.core.protocol import plan_restarts  # noqa: E402
+from lorahub_ray.core.portfolio import plan_restarts  # noqa: E402
 from lorahub_ray.core.search import minimize  # noqa: E402
 from lorahub_ray.demo.world import DISTRACTOR_TASKS, LargeConfig, build_large_hub  # noqa: E402
 from lorahub_ray.evaluation.generate import accuracy, generate  # noqa: E402
@@ -96,7 +96,7 @@ def main() -> None:
                                   optimizer=args.optimizer, seed=args.seed)
         randoms = [search_and_score(composer, objective, tokenizer, test, plan.modules, budget=args.budget,
                                     optimizer=args.optimizer, seed=plan.seed)
-                   for plan in plan_restarts(len(modules), args.random_runs, k, args.seed)]
+                   for plan in plan_restarts(len(modules), args.random_runs, seed=args.seed, optimizer="NGOpt", modules_per_restart=k)]
         full = search_and_score(composer, objective, tokenizer, test, everything, budget=args.budget,
                                 optimizer=args.optimizer, seed=args.seed)
         per_10 = screening.seconds / (len(modules) / 10) / chosen["step"]

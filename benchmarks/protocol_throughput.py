@@ -29,7 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from lorahub_ray.core.protocol import plan_restarts, run_protocol  # noqa: E402
+from lorahub_ray.core.portfolio import plan_restarts  # noqa: E402
+from lorahub_ray.core.protocol import run_protocol  # noqa: E402
 from lorahub_ray.demo.world import build_default_hub  # noqa: E402
 from lorahub_ray.io.examples import read_examples, write_jsonl  # noqa: E402
 
@@ -82,7 +83,7 @@ def reference(files, modules: list[str], base: str, *, restarts: int, per_restar
                 return value
 
             ref.get_score = traced
-            for plan in plan_restarts(len(modules), restarts, per_restart, seed):
+            for plan in plan_restarts(len(modules), restarts, seed=seed, optimizer="NGOpt", modules_per_restart=per_restart):
                 ref.lorahub_learning([modules[i] for i in plan.modules], examples.inputs, examples.outputs,
                                      max_inference_step=budget, model_name_or_path=base, batch_size=None,
                                      seed=plan.seed)

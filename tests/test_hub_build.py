@@ -167,3 +167,31 @@ def test_select_cv_scores_folds_with_the_recipes_template(chat_base, tmp_path):
         direct = FewShotObjective(composer, tok, INPUTS[:2], OUTPUTS[:2], loss="mean", template=template)
         assert held[template]["single:a"] == pytest.approx(float(direct.losses([[1.0, 0.0]])[0]))
     assert held["plain"]["single:a"] != pytest.approx(held["chat"]["single:a"])
+
+
+def test_tasks_in_one_process_render_with_the_template_and_plan_the_ray_runners_restarts(chat_base, tmp_path):
+    """``search --tasks`` without Ray: the chat template reaches the objective and the recipe, and
+    the restarts are the portfolio's plans (restart 1 in its permuted order), as on Ray."""
+    import lorahub_ray as lr
+    from lorahub_ray.core.portfolio import plan_restarts
+
+    hub = tmp_path / "hub"
+    for i, n in enumerate(["a", "b", "c"]):
+        make_llama_module(chat_base, hub / n, seed=i)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "rev.jsonl").write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
+    out = tmp_path / "out"
+    summary = lr.lorahub_tasks(str(chat_base), [str(hub)], str(tasks), output=str(out), budget=3, restarts=2,
+                               template="chat", progress=False)
+    assert [(r["task"], r["status"]) for r in summary["tasks"]] == [("rev", "ok")]
+    assert summary["template"] == "chat"
+    recipe = json.loads((out / "rev" / "recipe.json").read_text())
+    assert recipe["template"] == "chat"
+    alone = lr.lorahub_learning(str(chat_base), [str(hub)], str(tasks / "rev.jsonl"), budget=3, template="chat",
+                                progress=False)
+    trials = recipe["search"]["trials"]
+    assert trials[0]["objective"] == pytest.approx(alone.recipe.objective, rel=1e-6)  # restart 0: the search itself
+    names = sorted(p.name for p in hub.iterdir())
+    plans = plan_restarts(3, 2, seed=42, optimizer="NGOpt")
+    assert [t["modules"] for t in trials] == [[names[i] for i in p.modules] for p in plans]

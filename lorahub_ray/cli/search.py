@@ -84,12 +84,12 @@ def search(
         raise LoraHubError("no modules: give --modules or --hub")
     if tasks is not None:
         ray_options = dict(workers=workers or 2, address=address, asks=asks, cpus_per_worker=cpus_per_worker,
-                           gpus_per_worker=gpus_per_worker, template=template or "plain",
+                           gpus_per_worker=gpus_per_worker,
                            portfolio=_expand_modules([portfolio]) if portfolio else None) if on_ray else {}
         _run_tasks(model, all_modules, tasks, output, budget=budget, optimizer=optimizer, seed=seed,
                    restarts=restarts if on_ray else restarts or 1, modules_per_restart=modules_per_restart,
                    preselect=preselect, loss=loss, batch_size=batch_size, input_field=input_field,
-                   output_field=output_field, device=device, **ray_options)
+                   output_field=output_field, device=device, template=template or "plain", **ray_options)
         return
     if any(v is not None for v in (workers, restarts, modules_per_restart, portfolio, address, resume, scheduler,
                                    storage)):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import ray
 
@@ -31,21 +30,13 @@ from lorahub_ray.core.learning import make_recipe, now, write_output
 from lorahub_ray.core.model import base_model_sha256, check_base_model, load_base_model
 from lorahub_ray.core.modules import LoraModule
 from lorahub_ray.core.objective import l1_regularization
-from lorahub_ray.core.portfolio import RestartOutcome, best_outcome, plan_restarts
+from lorahub_ray.core.portfolio import plan_restarts
 from lorahub_ray.core.preselect import check_k
 from lorahub_ray.core import protocol
-from lorahub_ray.core.search import SearchResult
 from lorahub_ray.core.settings import SearchSettings
 from lorahub_ray.errors import DataError
 from lorahub_ray.evaluation.evaluate import list_data_files, task_name
 from lorahub_ray.io.examples import Examples
-
-
-@dataclass
-class RayTaskSearch(protocol.TaskSearch):
-    """A task's restarts as :func:`run_tasks` reads them, plus the portfolio's own outcomes."""
-
-    outcomes: list[RestartOutcome] = field(default_factory=list)
 
 
 class RayRunner:
@@ -108,7 +99,7 @@ class RayRunner:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def search(self, task: str, examples: Examples, advance: Callable[..., None]) -> RayTaskSearch:
+    def search(self, task: str, examples: Examples, advance: Callable[..., None]) -> protocol.TaskSearch:
         started, s = now(), self.settings
         ray.get([a.set_examples.remote(list(examples.inputs), list(examples.outputs)) for a in self.actors])
         screening = None
@@ -124,17 +115,10 @@ class RayRunner:
                 advance(info=f"{task}: restart {r.plan.restart + 1}/{self.restarts} done, best {r.best:.4f}")
 
         outcomes = run_lockstep(restarts, self.actors, budget=s.budget, asks=s.asks, on_evaluation=on_evaluation)
-        rows = []
-        for o in outcomes:
-            indices, weights = o.canonical()
-            result = SearchResult(weights, o.objective, o.plan.optimizer, o.algorithm, s.budget, o.plan.seed,
-                                  num_workers=s.asks, history=o.history)
-            rows.append(protocol.RestartOutcome(protocol.RestartPlan(o.restart, o.plan.seed, indices), result,
-                                                o.history[-1].wall if o.history else 0.0))
-        return RayTaskSearch(rows, screening, started, outcomes)
+        return protocol.TaskSearch(outcomes, screening, started)
 
-    def write(self, task: str, examples: Examples, search: RayTaskSearch, output: str) -> str:
-        best = best_outcome(search.outcomes)
+    def write(self, task: str, examples: Examples, search: protocol.TaskSearch, output: str) -> str:
+        best = search.best
         indices, weights = best.canonical()
         whole = indices == list(range(len(self.modules)))
         with contextlib.nullcontext() if whole else self.composer.restrict(indices):
@@ -143,7 +127,7 @@ class RayRunner:
                      "modules_per_restart": self.modules_per_restart, "portfolio": self.portfolio,
                      "scheduler": "fifo", "cpus_per_worker": self.cpus_per_worker,
                      "gpus_per_worker": self.gpus_per_worker, "best_restart": best.restart,
-                     "restarts": describe_restarts(search.outcomes, [m.name for m in self.modules])}
+                     "restarts": describe_restarts(search.restarts, [m.name for m in self.modules])}
         if search.screening is not None:
             described["preselect"] = search.screening.to_recipe()
         recipe = make_recipe(model=self.model, base_sha256=self.base_sha256,
@@ -152,13 +136,13 @@ class RayRunner:
                              settings=self.settings, merge_method=self.composer.merge_method,
                              num_examples=len(examples), started=search.started, search=described,
                              template=self.template)
-        return str(write_output(output, recipe, merged, self.tokenizer, history=(search.outcomes, self.modules)))
+        return str(write_output(output, recipe, merged, self.tokenizer, history=(search.restarts, self.modules)))
 
 
 def lorahub_tasks_ray(model: str, modules, tasks: str, *, output: str, workers: int = 2,
                       restarts: int | None = None, portfolio: Sequence[str] | None = None, asks: int | None = None,
                       address: str | None = None, cpus_per_worker: float | None = None,
-                      gpus_per_worker: float = 0.0, template: str = "plain", **options) -> dict:
+                      gpus_per_worker: float = 0.0, **options) -> dict:
     """:func:`lorahub_ray.api.lorahub_tasks` on Ray: every task of ``tasks`` (a folder or ``s3://``
     prefix of few-shot files) a portfolio of ``restarts`` (default ``workers``) restarts over
     ``workers`` evaluator actors that load the model and hub once. ``options`` as
@@ -170,8 +154,7 @@ def lorahub_tasks_ray(model: str, modules, tasks: str, *, output: str, workers: 
 
     def make_runner(loaded, **chosen) -> RayRunner:
         runners.append(RayRunner(loaded, workers=workers, portfolio=portfolio, asks=asks, address=address,
-                                 cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                                 template=template, **chosen))
+                                 cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, **chosen))
         return runners[-1]
 
     try:

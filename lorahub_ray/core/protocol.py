@@ -7,9 +7,10 @@ named by its stem) a :class:`TaskRunner` runs the task's restarts and writes its
 date after every task (per task: status, objective, winning restart, seconds, error).
 
 :class:`LocalRunner` is the one-process runner: restart ``r`` searches with seed ``seed + r`` the
-modules that :func:`plan_restarts` gives it (all of them, a random subset of
-``modules_per_restart``, or one drawn from the ``preselect`` best), sequentially; the lowest
-objective wins. A runner on Ray can take its place: :func:`run_tasks` needs only ``search`` and
+modules that :func:`lorahub_ray.core.portfolio.plan_restarts` gives it (all of them, a random
+subset of ``modules_per_restart``, or one drawn from the ``preselect`` best; restarts after the
+first in a permuted order), sequentially, with every prompt rendered by ``template``; the lowest
+objective wins. The plans are those of the runner on Ray, so both search the same restarts. A runner on Ray can take its place: :func:`run_tasks` needs only ``search`` and
 ``write``.
 """
 
@@ -22,17 +23,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
 
 from lorahub_ray.core.compose import LoraComposer
 from lorahub_ray.core.learning import load_module_list, now, write_output
 from lorahub_ray.core import portfolio
+from lorahub_ray.core.portfolio import RestartOutcome, best_outcome
+from lorahub_ray.core.templates import check_template
 from lorahub_ray.core.model import load_base_model
 from lorahub_ray.core.modules import LoraModule
 from lorahub_ray.core.objective import LOSSES, FewShotObjective, LossFn, l1_regularization
 from lorahub_ray.core.preselect import Screening, check_k, hub_size, screen_and_choose
 from lorahub_ray.core.recipe import RECIPE_FILE, Recipe
-from lorahub_ray.core.search import SearchResult, check_optimizer, minimize
+from lorahub_ray.core.search import check_optimizer, minimize
 from lorahub_ray.errors import DataError, LoraHubError
 from lorahub_ray.io import storage
 from lorahub_ray.io.examples import Examples, read_examples
@@ -42,53 +44,18 @@ SUMMARY_FILE = "summary.json"
 SUMMARY_FORMAT = "lorahub-ray/tasks/v1"
 
 
-@dataclass(frozen=True)
-class RestartPlan:
-    index: int
-    seed: int
-    modules: list[int]  # hub indices the restart searches, in hub order
-
-
-def plan_restarts(num_modules: int, restarts: int, modules_per_restart: int | None, seed: int,
-                  pool: Sequence[int] | None = None) -> list[RestartPlan]:
-    """Seeds ``seed, seed+1, ...``. Each restart searches ``pool`` (default: the whole hub), or with
-    ``modules_per_restart`` a random subset of it, drawn from ``numpy.random.RandomState(seed)`` and
-    sorted (the Ray search's convention: without a pool the same subsets)."""
-    if restarts < 1:
-        raise LoraHubError(f"restarts must be at least 1, got {restarts}")
-    if modules_per_restart is not None and modules_per_restart < 1:
-        raise LoraHubError(f"modules per restart must be at least 1, got {modules_per_restart}")
-    pool = list(range(num_modules)) if pool is None else sorted(pool)
-    rng = np.random.RandomState(seed)
-    plans = []
-    for r in range(restarts):
-        if modules_per_restart is None or modules_per_restart >= len(pool):
-            subset = list(pool)
-        else:
-            subset = sorted(pool[int(i)] for i in rng.choice(len(pool), modules_per_restart, replace=False))
-        plans.append(RestartPlan(r, seed + r, subset))
-    return plans
-
-
-@dataclass
-class RestartOutcome:
-    plan: RestartPlan
-    result: SearchResult  # its weights belong to plan.modules
-    seconds: float
-
-
 @dataclass
 class TaskSearch:
     """One task's restarts, and the screening its modules came from (with ``preselect``)."""
 
-    restarts: list[RestartOutcome]
+    restarts: list[RestartOutcome]  # the weights of each in the order of its plan's modules
     screening: Screening | None = None
     started: str = ""
 
     @property
     def best(self) -> RestartOutcome:
         """The lowest objective; a tie goes to the earlier restart."""
-        return min(self.restarts, key=lambda o: (o.result.objective, o.plan.index))
+        return best_outcome(self.restarts)
 
 
 class TaskRunner(Protocol):
@@ -171,8 +138,8 @@ def run_tasks(tasks: Sequence[TaskFile], runner: TaskRunner, output: str, *, set
                 search = runner.search(task.name, task.examples, step)
                 best = search.best
                 path = runner.write(task.name, task.examples, search, task_output(output, task.name))
-                row.update(status="ok", objective=best.result.objective, restart=best.plan.index, seed=best.plan.seed,
-                           modules=len(best.plan.modules), restarts=[o.result.objective for o in search.restarts],
+                row.update(status="ok", objective=best.objective, restart=best.restart, seed=best.plan.seed,
+                           modules=len(best.plan.modules), restarts=[o.objective for o in search.restarts],
                            output=str(path))
             except Exception as exc:  # one task's failure never ends the run
                 message = str(exc) if isinstance(exc, LoraHubError) else f"{type(exc).__name__}: {exc}"
@@ -210,6 +177,7 @@ class LocalRunner:
     loss: str | LossFn = "reference"
     batch_size: int | None = None
     regularizer: Callable[[Sequence[float]], float] = l1_regularization
+    template: str = "plain"
     extra: dict = field(default_factory=dict)  # more for recipe.search
 
     def __post_init__(self):
@@ -222,35 +190,39 @@ class LocalRunner:
     def search(self, task: str, examples: Examples, advance: Callable[..., None]) -> TaskSearch:
         started = now()
         objective = FewShotObjective(self.composer, self.tokenizer, examples.inputs, examples.outputs, loss=self.loss,
-                                     batch_size=self.batch_size, regularizer=self.regularizer)
+                                     batch_size=self.batch_size, regularizer=self.regularizer, template=self.template)
         screening = None
         if self.preselect is not None:
             screening = screen_and_choose(objective, [m.name for m in self.modules], self.preselect)
-        pool = screening.chosen if screening is not None else None
+        plans = portfolio.plan_restarts(len(self.modules), self.restarts, seed=self.seed, optimizer=self.optimizer,
+                                        modules_per_restart=self.modules_per_restart,
+                                        candidates=screening.chosen if screening is not None else None)
         outcomes = []
-        for plan in plan_restarts(len(self.modules), self.restarts, self.modules_per_restart, self.seed, pool):
-            clock = time.perf_counter()
+        for plan in plans:  # the plans of the Ray runner too: the same restarts, one after the other
             with self._scope(plan.modules):  # exactly the search given the restart's modules directly
-                result = minimize(objective, len(plan.modules), budget=self.budget, optimizer=self.optimizer,
+                result = minimize(objective, len(plan.modules), budget=self.budget, optimizer=plan.optimizer,
                                   seed=plan.seed)
-            outcomes.append(RestartOutcome(plan, result, time.perf_counter() - clock))
-            best = min(o.result.objective for o in outcomes)
-            advance(info=f"{task}: restart {plan.index + 1}/{self.restarts}, best {best:.4f}")
+            outcomes.append(RestartOutcome(plan, result.weights, result.objective, result.algorithm, True,
+                                           result.history))
+            best = min(o.objective for o in outcomes)
+            advance(info=f"{task}: restart {plan.restart + 1}/{self.restarts}, best {best:.4f}")
         return TaskSearch(outcomes, screening, started)
 
     def _scope(self, modules: list[int]):
-        whole = modules == list(range(len(self.modules)))
+        whole = list(modules) == list(range(len(self.modules)))
         return contextlib.nullcontext() if whole else self.composer.restrict(modules)
 
     def recipe(self, examples: Examples, search: TaskSearch) -> Recipe:
         best = search.best
-        modules = [self.modules[i] for i in best.plan.modules]
+        indices, weights = best.canonical()
+        modules = [self.modules[i] for i in indices]
         regularizer = self.regularizer
         described = {
             "backend": "local", "asks": 1, "restarts": self.restarts, "modules_per_restart": self.modules_per_restart,
-            "winner": best.plan.index,
-            "trials": [{"restart": o.plan.index, "seed": o.plan.seed, "modules": [self.modules[i].name for i in o.plan.modules],
-                        "objective": o.result.objective, "algorithm": o.result.algorithm, "seconds": o.seconds}
+            "winner": best.restart,
+            "trials": [{"restart": o.restart, "seed": o.plan.seed, "modules": [self.modules[i].name for i in o.plan.modules],
+                        "objective": o.objective, "algorithm": o.algorithm,
+                        "seconds": o.history[-1].wall if o.history else 0.0}
                        for o in search.restarts],
             **self.extra,
         }
@@ -259,32 +231,28 @@ class LocalRunner:
         return Recipe(
             base_model=self.base_model, base_model_sha256=self.base_model_sha256,
             modules=[{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in modules],
-            weights=best.result.weights, objective=best.result.objective, optimizer=best.result.optimizer,
-            algorithm=best.result.algorithm, budget=self.budget, seed=best.plan.seed,
+            weights=weights, objective=best.objective, optimizer=best.plan.optimizer,
+            algorithm=best.algorithm, budget=self.budget, seed=best.plan.seed,
             loss=self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", "custom"),
             batch_size=self.batch_size,
             regularizer="l1(0.05)" if regularizer is l1_regularization else getattr(regularizer, "__name__", "custom"),
             merge_method=self.composer.merge_method, num_examples=len(examples), started=search.started,
-            finished=now(), search=described)
+            finished=now(), search=described, template=self.template)
 
     def write(self, task: str, examples: Examples, search: TaskSearch, output: str) -> str:
         best = search.best
         with self._scope(best.plan.modules):
-            merged = merged_copy(self.composer, best.result.weights)
-        outcomes = [portfolio.RestartOutcome(portfolio.RestartPlan(restart=o.plan.index, seed=o.plan.seed,
-                                                             modules=list(o.plan.modules), optimizer=o.result.optimizer),
-                                   o.result.weights, o.result.objective, o.result.algorithm, True, o.result.history)
-                    for o in search.restarts]  # one history schema with the other searches
+            merged = merged_copy(self.composer, best.weights)
         return str(write_output(output, self.recipe(examples, search), merged, self.tokenizer,
-                                history=(outcomes, self.modules)))
+                                history=(search.restarts, self.modules)))
 
 
 def run_protocol(model: str, modules: Sequence[str | LoraModule], files: Sequence[tuple[str, str]], *, output: str,
                  budget: int = 40, optimizer: str = "NGOpt", seed: int = 42, restarts: int = 1,
                  modules_per_restart: int | None = None, preselect: int | None = None,
                  loss: str | LossFn = "reference", batch_size: int | None = None, input_field: str = "input",
-                 output_field: str = "output", device: str | None = None, progress: bool = True,
-                 make_runner: Callable[..., TaskRunner] | None = None) -> dict:
+                 output_field: str = "output", device: str | None = None, template: str = "plain",
+                 progress: bool = True, make_runner: Callable[..., TaskRunner] | None = None) -> dict:
     """LoraHub learning on every task of ``files`` (``(name, uri)`` pairs, one few-shot file per task)
     with one loaded base model and hub: ``DIR/<name>/`` per task and ``DIR/summary.json``.
 
@@ -298,7 +266,9 @@ def run_protocol(model: str, modules: Sequence[str | LoraModule], files: Sequenc
         raise LoraHubError(f"budget must be at least 1, got {budget}")
     if isinstance(loss, str) and loss not in LOSSES:
         raise LoraHubError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)}")
-    plan_restarts(1, restarts, modules_per_restart, seed)  # checks restarts and modules_per_restart
+    portfolio.plan_restarts(1, restarts, seed=seed, optimizer=optimizer,
+                            modules_per_restart=modules_per_restart)  # checks restarts and modules_per_restart
+    check_template(template)
     check_k(preselect)
     tasks = read_tasks(files, input_field=input_field, output_field=output_field)
     check_outputs(output, tasks)
@@ -306,11 +276,13 @@ def run_protocol(model: str, modules: Sequence[str | LoraModule], files: Sequenc
         check_k(preselect, hub_size(modules))
     loaded = load_module_list(modules, progress)
     options = dict(budget=budget, optimizer=optimizer, seed=seed, restarts=restarts,
-                   modules_per_restart=modules_per_restart, preselect=preselect, loss=loss, batch_size=batch_size)
+                   modules_per_restart=modules_per_restart, preselect=preselect, loss=loss, batch_size=batch_size,
+                   template=template)
     if make_runner is not None:
         runner = make_runner(loaded, model=model, device=device, **options)
     else:
         base, tokenizer, base_path = load_base_model(model, device=device)
+        check_template(template, tokenizer)
         runner = LocalRunner(LoraComposer(base, loaded), tokenizer, str(model), storage.sha256_dir(base_path),
                              **options)
     settings = {"base_model": str(model), "modules": len(loaded),
