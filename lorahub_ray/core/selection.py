@@ -141,6 +141,7 @@ class SelectionContext:
         self.budget, self.optimizer, self.seed, self.asks = budget, optimizer, seed, asks
         self.config = config
         self.settings = config.settings(len(self.names))
+        self._rankings: dict[tuple[int, ...], list[int]] = {}  # fit examples -> modules by their loss alone
 
     # --- candidates ------------------------------------------------------------------------
     def fixed(self) -> dict[str, list[float]]:
@@ -175,7 +176,10 @@ class SelectionContext:
         k, start = len(self.names), None
         init = [0.0] * k
         if setting.start:
-            start = self.ranked_singles(objective)[setting.start - 1]
+            key = tuple(indices)  # every warm start of a fold ranks the same modules on the same examples: once
+            if key not in self._rankings:
+                self._rankings[key] = self.ranked_singles(objective)
+            start = self._rankings[key][setting.start - 1]
             init[start] = 1.0
         opt = make_optimizer(self.optimizer, k, budget=self.budget, seed=self.seed, num_workers=self.asks, init=init)
         result = minimize(objective, k, budget=self.budget, optimizer=self.optimizer, seed=self.seed, opt=opt,
