@@ -99,8 +99,7 @@ def test_no_transfer_test_example_is_in_the_upstream_training_data():
     from lorahub_ray.evaluation.bbh import TRANSFER_SUITE
     from lorahub_ray.io import bigbench_sdist
 
-    bigbench_sdist.extract_tasks(sorted({bigbench.parse_source(s).location[len(bigbench.SCHEME):].split("/")[0]
-                                         for s in hub_build.BIGBENCH_UPSTREAM + TRANSFER_SUITE}))
+    bigbench_sdist.extract_tasks(sorted({bigbench.sdist_task(s) for s in hub_build.BIGBENCH_UPSTREAM + TRANSFER_SUITE}))
     seen = set()
     for source in hub_build.BIGBENCH_UPSTREAM:
         fmt = bigbench.parse_source(source).format

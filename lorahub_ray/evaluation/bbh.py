@@ -173,7 +173,7 @@ def bbh_table(model: str, hub: str, output: str | Path, *, tasks: Sequence[str] 
     _check_settings(output, settings)
     # every input read and checked before any model loads
     entries = expand_tasks(tasks)
-    in_sdist = [BBH_SOURCES.get(e, e.removeprefix(bigbench.SCHEME)).split("?")[0].split("/")[0] for e in entries
+    in_sdist = [bigbench.sdist_task(bigbench.SCHEME + BBH_SOURCES[e] if e in BBH_SOURCES else e) for e in entries
                 if e in BBH_SOURCES or e.startswith(bigbench.SCHEME)]
     if in_sdist:
         bigbench_sdist.extract_tasks(in_sdist)  # one pass through the sdist for all of them

@@ -112,22 +112,26 @@ class TaskCells:
             self._base = load_model(self.model, device=self.device)
         return self._base
 
-    def _options(self, model, tokenizer, data: str, transform=None) -> dict | None:
-        """Option log-likelihood accuracy on ``data`` (in this process), for multiple-choice tasks."""
+    def _options(self, load, data: str, transform=None) -> dict | None:
+        """Option log-likelihood accuracy on ``data`` (in this process) with the ``(model, tokenizer)``
+        that ``load()`` gives, for a multiple-choice task; a generative one loads nothing."""
         test = read_examples(data)
+        if not any(option_letters(x) for x in test.inputs):
+            return None
         inputs = [transform(x) for x in test.inputs] if transform else test.inputs
+        model, tokenizer = load()
         return option_accuracy(model, tokenizer, inputs, test.outputs, template=self.template,
                                batch_size=self.common["batch_size"])
 
     def _eval_base(self, data: str, transform=None) -> tuple[EvaluationResult, dict | None]:
-        model, tokenizer = self._base_model()
-        options = self._options(model, tokenizer, data, transform)
+        options = self._options(self._base_model, data, transform)
         if self.workers:
             return self.evaluate(self.model, data, transform=transform, **self.common), options
+        model, tokenizer = self._base_model()
         return self.evaluate(model, data, tokenizer=tokenizer, transform=transform, **self.common), options
 
     def _eval_merged(self, merged, tokenizer, data: str, folder: Path) -> tuple[EvaluationResult, dict | None]:
-        options = self._options(merged, tokenizer, data)
+        options = self._options(lambda: (merged, tokenizer), data)
         if not self.workers:
             return self.evaluate(merged, data, tokenizer=tokenizer, **self.common), options
         saved = folder.parent / f".model-{folder.name}-{uuid.uuid4().hex[:8]}"  # Ray workers load it from disk

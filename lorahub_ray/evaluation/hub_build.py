@@ -79,9 +79,7 @@ def check_upstream(sources: Sequence[str]) -> None:
         if not bigbench.is_bigbench(source):
             raise LoraHubError(f"'{source}' is not a BIG-bench source (bigbench:TASK[/SUBTASK], a task.json or a "
                                f"task folder)")
-        location = bigbench.parse_source(source).location
-        top = location.removeprefix(bigbench.SCHEME).split("/")[0] if location.startswith(bigbench.SCHEME) else \
-            Path(location).name
+        top = bigbench.sdist_task(source) or Path(bigbench.parse_source(source).location).name
         if top in bbh:
             bad.append(f"{source} (the source of BBH's {bbh[top]})")
     if bad:
@@ -115,8 +113,7 @@ def build_hub(model: str, output: str | Path, *, tasks: Sequence[str] = BIGBENCH
         manifest = {"settings": settings, "modules": {}, "seconds": 0.0}
     # every task read, split and checked before any model loads
     check_upstream(tasks)
-    bigbench_sdist.extract_tasks(sorted({bigbench.parse_source(t).location.removeprefix(bigbench.SCHEME).split("/")[0]
-                                         for t in tasks if t.startswith(bigbench.SCHEME)}))
+    bigbench_sdist.extract_tasks(sorted({bigbench.sdist_task(t) for t in tasks if t.startswith(bigbench.SCHEME)}))
     plan = []
     for source in tasks:
         name = task_name(source)

@@ -133,6 +133,12 @@ def parse_source(uri, *, default_split: str = "fewshot") -> Source:
 OPTIONS = ("split", "seed", "shots", "format", "size")
 
 
+def sdist_task(uri) -> str | None:
+    """The sdist task a ``bigbench:TASK[/SUBTASK][?...]`` source names (``TASK``); ``None`` for a path."""
+    location = parse_source(uri).location
+    return location[len(SCHEME):].strip("/").split("/")[0] if location.startswith(SCHEME) else None
+
+
 def with_split(uri, split: str | None = None, seed: int | None = None, **options):
     """``uri`` with ``split``, ``seed`` and any other of :data:`OPTIONS` set if it is a BIG-bench source
     (what is not given is kept, so an unset split still takes its reader's default); other sources are
