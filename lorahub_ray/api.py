@@ -110,11 +110,15 @@ def lorahub_tasks(model: str, modules, tasks: str, *, output: str, workers: int 
 def bbh_table(model: str, hub: str, output: str | Path, *, workers: int = 0, gpus_per_worker: float = 0.0,
               address: str | None = None, **options) -> dict:
     """The BBH table (see :func:`lorahub_ray.evaluation.bbh.bbh_table`); with ``workers``, every
-    evaluation is sharded on Ray Data by :func:`evaluate_data` (the searches run in this process)."""
+    evaluation is sharded on Ray Data by :func:`evaluate_data` and select_cv's folds run on ``workers``
+    Ray actors (:class:`lorahub_ray.cluster.folds.RayFolds`); the LoraHub searches run in this process."""
     if workers and workers > 0:
+        from lorahub_ray.cluster.folds import RayFolds
+
         def run(model, data, **kwargs) -> EvaluationResult:
             return evaluate_data(model, data, workers=workers, gpus_per_worker=gpus_per_worker, address=address,
                                  **kwargs)
 
         options["evaluate"] = run
+        options["map_folds"] = RayFolds(workers, address=address, gpus_per_worker=gpus_per_worker)
     return bbh_tables.bbh_table(model, hub, output, workers=workers, **options)

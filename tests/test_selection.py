@@ -59,11 +59,11 @@ def test_a_fold_never_fits_on_its_held_out_examples(world, rows):
                 seen.append((current["phase"], current["fold"], text))
         return reference_loss(model, batches)
 
-    def map_folds(run_fold, tasks):
+    def map_folds(context, tasks):
         results = []
         for task in tasks:
             current.update(fold=task.fold, phase="fold")
-            results.append(run_fold(task))
+            results.append(context.run_fold(task))
         current.update(fold=None, phase="refit")
         return results
 
@@ -206,8 +206,8 @@ def test_cli_search_select_cv(world, tmp_path):
     recipe = lr.Recipe.load(out)
     assert recipe.search["selection"]["winner"] in result.output
     refused = CliRunner().invoke(app, ["search", "--model", "m", "--modules", "x", "--examples", str(world["examples"]),
-                                       "--output", str(tmp_path / "never"), "--select", "cv", "--workers", "2"])
-    assert refused.exit_code != 0 and "--select cv" in refused.output
+                                       "--output", str(tmp_path / "never"), "--select", "cv", "--restarts", "2"])
+    assert refused.exit_code == 2 and "--select cv does not take --restarts" in refused.output  # before any loading
 
 
 def test_a_warm_start_is_the_first_point_asked_and_must_lie_in_bounds():

@@ -22,7 +22,7 @@ def bbh(
     tasks: Annotated[Optional[str], typer.Option(help="Comma-separated BBH task names, BIG-bench sources (bigbench:TASK or bigbench:TASK/SUBTASK, a task.json or a task folder) or suites: 'bbh' (the default: the 24 BBH tasks with source data in bigbench==1.0.0) and 'transfer' (held-out neighbours of the tasks 'hub build' trains on).")] = None,
     seeds: Annotated[int, typer.Option(help="LoraHub runs per task (seeds 0..N-1); the table reports their mean and best.")] = 5,
     modules_per_run: Annotated[int, typer.Option(help="Each run searches a random subset of this many hub modules, drawn with its seed (the paper: 20).")] = 20,
-    workers: Annotated[int, typer.Option("--workers", "-w", help="Evaluate on this many Ray Data workers (0: in this process; the searches run in this process either way).")] = 0,
+    workers: Annotated[int, typer.Option("--workers", "-w", help="Evaluate on this many Ray Data workers and run select_cv's folds on this many Ray actors (0: all in this process; the LoraHub searches run in this process either way).")] = 0,
     address: AddressOpt = None,
     shots: Annotated[int, typer.Option(help="Few-shot examples per task (the paper: 5).")] = 5,
     split_seed: Annotated[int, typer.Option(help="Seed of the few-shot/test split and of the option shuffle.")] = 0,

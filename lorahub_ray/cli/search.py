@@ -45,7 +45,7 @@ def search(
     scheduler: Annotated[Optional[str], typer.Option(help="'asha': successive halving of the restarts (at budget/4, budget/2, ... evaluations the worse half stops; restart 0 never); default: run all to the budget.", rich_help_panel="Ray")] = None,
     asks: Annotated[Optional[int], typer.Option(min=1, help="Candidates asked at once per search (nevergrad's num_workers) and evaluated together, sharing forward passes; default 1. More asks trade quality for time (NGOpt then picks another algorithm): a warning says so.")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Where the run's state is saved after every round (default: OUTPUT.search; s3:// works).", rich_help_panel="Ray")] = None,
-    select: Annotated[str, typer.Option(help="'reference': keep the search's lowest few-shot objective (the reference). 'cv': choose among the base model, each single module and searches (from 0 and warm-started at the best single modules) by cross-validation over the examples (leave-one-out up to 5, else 5-fold), then refit the winner on all examples. In this process only.")] = "reference",
+    select: Annotated[str, typer.Option(help="'reference': keep the search's lowest few-shot objective (the reference). 'cv': choose among the base model, each single module and searches (from 0 and warm-started at the best single modules) by cross-validation over the examples (leave-one-out up to 5, else 5-fold), then refit the winner on all examples. With --workers/--address the folds run at once on Ray actors (same result).")] = "reference",
     score: Annotated[str, typer.Option(help="With --select cv: 'loss' (held-out loss) or 'generate' (exact match of greedy generations on the held-out examples).")] = "loss",
     select_l1: Annotated[Optional[list[float]], typer.Option("--select-l1", help="With --select cv: also try these stronger L1 strengths (alpha in alpha*mean|w|; repeatable) as candidates.")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Resume an interrupted Ray search: its --output directory (everything else is read from the saved run).", rich_help_panel="Ray")] = None,
@@ -91,10 +91,21 @@ def search(
                    preselect=preselect, loss=loss, batch_size=batch_size, input_field=input_field,
                    output_field=output_field, device=device, template=template or "plain", **ray_options)
         return
-    if any(v is not None for v in (workers, restarts, modules_per_restart, portfolio, address, resume, scheduler,
-                                   storage)):
-        if select != "reference" or score != "loss" or select_l1:
-            raise LoraHubError("--select cv runs in this process: drop the Ray options (--workers, --restarts, ...)")
+    map_folds = None
+    if select != "reference":
+        search_only = {"--restarts": restarts, "--modules-per-restart": modules_per_restart,
+                       "--portfolio": portfolio, "--resume": resume, "--scheduler": scheduler, "--storage": storage}
+        given = [name for name, value in search_only.items() if value is not None]
+        if given:
+            raise LoraHubError(f"--select cv does not take {', '.join(given)} (the Ray search's options); "
+                               "--workers and --address run its folds on Ray")
+        if workers is not None or address is not None:
+            from lorahub_ray.cluster.folds import RayFolds
+
+            map_folds = RayFolds(workers or 2, address=address, cpus_per_worker=cpus_per_worker,
+                                 gpus_per_worker=gpus_per_worker)
+    elif any(v is not None for v in (workers, restarts, modules_per_restart, portfolio, address, resume, scheduler,
+                                     storage)):
         from lorahub_ray.cluster.ray_search import SearchFailed, SearchInterrupted, lorahub_learning_ray
 
         try:
@@ -122,7 +133,8 @@ def search(
                               seed=seed, loss=loss, batch_size=batch_size, input_field=input_field,
                               output_field=output_field, device=device, asks=asks or 1, template=template or "plain",
                               preselect=preselect, select=select, score=score,
-                              selection=SelectionConfig(l1=tuple(select_l1)) if select_l1 else None)
+                              selection=SelectionConfig(l1=tuple(select_l1)) if select_l1 else None,
+                              map_folds=map_folds)
     _print_weights(result.recipe)
     if "selection" in result.recipe.search:
         console.print(f"selected {result.recipe.search['selection']['reason']}", highlight=False)

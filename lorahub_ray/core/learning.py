@@ -30,8 +30,8 @@ from lorahub_ray.core.portfolio import RestartOutcome, RestartPlan
 from lorahub_ray.core.preselect import check_k, hub_size, screen_and_choose
 from lorahub_ray.core.recipe import HISTORY_FILE, MODEL_DIR, RECIPE_FILE, Recipe
 from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, SearchResult, minimize
-from lorahub_ray.core.selection import (SCORES, SELECT_METHODS, SelectionConfig, SelectionContext, make_folds,
-                                       select as cv_select)
+from lorahub_ray.core.selection import (SCORES, SELECT_METHODS, MapFolds, SelectionConfig, SelectionContext,
+                                       make_folds, select as cv_select, sequential)
 from lorahub_ray.core.settings import SearchSettings
 from lorahub_ray.progress import progress_bar
 
@@ -139,6 +139,7 @@ def lorahub_learning(
     select: str = "reference",
     score: str = "loss",
     selection: SelectionConfig | None = None,
+    map_folds: MapFolds | None = None,
 ) -> LoraHubResult:
     """LoraHub learning: find weights for ``modules`` on the few-shot ``examples``, merge them into
     ``model`` and (with ``output``) save ``recipe.json``, ``model/`` and ``history.parquet``.
@@ -159,6 +160,8 @@ def lorahub_learning(
     or, with ``score="generate"``, by exact match of greedy generations, and refits the winner on
     all examples (see :mod:`lorahub_ray.core.selection`; ``selection`` sets its other options).
     The recipe's ``search["selection"]`` records every candidate's fold scores and why the winner won.
+    ``map_folds`` runs the folds (default: one after the other here); with
+    ``lorahub_ray.cluster.folds.RayFolds(workers=W)`` they run at once on W Ray actors, with the same result.
 
     ``template`` ("plain" or "chat", see :mod:`lorahub_ray.core.families`) turns the inputs into
     prompts; the recipe records it, and evaluation and serving apply it from there.
@@ -174,8 +177,8 @@ def lorahub_learning(
         raise LoraHubError(f"unknown select {select!r}; choose from {', '.join(SELECT_METHODS)}")
     if score not in SCORES:
         raise LoraHubError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
-    if select == "reference" and (score != "loss" or selection is not None):
-        raise LoraHubError("score and selection options apply to select='cv' only")
+    if select == "reference" and (score != "loss" or selection is not None or map_folds is not None):
+        raise LoraHubError("score, selection and map_folds apply to select='cv' only")
     config = dataclasses.replace(selection or SelectionConfig(), score=score)
     config.check()
     if select == "cv" and len(data) < 2:
@@ -210,11 +213,15 @@ def lorahub_learning(
             context = SelectionContext(composer, tokenizer, data.inputs, data.outputs,
                                        names=[m.name for m in searched], loss=loss, batch_size=batch_size,
                                        regularizer=regularizer, budget=budget, optimizer=optimizer, seed=seed,
-                                       asks=asks, config=config, template=template)
+                                       asks=asks, config=config, template=template, model=str(model), device=device)
+            run_folds = map_folds or sequential
             with progress_bar("cross-validated selection (folds)", len(make_folds(len(data), config.folds)),
                               enabled=progress) as advance:
-                chosen = cv_select(context, map_folds=lambda run, tasks: [_advanced(run(t), advance) for t in tasks])
+                chosen = cv_select(context, map_folds=lambda ctx, tasks: (_advanced(r, advance)
+                                                                          for r in run_folds(ctx, tasks)))
             result, search_info["selection"] = chosen.search, chosen.report
+            if hasattr(map_folds, "describe"):  # where a backend ran the folds
+                search_info["selection"]["folds_backend"] = map_folds.describe()
             regularizer_name = chosen.regularizer or regularizer_name
         else:
             with progress_bar(f"search ({settings.optimizer_label})", budget, enabled=progress) as advance:

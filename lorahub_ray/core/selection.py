@@ -17,9 +17,12 @@ Scores are the held-out loss (mean per-example token cross-entropy, no regularis
 by the loss. Ties left go to the simpler candidate (base, then single modules, then searches).
 The winner is refit on all examples.
 
-The folds are independent: :func:`select` runs them through ``map_folds(run_fold, tasks)``,
-sequential by default; a parallel backend passes its own (each :class:`FoldTask` is small and
-picklable, and ``run_fold`` only needs a :class:`SelectionContext` where the model lives).
+The folds are independent: :func:`select` runs them through ``map_folds(context, tasks)``, which
+yields one :class:`FoldResult` per task in any order; :func:`sequential` (the default) runs them one
+after the other here. A parallel backend passes its own: each :class:`FoldTask` is small and
+picklable, and :meth:`SelectionContext.spec` with the context's modules is what another process needs
+to build an equal context around its own copy of the model
+(:class:`lorahub_ray.cluster.folds.RayFolds` runs the folds on Ray actors).
 
 Ray-free and model-family-agnostic: everything runs through :class:`FewShotObjective` and
 :func:`lorahub_ray.evaluation.generate.generate`.
@@ -30,7 +33,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 from lorahub_ray.core.compose import LoraComposer
@@ -131,8 +134,10 @@ class SelectionContext:
                  names: Sequence[str], loss: str | LossFn = "reference", batch_size: int | None = None,
                  regularizer: Callable[[Sequence[float]], float] = l1_regularization,
                  budget: int = DEFAULT_BUDGET, optimizer: str = DEFAULT_OPTIMIZER, seed: int = 42, asks: int = 1,
-                 config: SelectionConfig = SelectionConfig(), template: str = "plain"):
+                 config: SelectionConfig = SelectionConfig(), template: str = "plain",
+                 model: str | None = None, device: str | None = None):
         config.check()
+        self.model, self.device = model, device  # where the base model comes from, for a backend that loads it
         self.template = template  # every fold's losses and generations render the inputs with it
         self.composer, self.tokenizer = composer, tokenizer
         self.inputs, self.outputs = list(inputs), list(outputs)
@@ -142,6 +147,15 @@ class SelectionContext:
         self.config = config
         self.settings = config.settings(len(self.names))
         self._rankings: dict[tuple[int, ...], list[int]] = {}  # fit examples -> modules by their loss alone
+
+    def spec(self) -> dict:
+        """The keyword arguments that rebuild an equal context around another copy of the model:
+        ``SelectionContext(composer, tokenizer, **context.spec())``, the composer holding
+        ``context.composer.modules`` (those the search sees) with ``context.composer.merge_method``."""
+        return dict(inputs=self.inputs, outputs=self.outputs, names=self.names, loss=self.loss,
+                    batch_size=self.batch_size, regularizer=self.regularizer, budget=self.budget,
+                    optimizer=self.optimizer, seed=self.seed, asks=self.asks, config=self.config,
+                    template=self.template, model=self.model, device=self.device)
 
     # --- candidates ------------------------------------------------------------------------
     def fixed(self) -> dict[str, list[float]]:
@@ -221,9 +235,12 @@ class SelectionContext:
                           len(self.settings), evaluations, time.perf_counter() - start)
 
 
-def sequential(run_fold: Callable[[FoldTask], FoldResult], tasks: Sequence[FoldTask]) -> list[FoldResult]:
+MapFolds = Callable[[SelectionContext, Sequence[FoldTask]], Iterable[FoldResult]]
+
+
+def sequential(context: SelectionContext, tasks: Sequence[FoldTask]) -> Iterator[FoldResult]:
     """The default ``map_folds``: one fold after the other, in this process."""
-    return [run_fold(t) for t in tasks]
+    return (context.run_fold(t) for t in tasks)
 
 
 @dataclass
@@ -254,18 +271,22 @@ def _reason(config: SelectionConfig, rows: list[dict], folds: int) -> str:
     return f"{best['name']} has {what}{runner_up}"
 
 
-def cross_validate(context: SelectionContext, *, map_folds: Callable = sequential) -> list[FoldResult]:
+def fold_tasks(n: int, k: int = K_FOLDS) -> list[FoldTask]:
+    """The folds of ``n`` examples (:func:`make_folds`) as tasks: fit on the others, score the held-out."""
+    return [FoldTask(f, tuple(i for i in range(n) if i not in set(held)), tuple(held))
+            for f, held in enumerate(make_folds(n, k))]
+
+
+def cross_validate(context: SelectionContext, *, map_folds: MapFolds = sequential) -> list[FoldResult]:
     """Run every fold (through ``map_folds``) and return their results in fold order."""
-    n = len(context.inputs)
-    folds = make_folds(n, context.config.folds)
-    tasks = [FoldTask(f, tuple(i for i in range(n) if i not in set(held)), tuple(held)) for f, held in enumerate(folds)]
-    results = sorted(map_folds(context.run_fold, tasks), key=lambda r: r.fold)
+    tasks = fold_tasks(len(context.inputs), context.config.folds)
+    results = sorted(map_folds(context, tasks), key=lambda r: r.fold)
     if [r.fold for r in results] != list(range(len(tasks))):
         raise LoraHubError(f"map_folds returned folds {[r.fold for r in results]}, expected 0..{len(tasks) - 1}")
     return results
 
 
-def select(context: SelectionContext, *, map_folds: Callable = sequential) -> Selection:
+def select(context: SelectionContext, *, map_folds: MapFolds = sequential) -> Selection:
     """Cross-validate every candidate, pick the winner and refit it on all examples."""
     started = time.perf_counter()
     results = cross_validate(context, map_folds=map_folds)
