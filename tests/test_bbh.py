@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -122,7 +123,9 @@ def test_run_subsets_seeded_and_bounded():
     subsets = run_subsets(30, 5, 20)
     assert subsets == run_subsets(30, 5, 20) and len({tuple(s) for s in subsets}) == 5
     assert all(len(s) == 20 == len(set(s)) and max(s) < 30 for s in subsets)
-    assert run_subsets(4, 2, 20) == [[0, 1, 2, 3]] * 2
+    assert subsets[0] == random.Random(0).sample(range(30), 20)  # the reference's draw, in its order
+    whole = run_subsets(4, 3, 20)  # the whole hub each run, in orders of their own
+    assert all(sorted(s) == [0, 1, 2, 3] for s in whole) and len({tuple(s) for s in whole}) == 3
 
 
 def test_search_and_evaluate_read_bigbench_splits(world, tmp_path):
@@ -149,7 +152,8 @@ def test_search_and_evaluate_read_bigbench_splits(world, tmp_path):
 
 @pytest.mark.slow
 def test_ray_data_workers_give_the_same_table(world, tmp_path, ray_cluster):
-    """--workers: every evaluation sharded on Ray Data, with the predictions of the in-process table."""
+    """--workers: every evaluation sharded on Ray Data and select_cv's folds on Ray actors, with the
+    predictions of the in-process table."""
     from lorahub_ray.api import bbh_table
 
     options = dict(tasks=[str(DATA / "tiny_first_letter")], seeds=1, modules_per_run=2, budget=2, max_new_tokens=6,
@@ -157,13 +161,15 @@ def test_ray_data_workers_give_the_same_table(world, tmp_path, ray_cluster):
     local = bbh_table(str(world["base"]), str(world["hub"]), tmp_path / "local", **options)
     sharded = bbh_table(str(world["base"]), str(world["hub"]), tmp_path / "ray", workers=1,
                         address=ray_cluster["address"], **options)
-    for method in ("zero_shot", "icl", "lorahub_best", "best_single"):
+    for method in ("zero_shot", "icl", "lorahub_best", "best_single", "select_cv"):
         a = pq.read_table(tmp_path / "local" / "tiny_first_letter" / method / "predictions.parquet").to_pydict()
         b = pq.read_table(tmp_path / "ray" / "tiny_first_letter" / method / "predictions.parquet").to_pydict()
         assert a == b, method
         assert local["tasks"]["tiny_first_letter"][method]["accuracy"] == \
             sharded["tasks"]["tiny_first_letter"][method]["accuracy"]
     assert not list((tmp_path / "ray" / "tiny_first_letter").glob("**/.model-*"))  # the saved models are removed
+    recipe = json.loads((tmp_path / "ray" / "tiny_first_letter" / "select_cv" / "recipe.json").read_text())
+    assert recipe["search"]["selection"]["folds_backend"]["workers"] == 1
 
 
 def test_hub_may_be_a_catalogue(world, tmp_path):

@@ -12,8 +12,8 @@ show skill transfer). For every task: the few-shot examples (``shots``, 5) and t
 ``zero_shot``     the base model on each test input;
 ``icl``           the base model with the few-shot examples prepended (:func:`.compare.icl_prompt`);
 ``lorahub_mean``  LoraHub learning (budget 40, NGOpt) run with seeds 0..``seeds``-1, each over a random
-                  subset of ``modules_per_run`` (20) modules of the hub drawn with its seed (the same
-                  subsets for every task), as the paper's protocol: the mean over the runs;
+                  subset of ``modules_per_run`` (20) modules of the hub drawn with its seed, in the order
+                  drawn (the same subsets for every task), as the paper's protocol: the mean over the runs;
 ``lorahub_best``  the best of those runs on the test set (the paper's "best", an oracle over seeds);
 ``best_single``   the one module (weight 1) with the lowest few-shot loss (the reference's loss);
 ``select_cv``     ``lorahub_learning(select="cv")`` over the whole hub, seed 0: the base model, each
@@ -111,9 +111,11 @@ def load_hub(hub: str, progress: bool = False):
 
 
 def run_subsets(count: int, seeds: int, per_run: int) -> list[list[int]]:
-    """The hub indices of each run: a random subset of ``per_run`` drawn with the run's seed, sorted."""
+    """The hub indices of each run: ``random.sample`` of ``per_run`` with the run's seed, in the order drawn,
+    as the reference's ``random.sample(modules, 20)``. The order matters (Cobyla's first probes step through
+    the weights in list order), so with ``per_run`` ≥ the hub's size the runs still differ: by their order."""
     k = min(per_run, count)
-    return [sorted(random.Random(seed).sample(range(count), k)) for seed in range(seeds)]
+    return [random.Random(seed).sample(range(count), k) for seed in range(seeds)]
 
 
 def _check_settings(output: Path, settings: dict) -> None:
@@ -158,7 +160,7 @@ def bbh_table(model: str, hub: str, output: str | Path, *, tasks: Sequence[str] 
               modules_per_run: int = 20, shots: int = bigbench.DEFAULT_SHOTS, split_seed: int = 0, budget: int = 40,
               optimizer: str = "NGOpt", batch_size: int = 32, max_new_tokens: int = 64, device: str | None = None,
               template: str = "plain", test_size: int = bigbench.TEST_SIZE, evaluate: Evaluate = evaluate_local,
-              workers: int = 0, progress: bool = True) -> dict:
+              workers: int = 0, map_folds=None, progress: bool = True) -> dict:
     """Write the BBH table for ``model`` and the modules of ``hub`` under ``output`` and return it
     (see the module's docstring). ``tasks`` default to every BBH task that has source data."""
     if seeds < 1 or modules_per_run < 1:
@@ -169,7 +171,8 @@ def bbh_table(model: str, hub: str, output: str | Path, *, tasks: Sequence[str] 
     output = Path(output).expanduser()
     settings = {"model": str(model), "hub": str(hub), "seeds": seeds, "modules_per_run": modules_per_run,
                 "shots": shots, "split_seed": split_seed, "budget": budget, "optimizer": optimizer,
-                "max_new_tokens": max_new_tokens, "template": template, "test_size": test_size}
+                "max_new_tokens": max_new_tokens, "template": template, "test_size": test_size,
+                "module_order": "drawn"}  # tables made before this key had sorted subsets
     _check_settings(output, settings)
     # every input read and checked before any model loads
     entries = expand_tasks(tasks)
@@ -194,7 +197,7 @@ def bbh_table(model: str, hub: str, output: str | Path, *, tasks: Sequence[str] 
     runner = TaskCells(model, modules, subsets, output, evaluate=evaluate, workers=workers, device=device,
                      common=dict(batch_size=batch_size, max_new_tokens=max_new_tokens, device=device, progress=False,
                                  template=template),
-                     budget=budget, optimizer=optimizer, template=template)
+                     budget=budget, optimizer=optimizer, template=template, map_folds=map_folds)
     with progress_bar("BBH table", len(plan) * len(METHODS), enabled=progress) as advance:
         for name, fewshot, test in plan:
             table["tasks"][name] = runner.task(name, fewshot, test, advance)

@@ -30,6 +30,7 @@ BASELINES = ("chance", "majority")
 CELL_FILE = "cell.json"
 PREDICTIONS_FILE = "predictions.parquet"
 RUNS_DIR = "lorahub_runs"
+SINGLES_PER_PASS = 8  # best_single: modules scored alone in one shared forward pass
 
 Evaluate = Callable[..., EvaluationResult]
 
@@ -98,8 +99,9 @@ class TaskCells:
     """The cells of one task after another, sharing the base model loaded once (in-process)."""
 
     def __init__(self, model, modules, subsets, output: Path, *, evaluate: Evaluate, workers: int, device, common,
-                 budget: int, optimizer: str, template: str):
+                 budget: int, optimizer: str, template: str, map_folds=None):
         self.model, self.modules, self.subsets, self.output = model, modules, subsets, output
+        self.map_folds = map_folds  # where select_cv's folds run (None: in this process)
         self.evaluate, self.workers, self.device, self.common = evaluate, workers, device, common
         self.budget, self.optimizer, self.template = budget, optimizer, template
         self._base = None
@@ -214,7 +216,9 @@ class TaskCells:
         objective = FewShotObjective(composer, tokenizer, fewshot.inputs, fewshot.outputs, template=self.template)
         n = len(self.modules)
         one_hot = [[1.0 if j == i else 0.0 for j in range(n)] for i in range(n)]
-        losses = [objective.loss(w) for w in one_hot]
+        # the losses alone (no regulariser), SINGLES_PER_PASS modules sharing each forward pass
+        losses = [float(v) for s in range(0, n, SINGLES_PER_PASS)
+                  for v in objective.losses(one_hot[s : s + SINGLES_PER_PASS])]
         best = min(range(n), key=lambda i: (losses[i], i))
         merged = composer.merge_and_unload(one_hot[best])
         result, options = self._eval_merged(merged, tokenizer, test, where / "best_single")
@@ -223,7 +227,7 @@ class TaskCells:
 
     def _select_cv(self, where: Path, fewshot: Examples, test: str) -> dict:
         start = time.perf_counter()
-        learned = self._learn(self.modules, fewshot, 0, select="cv")
+        learned = self._learn(self.modules, fewshot, 0, select="cv", map_folds=self.map_folds)
         result, options = self._eval_merged(learned.model, learned.tokenizer, test, where / "select_cv")
         report = learned.recipe.search["selection"]
         cell = _cell(result, time.perf_counter() - start, options, winner=report["winner"], reason=report["reason"],
