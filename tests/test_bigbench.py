@@ -173,14 +173,19 @@ def test_malformed_files(tmp_path):
 # --- the sdist --------------------------------------------------------------------------------------
 
 
-def _fake_sdist(folder: Path) -> Path:
-    """A small archive laid out as the sdist: two JSON tasks (one with subtasks) and a programmatic one."""
-    prefix = f"bigbench-{bigbench_sdist.VERSION}/bigbench/benchmark_tasks"
+def _fake_members(prefix: str) -> dict[str, bytes]:
+    """The files of a small BIG-bench tree under ``prefix``: two JSON tasks (one with subtasks) and a programmatic one."""
     members = {f"{prefix}/{t}/{inner}": (DATA / t / inner).read_bytes()
                for t, inner in [("tiny_reverse", "task.json"), ("tiny_family", "task.json"),
                                 ("tiny_family", "double/task.json"), ("tiny_family", "parity/task.json")]}
     members[f"{prefix}/made_up_program/task.py"] = b"# a programmatic task\n"
     members[f"{prefix}/tiny_reverse/README.md"] = b"not extracted\n"
+    return members
+
+
+def _fake_sdist(folder: Path) -> Path:
+    """A small archive laid out as the sdist (:func:`_fake_members`)."""
+    members = _fake_members(f"bigbench-{bigbench_sdist.VERSION}/bigbench/benchmark_tasks")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / bigbench_sdist.SDIST
     with tarfile.open(path, "w:gz") as archive:
@@ -215,19 +220,43 @@ def test_sdist_tasks_extracted_by_name_once(tmp_path, monkeypatch):
         read_examples("bigbench:")
 
 
+@pytest.mark.parametrize("layout", ["bigbench/benchmark_tasks", "benchmark_tasks"], ids=["checkout", "tasks-folder"])
+def test_a_bigbench_tree_is_read_in_place(tmp_path, monkeypatch, layout):
+    """$LORAHUB_RAY_BIGBENCH naming a BIG-bench checkout: its tasks are read where they are, nothing fetched or
+    extracted, with the sdist's errors (unknown task with close matches, programmatic task, missing subtask)."""
+    for name, data in _fake_members(str(tmp_path / "BIG-bench" / layout)).items():
+        Path(name).parent.mkdir(parents=True, exist_ok=True)
+        Path(name).write_bytes(data)
+    monkeypatch.setenv("LORAHUB_RAY_BIGBENCH", str(tmp_path / "BIG-bench"))
+    monkeypatch.setenv("LORAHUB_RAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # a fetch would fail
+    ex = read_examples("bigbench:tiny_family/parity?split=test&seed=1")
+    assert ex.inputs == read_examples(str(tmp_path / "BIG-bench" / layout / "tiny_family" / "parity")
+                                      + "?split=test&seed=1").inputs
+    assert len(read_examples("bigbench:tiny_family")) == 5
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("task.json"))
+    with pytest.raises(DataError, match="no BIG-bench task 'tiny_revers' in .*BIG-bench.*did you mean tiny_reverse"):
+        read_examples("bigbench:tiny_revers")
+    with pytest.raises(DataError, match="'made_up_program' is programmatic"):
+        read_examples("bigbench:made_up_program")
+    with pytest.raises(DataError, match="has no subtask 'triple'; its subtasks: double, parity"):
+        read_examples("bigbench:tiny_family/triple")
+
+
 def test_missing_sdist_without_network_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAHUB_RAY_BIGBENCH", str(tmp_path / "empty"))
     monkeypatch.setenv("LORAHUB_RAY_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there: no network
     monkeypatch.setenv("PIP_NO_INDEX", "1")
-    with pytest.raises(DataError, match="could not download bigbench==1.0.0 with pip"):
+    with pytest.raises(DataError, match="could not download bigbench==1.0.0 with pip.*BIG-bench checkout"):
         read_examples("bigbench:date_understanding")
 
 
 @pytest.fixture(scope="module")
 def real_tasks(tmp_path_factory):
     if not REAL_SDIST.is_file():
-        pytest.skip(f"the BIG-bench sdist is not at {REAL_SDIST} (set LORAHUB_RAY_BIGBENCH)")
+        pytest.skip(f"the BIG-bench sdist is not at {REAL_SDIST} (set LORAHUB_RAY_BIGBENCH; PyPI no longer serves "
+                    f"bigbench=={bigbench_sdist.VERSION})")
     cache = tmp_path_factory.mktemp("real-bigbench")
     old = {k: os.environ.get(k) for k in ("LORAHUB_RAY_BIGBENCH", "LORAHUB_RAY_CACHE")}
     os.environ.update(LORAHUB_RAY_BIGBENCH=str(REAL_SDIST.parent), LORAHUB_RAY_CACHE=str(cache))

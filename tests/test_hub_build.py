@@ -99,6 +99,9 @@ def test_no_transfer_test_example_is_in_the_upstream_training_data():
     from lorahub_ray.evaluation.bbh import TRANSFER_SUITE
     from lorahub_ray.io import bigbench_sdist
 
+    if bigbench_sdist.tree_dir() is None and not (bigbench_sdist.sdist_dir() / bigbench_sdist.SDIST).is_file():
+        pytest.skip(f"no BIG-bench sdist at {bigbench_sdist.sdist_dir()} and no BIG-bench tree named by "
+                    "$LORAHUB_RAY_BIGBENCH (PyPI no longer serves bigbench==1.0.0)")
     bigbench_sdist.extract_tasks(sorted({bigbench.sdist_task(s) for s in hub_build.BIGBENCH_UPSTREAM + TRANSFER_SUITE}))
     seen = set()
     for source in hub_build.BIGBENCH_UPSTREAM:

@@ -9,7 +9,11 @@ into ``<cache>/bigbench/tasks/<task>/``. The first pass also writes ``index.json
 the sdist, and whether it has JSON data, so that an unknown task is an error without a pass.
 
 ``$LORAHUB_RAY_BIGBENCH`` names the folder that holds (or receives) the sdist, so that several
-users or caches can share one download; by default it is ``<cache>/bigbench``.
+users or caches can share one download; by default it is ``<cache>/bigbench``. It may instead name a
+BIG-bench tree: a checkout of the BIG-bench repository or an unpacked sdist, i.e. a folder holding
+``bigbench/benchmark_tasks/`` (or ``benchmark_tasks/`` itself). Its tasks are then read in place, with
+nothing downloaded or extracted. (PyPI stopped serving ``bigbench==1.0.0``: on 2026-12-04 it listed only
+0.0.1, which holds no task data. A copy of the 1.0.0 sdist or a checkout is then the way in.)
 """
 
 from __future__ import annotations
@@ -42,6 +46,29 @@ def tasks_dir() -> Path:
     return storage.cache_root() / "bigbench" / "tasks"
 
 
+def tree_dir() -> Path | None:
+    """The ``benchmark_tasks`` folder of a BIG-bench tree that ``$LORAHUB_RAY_BIGBENCH`` names, else None."""
+    named = os.environ.get("LORAHUB_RAY_BIGBENCH")
+    if not named:
+        return None
+    root = Path(named).expanduser()
+    for candidate in (root / "bigbench" / TASKS_MARKER, root / TASKS_MARKER):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def _tree_index(tree: Path) -> dict[str, bool]:
+    """Every task of a BIG-bench tree, and whether it has JSON data (as :func:`read_index`)."""
+    index = {}
+    for folder in sorted(p for p in tree.iterdir() if p.is_dir()):
+        if (folder / "task.json").is_file() or any(folder.glob("*/task.json")):
+            index[folder.name] = True
+        elif (folder / "task.py").is_file():
+            index[folder.name] = False
+    return index
+
+
 def sdist_path(*, fetch: bool = True) -> Path:
     """The sdist, downloaded with pip first when it is not there yet (and ``fetch``)."""
     path = sdist_dir() / SDIST
@@ -64,8 +91,10 @@ def fetch_sdist() -> Path:
         if done.returncode != 0 or not got.is_file():
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
             raise DataError(f"could not download bigbench=={VERSION} with pip into {target} "
-                            f"({' / '.join(tail) or 'no output'}); it needs network access to PyPI and "
-                            f"`pip install setuptools wheel`, or put {SDIST} there yourself")
+                            f"({' / '.join(tail) or 'no output'}); it needs network access to PyPI, "
+                            f"`pip install setuptools wheel`, and a PyPI that still serves {VERSION}. Else put "
+                            f"{SDIST} there yourself, or set $LORAHUB_RAY_BIGBENCH to a BIG-bench checkout "
+                            f"(a folder holding bigbench/benchmark_tasks/)")
         os.replace(got, target / SDIST)
     return target / SDIST
 
@@ -86,19 +115,28 @@ def read_index() -> dict[str, bool] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def unknown_task(task: str, index: dict[str, bool]) -> DataError:
+def unknown_task(task: str, index: dict[str, bool], where: str = f"bigbench=={VERSION}") -> DataError:
     if task in index and not index[task]:
-        return DataError(f"BIG-bench task '{task}' is programmatic (a task.py, no task.json) in the sdist: it has no "
+        return DataError(f"BIG-bench task '{task}' is programmatic (a task.py, no task.json) in {where}: it has no "
                          f"examples to read (BBH generated its own for boolean_expressions, multistep_arithmetic "
                          f"and web_of_lies)")
     close = difflib.get_close_matches(task, [t for t, has in index.items() if has], n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return DataError(f"no BIG-bench task '{task}' in bigbench=={VERSION} ({sum(index.values())} JSON tasks){hint}")
+    return DataError(f"no BIG-bench task '{task}' in {where} ({sum(index.values())} JSON tasks){hint}")
 
 
 def extract_tasks(tasks: list[str]) -> dict[str, Path]:
     """Every ``task.json`` of ``tasks`` (with their subtasks) extracted into :func:`tasks_dir`, in one
-    streaming pass through the sdist for those not extracted yet; returns ``{task: directory}``."""
+    streaming pass through the sdist for those not extracted yet; returns ``{task: directory}``. With a
+    BIG-bench tree (:func:`tree_dir`), the tasks' own folders there, checked, and nothing extracted."""
+    tree = tree_dir()
+    if tree is not None:
+        index = None
+        for t in tasks:
+            if not any((tree / t).glob("**/task.json")):
+                index = index or _tree_index(tree)
+                raise unknown_task(t, index, where=str(tree))
+        return {t: tree / t for t in tasks}
     root = tasks_dir()
     todo = sorted({t for t in tasks if not (root / t / COMPLETE).is_file()})
     index = read_index()
