@@ -240,7 +240,7 @@ def test_a_bigbench_tree_is_read_in_place(tmp_path, monkeypatch, layout):
                                       + "?split=test&seed=1").inputs
     assert len(read_examples("bigbench:tiny_family")) == 5
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("task.json"))
-    _assert_the_naming_errors(where=str(tmp_path / "BIG-bench"))
+    _assert_the_naming_errors(where=str(tmp_path / "BIG-bench" / layout))
 
 
 def test_missing_sdist_without_network_is_one_clear_error(tmp_path, monkeypatch):
