@@ -12,7 +12,8 @@ from helpers import EXAMPLES, make_module, write_jsonl
 from lorahub_ray.core.compose import LoraComposer
 from lorahub_ray.core.model import load_base_model
 from lorahub_ray.core.objective import reference_loss
-from lorahub_ray.core.selection import SelectionConfig, SelectionContext, make_folds, select, sequential
+from lorahub_ray.core.selection import (SelectionConfig, SelectionContext, _reason, _standard_error, make_folds, rank_keys,
+                                       select, sequential)
 
 MORE = [{"input": "reverse: moto", "output": "otom"}, {"input": "reverse: peft", "output": "tfep"}]
 
@@ -170,6 +171,38 @@ def test_generate_score_counts_exact_matches_on_held_out_examples(world, planted
     assert "exact match" in selection.report["reason"]
 
 
+def _row(name: str, kind: str, losses: list[float]) -> dict:
+    return {"name": name, "kind": kind, "fold_losses": losses, "cv_loss": sum(losses) / len(losses),
+            "cv_loss_se": _standard_error(losses)}
+
+
+def _winner(config: SelectionConfig, rows: list[dict]) -> str:
+    keys, threshold = rank_keys(config, rows)
+    ranked = [r for _, r in sorted(zip(keys, rows), key=lambda kr: kr[0])]
+    assert ranked[0]["name"] in _reason(config, ranked, 5, threshold)
+    return ranked[0]["name"]
+
+
+def test_the_one_se_rule_prefers_the_simpler_candidate_within_the_noise():
+    """A search whose mean held-out loss beats the best single module by less than one standard error loses to it
+    under 'one-se' and wins under 'min'; one that beats it by more wins under both; the base model, simplest of all,
+    wins whenever it is within the noise; an infinite fold loss never wins."""
+    noisy = [0.2, 1.8, 0.3, 1.6, 0.4]  # mean 0.86, standard error 0.35
+    rows = [_row("base", "base", [3.0] * 5), _row("single:a", "single", [1.0] * 5),
+            _row("single:b", "single", [1.1] * 5), _row("lorahub", "search", noisy)]
+    assert _standard_error(noisy) == pytest.approx(0.3458, abs=1e-4)
+    assert _winner(SelectionConfig(), rows) == "single:a"
+    assert _winner(SelectionConfig(rule="min"), rows) == "lorahub"
+    clear = rows[:3] + [_row("lorahub", "search", [0.5, 0.52, 0.48, 0.5, 0.5])]  # far below, with little spread
+    assert _winner(SelectionConfig(), clear) == "lorahub" == _winner(SelectionConfig(rule="min"), clear)
+    near_base = [_row("base", "base", [1.0] * 5)] + rows[1:]
+    assert _winner(SelectionConfig(), near_base) == "base"
+    broken = rows[:3] + [_row("lorahub", "search", [0.1, 0.1, float("inf"), 0.1, 0.1])]
+    assert _winner(SelectionConfig(), broken) == "single:a"
+    with pytest.raises(lr.LoraHubError, match="unknown selection rule 'median'"):
+        SelectionConfig(rule="median").check()
+
+
 def test_stronger_l1_is_a_candidate_setting(world):
     context, _ = _context(world, EXAMPLES, "reference", budget=3, config=SelectionConfig(warm_starts=1, l1=(0.5,)))
     assert [(s.name, s.start, s.l1) for s in context.settings] == [
@@ -205,6 +238,14 @@ def test_cli_search_select_cv(world, tmp_path):
     assert result.exit_code == 0, result.output
     recipe = lr.Recipe.load(out)
     assert recipe.search["selection"]["winner"] in result.output
+    assert recipe.search["selection"]["rule"] == "one-se" == recipe.search["selection"]["config"]["rule"]
+    lowest = CliRunner().invoke(app, ["search", "--model", str(world["base"]), "--modules", str(world["hub"]),
+                                      "--examples", str(world["examples"]), "--output", str(tmp_path / "min"),
+                                      "--budget", "3", "--select", "cv", "--select-rule", "min"])
+    assert lowest.exit_code == 0, lowest.output
+    by_min = lr.Recipe.load(tmp_path / "min").search["selection"]
+    assert by_min["rule"] == "min" and by_min["loss_threshold"] is None
+    assert by_min["winner"] == min(by_min["candidates"], key=lambda c: c["cv_loss"])["name"]
     refused = CliRunner().invoke(app, ["search", "--model", "m", "--modules", "x", "--examples", str(world["examples"]),
                                        "--output", str(tmp_path / "never"), "--select", "cv", "--restarts", "2"])
     assert refused.exit_code == 2 and "--select cv does not take --restarts" in refused.output  # before any loading

@@ -48,6 +48,7 @@ def search(
     select: Annotated[str, typer.Option(help="'reference': keep the search's lowest few-shot objective (the reference). 'cv': choose among the base model, each single module and searches (from 0 and warm-started at the best single modules) by cross-validation over the examples (leave-one-out up to 5, else 5-fold), then refit the winner on all examples. With --workers/--address the folds run at once on Ray actors (same result).")] = "reference",
     score: Annotated[str, typer.Option(help="With --select cv: 'loss' (held-out loss) or 'generate' (exact match of greedy generations on the held-out examples).")] = "loss",
     select_l1: Annotated[Optional[list[float]], typer.Option("--select-l1", help="With --select cv: also try these stronger L1 strengths (alpha in alpha*mean|w|; repeatable) as candidates.")] = None,
+    select_rule: Annotated[Optional[str], typer.Option("--select-rule", help="With --select cv and the loss: 'one-se' (the default: the simplest candidate, base < single module < search, within one standard error of the lowest mean held-out loss) or 'min' (the lowest mean held-out loss).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Resume an interrupted Ray search: its --output directory (everything else is read from the saved run).", rich_help_panel="Ray")] = None,
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="Many tasks in one run (the paper's protocol): a folder or s3:// prefix of few-shot files, one per task (the BBH layout). The base model and hub load once; writes OUTPUT/<task>/ (named by the file's stem) and OUTPUT/summary.json. With --restarts S --modules-per-restart K, in this process: S sequential restarts per task (seeds seed..seed+S-1, random K-subsets), the lowest objective wins. With --workers/--address: on Ray, one set of evaluator actors for all tasks, each task a portfolio of S restarts (default --workers) in lockstep.", rich_help_panel="Protocol")] = None,
     preselect: Annotated[Optional[int], typer.Option(help="Score every module alone on the few-shot examples (weight 1, its loss) and search the k best; with --modules-per-restart each restart draws from them. The scores go into recipe.json. On Ray the screening runs on the evaluator actors.", rich_help_panel="Protocol")] = None,
@@ -91,6 +92,7 @@ def search(
                    preselect=preselect, loss=loss, batch_size=batch_size, input_field=input_field,
                    output_field=output_field, device=device, template=template or "plain", **ray_options)
         return
+    chosen = {k: v for k, v in (("l1", tuple(select_l1 or ())), ("rule", select_rule)) if v}  # SelectionConfig's
     map_folds = None
     if select != "reference":
         search_only = {"--restarts": restarts, "--modules-per-restart": modules_per_restart,
@@ -133,7 +135,7 @@ def search(
                               seed=seed, loss=loss, batch_size=batch_size, input_field=input_field,
                               output_field=output_field, device=device, asks=asks or 1, template=template or "plain",
                               preselect=preselect, select=select, score=score,
-                              selection=SelectionConfig(l1=tuple(select_l1)) if select_l1 else None,
+                              selection=SelectionConfig(**chosen) if chosen else None,
                               map_folds=map_folds)
     _print_weights(result.recipe)
     if "selection" in result.recipe.search:

@@ -15,7 +15,13 @@ every candidate on its held-out examples; fixed candidates (base, single modules
 Scores are the held-out loss (mean per-example token cross-entropy, no regulariser), and with
 ``score="generate"`` the exact match of greedy generations on the held-out examples, ties broken
 by the loss. Ties left go to the simpler candidate (base, then single modules, then searches).
-The winner is refit on all examples.
+
+With the loss, the winner follows the one-standard-error rule by default (``rule="one-se"``; Hastie,
+Tibshirani and Friedman, *Elements of Statistical Learning*, 7.10): the simplest candidate whose mean
+held-out loss is within one standard error (over the folds) of the lowest, and among those of one
+kind the lowest loss. Five held-out examples make the mean loss noisy; a composition fitted on four
+of them must beat the best single module by more than that noise to be chosen. ``rule="min"`` takes
+the lowest mean held-out loss as it is. The winner is refit on all examples.
 
 The folds are independent: :func:`select` runs them through ``map_folds(context, tasks)``, which
 yields one :class:`FoldResult` per task in any order; :func:`sequential` (the default) runs them one
@@ -44,6 +50,8 @@ from lorahub_ray.evaluation.generate import exact_match, generate
 
 SELECT_METHODS = ("reference", "cv")
 SCORES = ("loss", "generate")
+RULES = ("one-se", "min")  # with the loss: the one-standard-error rule, or the lowest mean held-out loss
+KINDS = {"base": 0, "single": 1, "search": 2}  # simpler first
 LEAVE_ONE_OUT_MAX = 5  # leave-one-out up to this many examples, k-fold above
 K_FOLDS = 5
 CHUNK = 16  # fixed candidates per shared forward pass
@@ -68,10 +76,13 @@ class SelectionConfig:
     l1: tuple[float, ...] = ()  # stronger L1 strengths, each tried with every start
     folds: int = K_FOLDS  # k of k-fold, above LEAVE_ONE_OUT_MAX examples
     max_new_tokens: int = 64  # with score="generate"
+    rule: str = "one-se"  # with score="loss": see RULES
 
     def check(self) -> None:
         if self.score not in SCORES:
             raise LoraHubError(f"unknown score {self.score!r}; choose from {', '.join(SCORES)}")
+        if self.rule not in RULES:
+            raise LoraHubError(f"unknown selection rule {self.rule!r}; choose from {', '.join(RULES)}")
         if self.warm_starts < 0:
             raise LoraHubError(f"warm_starts must be at least 0, got {self.warm_starts}")
         if self.folds < 2:
@@ -252,20 +263,46 @@ class Selection:
     report: dict  # recipe.search["selection"]
 
 
-def rank_key(config: SelectionConfig, row: dict, order: int):
+def _standard_error(values: Sequence[float]) -> float:
+    """The standard error of the mean of the fold scores (0 for one fold; inf when one is infinite)."""
+    if len(values) < 2:
+        return 0.0
+    if not all(math.isfinite(v) for v in values):
+        return math.inf
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def rank_keys(config: SelectionConfig, rows: list[dict]) -> tuple[list[tuple], float | None]:
+    """Each row's sort key (rank 1 is the winner) and, under the one-SE rule, the loss threshold."""
     if config.score == "generate":
-        return (-row["cv_accuracy"], row["cv_loss"], order)
-    return (row["cv_loss"], order)
+        return [(-r["cv_accuracy"], r["cv_loss"], i) for i, r in enumerate(rows)], None
+    if config.rule == "min":
+        return [(r["cv_loss"], i) for i, r in enumerate(rows)], None
+    best = min(rows, key=lambda r: r["cv_loss"])
+    threshold = best["cv_loss"] + best["cv_loss_se"] if math.isfinite(best["cv_loss_se"]) else best["cv_loss"]
+    # within the threshold: the simpler kind first, then the lower loss; the rest after, by loss
+    return [(0, KINDS[r["kind"]], r["cv_loss"], i) if r["cv_loss"] <= threshold else (1, 0, r["cv_loss"], i)
+            for i, r in enumerate(rows)], threshold
 
 
-def _reason(config: SelectionConfig, rows: list[dict], folds: int) -> str:
+def _reason(config: SelectionConfig, rows: list[dict], folds: int, threshold: float | None) -> str:
     best = rows[0]
     if config.score == "generate":
         what = (f"the highest held-out exact match over {folds} folds ({best['cv_accuracy']:.1f}%, mean held-out "
                 f"loss {best['cv_loss']:.4f} breaks ties)")
         other = lambda r: f"{r['name']} ({r['cv_accuracy']:.1f}%, loss {r['cv_loss']:.4f})"  # noqa: E731
-    else:
+    elif threshold is None:
         what = f"the lowest mean held-out loss over {folds} folds ({best['cv_loss']:.4f})"
+        other = lambda r: f"{r['name']} ({r['cv_loss']:.4f})"  # noqa: E731
+    else:
+        lowest = min(rows, key=lambda r: r["cv_loss"])
+        what = (f"a mean held-out loss over {folds} folds of {best['cv_loss']:.4f}, within one standard error of the "
+                f"lowest ({lowest['name']}: {lowest['cv_loss']:.4f} + {lowest['cv_loss_se']:.4f}), and is the "
+                f"simplest such candidate")
+        if lowest is best:
+            what = (f"the lowest mean held-out loss over {folds} folds ({best['cv_loss']:.4f} ± "
+                    f"{best['cv_loss_se']:.4f}), and no simpler candidate is within one standard error of it")
         other = lambda r: f"{r['name']} ({r['cv_loss']:.4f})"  # noqa: E731
     runner_up = f"; runner-up {other(rows[1])}" if len(rows) > 1 else ""
     return f"{best['name']} has {what}{runner_up}"
@@ -307,7 +344,8 @@ def choose(context: SelectionContext, results: Sequence[FoldResult], *, fold_sec
     for order, name in enumerate(names):
         losses = [r.loss[name] for r in results]
         row = {"name": name, "kind": BASE if name == BASE else "single" if name.startswith("single:") else "search",
-               "fold_losses": losses, "cv_loss": sum(v * len(r.held_out) for v, r in zip(losses, results)) / n}
+               "fold_losses": losses, "cv_loss": sum(v * len(r.held_out) for v, r in zip(losses, results)) / n,
+               "cv_loss_se": _standard_error(losses)}
         if generate_score:
             row["fold_correct"] = [r.correct[name] for r in results]
             row["cv_accuracy"] = 100.0 * sum(row["fold_correct"]) / n
@@ -315,8 +353,9 @@ def choose(context: SelectionContext, results: Sequence[FoldResult], *, fold_sec
         if setting is not None:
             row["setting"] = asdict(setting)
             row["fold_weights"] = [r.weights[name] for r in results]
-        rows.append((rank_key(context.config, row, order), row))
-    ranked = [row for _, row in sorted(rows, key=lambda kr: kr[0])]
+        rows.append(row)
+    keys, threshold = rank_keys(context.config, rows)
+    ranked = [row for _, row in sorted(zip(keys, rows), key=lambda kr: kr[0])]
     for rank, row in enumerate(ranked, 1):
         row["rank"] = rank
     winner = ranked[0]
@@ -334,8 +373,9 @@ def choose(context: SelectionContext, results: Sequence[FoldResult], *, fold_sec
         weights, regularizer = search.weights, setting.l1
     report = {
         "method": "cv", "score": context.config.score, "scheme": "leave-one-out" if n <= LEAVE_ONE_OUT_MAX else "k-fold",
-        "folds": [r.held_out for r in results], "winner": winner["name"], "reason": _reason(context.config, ranked, len(results)),
-        "candidates": [row for _, row in rows],  # in candidate order; "rank" gives the ranking
+        "folds": [r.held_out for r in results], "winner": winner["name"], "reason": _reason(context.config, ranked, len(results), threshold),
+        "rule": None if context.config.score == "generate" else context.config.rule, "loss_threshold": threshold,
+        "candidates": rows,  # in candidate order; "rank" gives the ranking (rank 1 is the winner)
         "fold_warm_starts": [r.warm_starts for r in results], "refit_warm_start": warm_start,
         "config": {**asdict(context.config), "l1": list(context.config.l1), "budget": context.budget,
                    "optimizer": str(context.optimizer), "seed": context.seed},
