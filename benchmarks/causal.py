@@ -31,17 +31,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
 K, RANK, STEPS = 20, 8, 10
-EXAMPLES = [
-    ("Read the sentence and name the colour it mentions. The old fisherman painted his small wooden boat a bright "
-     "shade of yellow before the summer festival.", "yellow"),
-    ("Read the sentence and name the colour it mentions. After the storm the sky over the quiet harbour turned a "
-     "deep and surprising purple for an hour.", "purple"),
-    ("Read the sentence and name the colour it mentions. Her grandmother knitted a long green scarf that she wore "
-     "every winter on the walk to school.", "green"),
-    ("Read the sentence and name the colour it mentions. The museum guard wore a crisp white uniform and stood "
-     "beside the tall marble statue all afternoon.", "white"),
-    ("Read the sentence and name the colour it mentions. In the market a child pointed at a basket full of shiny "
-     "red apples next to the bread stall.", "red"),
+PROMPT = "Read the two sentences and name the colour they mention, in one word. "
+EXAMPLES = [  # about 60 tokens each with the answer and EOS (printed by the run)
+    (PROMPT + "The old fisherman painted his small wooden boat a bright shade of yellow before the summer festival. "
+     "His neighbours said it was the easiest boat to find in the whole crowded harbour.", "yellow"),
+    (PROMPT + "After the storm the sky over the quiet harbour turned a deep and surprising purple for an hour. "
+     "Tourists on the pier took photographs until the colour faded into an ordinary night.", "purple"),
+    (PROMPT + "Her grandmother knitted a long green scarf that she wore every winter on the walk to school. "
+     "It grew thinner each year, but she refused to replace it with a new one.", "green"),
+    (PROMPT + "The museum guard wore a crisp white uniform and stood beside the tall marble statue all afternoon. "
+     "Visitors often mistook him for part of the exhibition and asked for his name.", "white"),
+    (PROMPT + "In the market a child pointed at a basket full of shiny red apples next to the bread stall. "
+     "The seller laughed, picked the largest one and handed it to her for free.", "red"),
 ]
 INPUTS = [x for x, _ in EXAMPLES]
 OUTPUTS = [y for _, y in EXAMPLES]
