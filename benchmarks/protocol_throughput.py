@@ -7,10 +7,12 @@ T×S times in one Python process (each call loads the base model and its modules
 seeds. Loading is included on both sides; both run in this process after the imports.
 
 The tasks are the default's unseen tasks, plus extra ones made from their test sets (other 5-example
-draws) until there are T.
+draws) until there are T. ``--world flan-t5-base`` runs the same on a randomly initialised model shaped like
+Flan-T5-base (248 M parameters, ``benchmarks/common.py``) with 20 random rank-16 modules on q and v, the paper's
+20 modules per restart, and T tasks of 5 examples each (the common examples, rotated per task).
 
-Run: ``python benchmarks/protocol_throughput.py [--tasks 4] [--restarts 5] [--modules-per-restart 5]``
-from the repository root (needs ``pip install lorahub==0.1.0``).
+Run: ``python benchmarks/protocol_throughput.py [--world default|flan-t5-base] [--tasks 4] [--restarts 5]
+[--modules-per-restart 5]`` from the repository root (needs ``pip install lorahub==0.1.0``).
 """
 
 from __future__ import annotations
@@ -52,15 +54,26 @@ def make_tasks(hub, count: int, root: Path) -> list[tuple[str, str]]:
     return files
 
 
-def reference_modules(hub, root: Path) -> list[str]:
-    """The hub's modules with base_model_name_or_path pointing at the base directory (the reference
-    reads it)."""
+def flan_t5_base_tasks(examples: Path, count: int, root: Path) -> list[tuple[str, str]]:
+    """``count`` task files of the common 5 examples, rotated by the task's index (other row orders)."""
+    rows = read_examples(str(examples))
+    files = []
+    for t in range(count):
+        order = [(i + t) % len(rows) for i in range(len(rows))]
+        path = root / f"task{t}.jsonl"
+        write_jsonl(path, [rows.inputs[i] for i in order], [rows.outputs[i] for i in order])
+        files.append((f"task{t}", str(path)))
+    return files
+
+
+def reference_modules(base: str, modules: dict[str, str], root: Path) -> list[str]:
+    """The modules with base_model_name_or_path pointing at the base directory (the reference reads it)."""
     paths = []
-    for name, path in hub.modules.items():
+    for name, path in modules.items():
         target = root / name
         shutil.copytree(path, target)
         config = json.loads((target / "adapter_config.json").read_text())
-        config["base_model_name_or_path"] = str(hub.base_model)
+        config["base_model_name_or_path"] = base
         (target / "adapter_config.json").write_text(json.dumps(config))
         paths.append(str(target))
     return paths
@@ -95,27 +108,40 @@ def reference(files, modules: list[str], base: str, *, restarts: int, per_restar
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world", choices=["default", "flan-t5-base"], default="default",
+                        help="the embedded default, or a random Flan-T5-base-shaped model with 20 rank-16 modules")
     parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--restarts", type=int, default=5)
-    parser.add_argument("--modules-per-restart", type=int, default=5)
+    parser.add_argument("--modules-per-restart", type=int, default=None,
+                        help="default: 5 of the embedded default's 8, 20 of the Flan-T5-base world's 20")
     parser.add_argument("--budget", type=int, default=40)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--workers", type=int, default=2, help="the Ray side's evaluator actors (0: leave it out)")
     args = parser.parse_args()
     import lorahub.algorithm  # noqa: F401  (imported before either side is timed)
 
-    hub = build_default_hub()
     with tempfile.TemporaryDirectory(prefix="lorahub-protocol-bench-") as tmp:
         tmp = Path(tmp)
         (tmp / "tasks").mkdir()
-        files = make_tasks(hub, args.tasks, tmp / "tasks")
-        modules = [str(p) for p in hub.modules.values()]
-        ref_modules = reference_modules(hub, tmp / "ref-modules")
-        print(f"{len(files)} tasks × {args.restarts} restarts × budget {args.budget}, {args.modules_per_restart} of "
+        if args.world == "default":
+            hub = build_default_hub()
+            base, named = str(hub.base_model), {name: str(p) for name, p in hub.modules.items()}
+            files = make_tasks(hub, args.tasks, tmp / "tasks")
+            args.modules_per_restart = args.modules_per_restart or 5
+        else:
+            from common import build_world, default_root
+
+            world = build_world(default_root())
+            base, named = str(world["base"]), {Path(p).name: p for p in world["modules"]}
+            files = flan_t5_base_tasks(world["examples"], args.tasks, tmp / "tasks")
+            args.modules_per_restart = args.modules_per_restart or 20
+        modules = list(named.values())
+        ref_modules = reference_modules(base, named, tmp / "ref-modules")
+        print(f"{args.world}: {len(files)} tasks × {args.restarts} restarts × budget {args.budget}, {args.modules_per_restart} of "
               f"{len(modules)} modules per restart; torch threads {torch.get_num_threads()}", flush=True)
 
         start = time.perf_counter()
-        summary = run_protocol(str(hub.base_model), modules, files, output=str(tmp / "ours"), budget=args.budget,
+        summary = run_protocol(base, modules, files, output=str(tmp / "ours"), budget=args.budget,
                                seed=args.seed, restarts=args.restarts, modules_per_restart=args.modules_per_restart,
                                progress=False)
         ours = time.perf_counter() - start
@@ -124,12 +150,12 @@ def main() -> None:
             from lorahub_ray.cluster.ray_tasks import lorahub_tasks_ray  # Ray only for this side
 
             start = time.perf_counter()
-            ray_summary = lorahub_tasks_ray(str(hub.base_model), modules, str(tmp / "tasks"), output=str(tmp / "ray"),
+            ray_summary = lorahub_tasks_ray(base, modules, str(tmp / "tasks"), output=str(tmp / "ray"),
                                             workers=args.workers, restarts=args.restarts, budget=args.budget,
                                             seed=args.seed, modules_per_restart=args.modules_per_restart,
                                             progress=False)
             ray_seconds = time.perf_counter() - start
-        ref_seconds, ref_best = reference(files, ref_modules, str(hub.base_model), restarts=args.restarts,
+        ref_seconds, ref_best = reference(files, ref_modules, base, restarts=args.restarts,
                                           per_restart=args.modules_per_restart, budget=args.budget, seed=args.seed)
 
     tasks_seconds = sum(r["seconds"] for r in summary["tasks"])
