@@ -64,3 +64,17 @@ def timeit(fn, *, repeat: int, warmup: int = 1) -> float:
 
 def default_root() -> Path:
     return Path(os.environ.get("LORAHUB_RAY_BENCH_DIR", Path.home() / ".cache" / "lorahub-ray" / "bench-flan-t5-base"))
+
+
+def draws_of(task, draws: int):
+    """For an unseen task of the embedded default: its few-shot examples and test set, then ``draws - 1`` other
+    5-example draws from the test set (the d-th: test rows 5(d-1)..5d-1), each scored on the rest of the test set."""
+    from lorahub_ray.io.examples import Examples, read_examples
+
+    fewshot, test = read_examples(str(task.fewshot)), read_examples(str(task.test))
+    yield fewshot, test
+    for d in range(1, draws):
+        lo, hi = 5 * (d - 1), 5 * d
+        yield (Examples(test.inputs[lo:hi], test.outputs[lo:hi], f"{task.test} rows {lo}-{hi - 1}"),
+               Examples(test.inputs[:lo] + test.inputs[hi:], test.outputs[:lo] + test.outputs[hi:],
+                        f"{task.test} without rows {lo}-{hi - 1}"))

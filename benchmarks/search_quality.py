@@ -10,8 +10,11 @@ Every arm has budget 40 per restart and seed 42. The objective is the few-shot o
 returned weights (reference loss + 0.05·mean|w|, computed by lorahub-ray for the reference too);
 accuracy is exact match on each task's held-out test file with the merged model.
 
-Run: ``python benchmarks/search_quality.py [--budget 40] [--workers 2]`` from the repository root (the
-embedded default is built and cached on first use, about 2 minutes).
+``--draws N`` adds, per task, N-1 other 5-example draws from its test set (``task-d``, scored on the rest of
+the test set; ``benchmarks/common.draws_of``): more held-out few-shot problems from the same hub.
+
+Run: ``python benchmarks/search_quality.py [--budget 40] [--workers 2] [--draws 1]`` from the repository root
+(the embedded default is built and cached on first use, about 2 minutes).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from common import draws_of  # noqa: E402
+
 
 def reference_arm(base, modules, data, budget, seed):
     import lorahub.algorithm as ref
@@ -45,6 +50,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=40)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--draws", type=int, default=1, help="few-shot draws per task (the file, then others)")
     args = parser.parse_args()
 
     import ray
@@ -72,27 +78,29 @@ def main() -> None:
                 raise
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, task in hub.unseen_tasks.items():
-            data = lr.read_examples(str(task.fewshot))
+        problems = [(task_name if d == 0 else f"{task_name}-{d}", data, test)
+                    for task_name, task in hub.unseen_tasks.items()
+                    for d, (data, test) in enumerate(draws_of(task, args.draws))]
+        for name, data, test in problems:
             base, tok, _ = load_base_model(str(hub.base_model), device="cpu")
             objective = lr.FewShotObjective(LoraComposer(base, loaded), tok, data.inputs, data.outputs)
 
-            def accuracy(model, tokenizer) -> float:
-                return lr.evaluate(model, str(task.test), tokenizer=tokenizer, progress=False)["accuracy"]
+            def accuracy(model, tokenizer, test=test) -> float:
+                return lr.evaluate(model, (test.inputs, test.outputs), tokenizer=tokenizer, progress=False)["accuracy"]
 
             arms = {}
             start = time.perf_counter()
             weights, model, tokenizer = reference_arm(hub.base_model, modules, data, args.budget, args.seed)
             arms["reference"] = (objective(weights), accuracy(model, tokenizer), time.perf_counter() - start, "NGOpt")
             start = time.perf_counter()
-            local = lr.lorahub_learning(str(hub.base_model), loaded, str(task.fewshot), budget=args.budget,
+            local = lr.lorahub_learning(str(hub.base_model), loaded, (data.inputs, data.outputs), budget=args.budget,
                                         seed=args.seed, progress=False)
             arms["one process"] = (local.recipe.objective, accuracy(local.model, local.tokenizer),
                                    time.perf_counter() - start, local.recipe.algorithm)
             for label, kwargs in ((f"W={args.workers} portfolio", {}),
                                   (f"W={args.workers} asks={args.workers}", {"restarts": 1, "asks": args.workers})):
                 start = time.perf_counter()
-                result = lorahub_learning_ray(str(hub.base_model), loaded, str(task.fewshot),
+                result = lorahub_learning_ray(str(hub.base_model), loaded, (data.inputs, data.outputs),
                                               output=Path(tmp) / f"{name}-{len(arms)}", workers=args.workers,
                                               budget=args.budget, seed=args.seed, progress=False, **kwargs)
                 algorithms = "/".join(o.algorithm for o in result.restarts)
@@ -113,6 +121,10 @@ def main() -> None:
         for lb in labels) + " |")
     worse = [name for name, arms in rows if arms[labels[2]][0] > arms[labels[1]][0] + 1e-6]
     print(f"portfolio worse than one process (objective) on: {worse or 'no task'}")
+    for label in labels:
+        if label != labels[1]:
+            print(f"{label}: accuracy >= one process on {sum(a[label][1] >= a[labels[1]][1] for _, a in rows)} of "
+                  f"{len(rows)}, objective <= one process on {sum(a[label][0] <= a[labels[1]][0] + 1e-6 for _, a in rows)}")
 
 
 if __name__ == "__main__":

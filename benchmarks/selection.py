@@ -44,7 +44,7 @@ from lorahub_ray.core.search import minimize  # noqa: E402
 from lorahub_ray.core.selection import SelectionConfig, SelectionContext, choose, cross_validate  # noqa: E402
 from lorahub_ray.demo.world import build_default_hub  # noqa: E402
 from lorahub_ray.evaluation.generate import accuracy, generate  # noqa: E402
-from lorahub_ray.io.examples import Examples, read_examples  # noqa: E402
+from common import draws_of  # noqa: E402
 
 
 def _quiet():
@@ -65,18 +65,6 @@ def _same_folds(a, b) -> bool:
 
 
 ARMS = {"one-se": ("loss", "one-se"), "min": ("loss", "min"), "generate": ("generate", "one-se")}  # cv's rankings
-
-
-def draws_of(task, draws: int):
-    """The task's few-shot examples and test set, then ``draws - 1`` other 5-example draws from the test set
-    (the d-th: test rows 5(d-1)..5d-1), each scored on the rest of the test set."""
-    fewshot, test = read_examples(str(task.fewshot)), read_examples(str(task.test))
-    yield fewshot, test
-    for d in range(1, draws):
-        lo, hi = 5 * (d - 1), 5 * d
-        yield (Examples(test.inputs[lo:hi], test.outputs[lo:hi], f"{task.test} rows {lo}-{hi - 1}"),
-               Examples(test.inputs[:lo] + test.inputs[hi:], test.outputs[:lo] + test.outputs[hi:],
-                        f"{task.test} without rows {lo}-{hi - 1}"))
 
 
 def run(seeds, budget: int, warm_starts: int, workers: int = 0, draws: int = 1) -> dict:
