@@ -240,6 +240,7 @@ def test_a_bigbench_tree_is_read_in_place(tmp_path, monkeypatch, layout):
                                       + "?split=test&seed=1").inputs
     assert len(read_examples("bigbench:tiny_family")) == 5
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("task.json"))
+    assert bigbench_sdist.read_index() == {"made_up_program": False, "tiny_family": True, "tiny_reverse": True}
     _assert_the_naming_errors(where=str(tmp_path / "BIG-bench" / layout))
 
 
@@ -254,9 +255,12 @@ def test_missing_sdist_without_network_is_one_clear_error(tmp_path, monkeypatch)
 
 @pytest.fixture(scope="module")
 def real_tasks(tmp_path_factory):
+    if bigbench_sdist.tree_dir() is not None:  # a BIG-bench checkout named by $LORAHUB_RAY_BIGBENCH: read in place
+        dirs = bigbench_sdist.extract_tasks(["date_understanding", "logical_deduction", "object_counting"])
+        return {**dirs, "index": bigbench_sdist.read_index()}
     if not REAL_SDIST.is_file():
-        pytest.skip(f"the BIG-bench sdist is not at {REAL_SDIST} (set LORAHUB_RAY_BIGBENCH; PyPI no longer serves "
-                    f"bigbench=={bigbench_sdist.VERSION})")
+        pytest.skip(f"the BIG-bench sdist is not at {REAL_SDIST} (set LORAHUB_RAY_BIGBENCH to its folder or to a "
+                    f"BIG-bench checkout; PyPI no longer serves bigbench=={bigbench_sdist.VERSION})")
     cache = tmp_path_factory.mktemp("real-bigbench")
     old = {k: os.environ.get(k) for k in ("LORAHUB_RAY_BIGBENCH", "LORAHUB_RAY_CACHE")}
     os.environ.update(LORAHUB_RAY_BIGBENCH=str(REAL_SDIST.parent), LORAHUB_RAY_CACHE=str(cache))

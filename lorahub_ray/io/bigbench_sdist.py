@@ -111,6 +111,11 @@ def _task_of(member: str) -> tuple[str, str] | None:
 
 
 def read_index() -> dict[str, bool] | None:
+    """Every task and whether it has JSON data: of the BIG-bench tree if one is named, else of the sdist as
+    its first extraction recorded it (None before that)."""
+    tree = tree_dir()
+    if tree is not None:
+        return _tree_index(tree)
     path = tasks_dir() / INDEX_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -131,11 +136,9 @@ def extract_tasks(tasks: list[str]) -> dict[str, Path]:
     BIG-bench tree (:func:`tree_dir`), the tasks' own folders there, checked, and nothing extracted."""
     tree = tree_dir()
     if tree is not None:
-        index = None
         for t in tasks:
             if not any((tree / t).glob("**/task.json")):
-                index = index or _tree_index(tree)
-                raise unknown_task(t, index, where=str(tree))
+                raise unknown_task(t, _tree_index(tree), where=str(tree))
         return {t: tree / t for t in tasks}
     root = tasks_dir()
     todo = sorted({t for t in tasks if not (root / t / COMPLETE).is_file()})
