@@ -49,7 +49,11 @@ def test_preselect_keeps_the_k_lowest_in_hub_order():
         check_k(5, 4)
 
 
-def test_search_over_the_k_best_equals_learning_over_them_directly(world, tmp_path):
+def test_search_over_the_k_best_equals_the_search_over_them_directly_started_at_the_best(world, tmp_path):
+    """The search over the k best is the search given those modules directly, started at weight 1 on the
+    best-screened of them (not at 0): same evaluations, weights and merged model."""
+    from lorahub_ray.core.search import minimize
+
     out = tmp_path / "pre"
     pre = lr.lorahub_learning(str(world["base"]), [str(world["hub"])], str(world["examples"]), output=out, budget=12,
                               preselect=2, progress=False)
@@ -58,16 +62,23 @@ def test_search_over_the_k_best_equals_learning_over_them_directly(world, tmp_pa
     scores = screen(objective, len(modules))
     assert list(screened["scores"]) == [m.name for m in modules]
     assert list(screened["scores"].values()) == pytest.approx(scores, rel=1e-6)
-    chosen = [modules[i].name for i in preselect(scores, 2)]
+    indices = preselect(scores, 2)
+    chosen = [modules[i].name for i in indices]
     assert screened["chosen"] == chosen == [m["name"] for m in pre.recipe.modules] and screened["k"] == 2
-    direct = lr.lorahub_learning(str(world["base"]), [str(world["hub"] / n) for n in chosen], str(world["examples"]),
-                                 budget=12, progress=False)
-    assert pre.recipe.weights == pytest.approx(direct.recipe.weights, abs=1e-6)
-    assert pre.recipe.objective == pytest.approx(direct.recipe.objective, rel=1e-6)
-    assert [e.objective for e in pre.search.history] == pytest.approx([e.objective for e in direct.search.history],
-                                                                      rel=1e-6)
+    best = min(range(2), key=lambda j: (scores[indices[j]], j))
+    assert screened["start"] == chosen[best]
+    init = [float(j == best) for j in range(2)]
+    assert list(pre.search.history[0].weights) == init  # the first point asked is the best module alone
+    base, tok, _ = load_base_model(str(world["base"]), device="cpu")
+    direct_modules = load_modules([str(world["hub"] / n) for n in chosen])
+    composer = LoraComposer(base, direct_modules)
+    direct = minimize(FewShotObjective(composer, tok, INPUTS, OUTPUTS), 2, budget=12, seed=42, init=init)
+    assert pre.recipe.weights == pytest.approx(direct.weights, abs=1e-6)
+    assert pre.recipe.objective == pytest.approx(direct.objective, rel=1e-6)
+    assert [e.objective for e in pre.search.history] == pytest.approx([e.objective for e in direct.history], rel=1e-6)
+    merged = composer.merge_and_unload(direct.weights)
     rebuilt, _ = lr.build_model(out)
-    for (name, a), (_, b) in zip(rebuilt.state_dict().items(), direct.model.state_dict().items()):
+    for (name, a), (_, b) in zip(rebuilt.state_dict().items(), merged.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
 
 
@@ -202,3 +213,17 @@ def test_restrict_holds_the_subset_alone_and_gives_the_hub_back(world):
         with pytest.raises(ValueError):
             with composer.restrict(bad):
                 pass
+
+
+def test_restarts_over_a_preselection_start_at_their_best_module():
+    from lorahub_ray.core.portfolio import plan_restarts
+
+    ranking = [4, 1, 5, 2]  # a screen's chosen modules, best first
+    plans = plan_restarts(6, 4, seed=0, optimizer="NGOpt", modules_per_restart=2, candidates=[1, 2, 4, 5],
+                          start_ranking=ranking)
+    for plan in plans:
+        assert plan.start == next(m for m in ranking if m in plan.modules)
+        assert plan.init() == [1.0 if m == plan.start else 0.0 for m in plan.modules]
+        assert plan.to_json()["start"] == plan.start
+    plain = plan_restarts(6, 2, seed=0, optimizer="NGOpt")
+    assert all(p.start is None and p.init() is None for p in plain)  # without a preselection: from 0

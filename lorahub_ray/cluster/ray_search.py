@@ -258,7 +258,7 @@ def _preselect(spec: RunSpec, actors: list) -> None:
     s = spec.settings
     spec.plans = plan_restarts(len(names), spec.restarts, seed=s.seed, optimizer=s.optimizer_label,
                                portfolio=spec.portfolio, modules_per_restart=spec.modules_per_restart,
-                               candidates=screening.chosen)
+                               candidates=screening.chosen, start_ranking=screening.ranking())
     spec.extra["preselect"] = screening.to_recipe()
     spec.write()
 

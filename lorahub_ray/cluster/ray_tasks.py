@@ -107,7 +107,8 @@ class RayRunner:
             screening = screen_on_actors(self.actors, [m.name for m in self.modules], self.preselect)
         plans = plan_restarts(len(self.modules), self.restarts, seed=s.seed, optimizer=s.optimizer_label,
                               portfolio=self.portfolio, modules_per_restart=self.modules_per_restart,
-                              candidates=screening.chosen if screening is not None else None)
+                              candidates=screening.chosen if screening is not None else None,
+                              start_ranking=screening.ranking() if screening is not None else None)
         restarts = start_restarts(plans, {s.optimizer_label: s.optimizer}, budget=s.budget, asks=s.asks)
 
         def on_evaluation(r, e) -> None:

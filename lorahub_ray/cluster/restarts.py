@@ -88,7 +88,7 @@ def start_restarts(plans: Sequence[RestartPlan], optimizers: dict[str, object], 
     restarts = []
     for plan in plans:
         opt = make_optimizer(optimizers.get(plan.optimizer, plan.optimizer), len(plan.modules), budget=budget,
-                             seed=plan.seed, num_workers=asks)
+                             seed=plan.seed, num_workers=asks, init=plan.init())
         history = list(histories.get(plan.restart, []))
         replay(opt, history, asks)
         restarts.append(Restart(plan, opt, history, plan.restart in stopped))

@@ -151,8 +151,8 @@ def lorahub_learning(
     candidates are asked at once (nevergrad's ``num_workers``: NGOpt may pick another algorithm) and
     evaluated together, sharing forward passes, which buys wall time on small few-shot sets.
     With ``preselect=k`` every module is first scored alone on the examples and the search runs over
-    the k best (see :mod:`lorahub_ray.core.preselect`); the recipe then lists those k and records
-    every module's score in ``search["preselect"]``.
+    the k best, starting at weight 1 on the best of them (see :mod:`lorahub_ray.core.preselect`); the
+    recipe then lists those k and records every module's score in ``search["preselect"]``.
 
     ``select="reference"`` keeps the search's best objective, as the reference does. ``select="cv"``
     chooses among the base model, each single module and several searches (from 0 and warm-started
@@ -204,8 +204,10 @@ def lorahub_learning(
     else:
         composer_scope = contextlib.nullcontext()
     search_info: dict = {"backend": "local", "asks": asks}
+    start = None  # the search's start, in the searched modules' order (None: 0)
     if screening is not None:
         search_info["preselect"] = screening.to_recipe()
+        start = screening.chosen.index(screening.ranking()[0])  # weight 1 on the best screened, as every restart
     regularizer_name = settings.regularizer_label
     with composer_scope:
         searched = composer.modules
@@ -227,7 +229,8 @@ def lorahub_learning(
             with progress_bar(f"search ({settings.optimizer_label})", budget, enabled=progress) as advance:
                 result = minimize(objective, len(searched), budget=budget, optimizer=optimizer, seed=seed,
                                   num_workers=asks, evaluate_batch=objective.evaluate_many if asks > 1 else None,
-                                  callback=lambda e, best: advance(info=f"best {best:.4f}"))
+                                  callback=lambda e, best: advance(info=f"best {best:.4f}"),
+                                  init=None if start is None else [float(i == start) for i in range(len(searched))])
         merged = composer.merge_and_unload(result.weights)
     recipe = make_recipe(model=str(model), base_sha256=base_model_sha256(base_path), modules=searched,
                          weights=result.weights, objective=result.objective, optimizer=result.optimizer,
@@ -236,7 +239,8 @@ def lorahub_learning(
     recipe.regularizer = regularizer_name  # a cross-validated L1 strength, when select='cv' chose one
     saved = None
     if output is not None:
-        plan = RestartPlan(restart=0, seed=seed, modules=list(range(len(searched))), optimizer=settings.optimizer_label)
+        plan = RestartPlan(restart=0, seed=seed, modules=list(range(len(searched))), optimizer=settings.optimizer_label,
+                           start=start if select != "cv" else None)
         outcome = RestartOutcome(plan, result.weights, result.objective, result.algorithm, True, result.history)
         saved = write_output(output, recipe, merged, tokenizer, history=([outcome], searched))
     return LoraHubResult(recipe=recipe, search=result, model=merged, tokenizer=tokenizer, output=saved)

@@ -9,7 +9,8 @@ random numbers but steps through the coordinates in list order, so the order is 
 restarts differ), and, with a ``portfolio`` of optimizer names, those optimizers cycled over
 restarts 1, 2, .... With ``modules_per_restart`` every restart draws its own subset (the paper's
 protocol: restart 0's in sorted order). ``candidates`` narrows the pool the modules come from (a
-preselection's best modules, for instance).
+preselection's best modules, for instance). ``start_ranking`` (module indices, best first: a preselection's
+ranking) makes every restart start at weight 1 on the best-ranked of its modules instead of at 0.
 """
 
 from __future__ import annotations
@@ -29,9 +30,14 @@ class RestartPlan:
     seed: int
     modules: list[int]  # module indices, in the order of the restart's search coordinates
     optimizer: str  # a nevergrad registry name, or the label of the run's own optimizer object
+    start: int | None = None  # the module index whose weight starts at 1 (the others at 0); None: all start at 0
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def init(self) -> list[float] | None:
+        """The search's starting weights, in the order of ``modules`` (None: the optimizer's default, 0)."""
+        return None if self.start is None else [1.0 if m == self.start else 0.0 for m in self.modules]
 
 
 @dataclass
@@ -57,7 +63,8 @@ class RestartOutcome:
 
 def plan_restarts(num_modules: int, restarts: int, *, seed: int, optimizer: str,
                   portfolio: Sequence[str] | None = None, modules_per_restart: int | None = None,
-                  candidates: Sequence[int] | None = None) -> list[RestartPlan]:
+                  candidates: Sequence[int] | None = None,
+                  start_ranking: Sequence[int] | None = None) -> list[RestartPlan]:
     """The plans of ``restarts`` restarts over modules ``0..num_modules-1`` (see the module docstring)."""
     if restarts < 1:
         raise LoraHubError(f"restarts must be at least 1, got {restarts}")
@@ -75,7 +82,8 @@ def plan_restarts(num_modules: int, restarts: int, *, seed: int, optimizer: str,
         else:
             modules = list(pool) if r == 0 else [pool[int(i)] for i in rng.permutation(len(pool))]
         name = optimizer if r == 0 or not portfolio else portfolio[(r - 1) % len(portfolio)]
-        plans.append(RestartPlan(restart=r, seed=seed + r, modules=modules, optimizer=name))
+        start = next((int(m) for m in start_ranking if m in modules), None) if start_ranking is not None else None
+        plans.append(RestartPlan(restart=r, seed=seed + r, modules=modules, optimizer=name, start=start))
     return plans
 
 

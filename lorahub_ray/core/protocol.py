@@ -196,12 +196,13 @@ class LocalRunner:
             screening = screen_and_choose(objective, [m.name for m in self.modules], self.preselect)
         plans = portfolio.plan_restarts(len(self.modules), self.restarts, seed=self.seed, optimizer=self.optimizer,
                                         modules_per_restart=self.modules_per_restart,
-                                        candidates=screening.chosen if screening is not None else None)
+                                        candidates=screening.chosen if screening is not None else None,
+                                        start_ranking=screening.ranking() if screening is not None else None)
         outcomes = []
         for plan in plans:  # the plans of the Ray runner too: the same restarts, one after the other
             with self._scope(plan.modules):  # exactly the search given the restart's modules directly
                 result = minimize(objective, len(plan.modules), budget=self.budget, optimizer=plan.optimizer,
-                                  seed=plan.seed)
+                                  seed=plan.seed, init=plan.init())
             outcomes.append(RestartOutcome(plan, result.weights, result.objective, result.algorithm, True,
                                            result.history))
             best = min(o.objective for o in outcomes)

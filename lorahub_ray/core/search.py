@@ -103,7 +103,7 @@ def minimize(objective: Callable[[Sequence[float]], float], dim: int, *, budget:
              callback: Callable[[Evaluation, float], None] | None = None, opt=None,
              history: list[Evaluation] | None = None, on_batch: Callable[[object, list[Evaluation]], None] | None = None,
              submit_batch: Callable[[list[list[float]]], Callable[[], list[float]]] | None = None,
-             ) -> SearchResult:
+             init: Sequence[float] | None = None) -> SearchResult:
     """Minimise ``objective`` over ``dim`` weights with the nevergrad optimizer named ``optimizer``.
 
     With ``num_workers > 1`` and ``evaluate_batch``, up to ``num_workers`` candidates are asked at
@@ -117,8 +117,9 @@ def minimize(objective: Callable[[Sequence[float]], float], dim: int, *, budget:
     history)`` is called once per told batch with the history up to that batch (a point to save
     it): while the next batch is being evaluated, and once more at the end.
     """
-    if opt is None:
-        opt = make_optimizer(optimizer, dim, budget=budget, seed=seed, num_workers=num_workers, bounds=bounds)
+    if opt is None:  # starting at ``init`` (default 0, the reference's)
+        opt = make_optimizer(optimizer, dim, budget=budget, seed=seed, num_workers=num_workers, bounds=bounds,
+                             init=init)
     if submit_batch is None:
         evaluate = evaluate_batch or (lambda ws: [objective(w) for w in ws])
 
