@@ -40,7 +40,7 @@ from lorahub_ray.core.modules import load_modules  # noqa: E402
 from lorahub_ray.core.objective import FewShotObjective  # noqa: E402
 from lorahub_ray.core.preselect import DEFAULT_CHUNK, screen, screen_and_choose  # noqa: E402
 from lorahub_ray.core.portfolio import plan_restarts  # noqa: E402
-from lorahub_ray.core.search import make_optimizer, minimize  # noqa: E402
+from lorahub_ray.core.search import minimize  # noqa: E402
 from lorahub_ray.demo.world import DISTRACTOR_TASKS, LargeConfig, build_large_hub  # noqa: E402
 from lorahub_ray.evaluation.generate import accuracy, generate  # noqa: E402
 from lorahub_ray.io.examples import read_examples  # noqa: E402
@@ -51,8 +51,7 @@ def search_and_score(composer, objective, tokenizer, test, modules, *, budget, o
     index among ``modules``), from weight 1 on that module; then the test accuracy."""
     with composer.restrict(modules):
         init = None if start is None else [1.0 if i == start else 0.0 for i in modules]
-        opt = None if init is None else make_optimizer(optimizer, len(modules), budget=budget, seed=seed, init=init)
-        result = minimize(objective, len(modules), budget=budget, optimizer=optimizer, seed=seed, opt=opt)
+        result = minimize(objective, len(modules), budget=budget, optimizer=optimizer, seed=seed, init=init)
         composer.compose(result.weights)
         acc = accuracy(generate(composer.model, tokenizer, test.inputs), test.outputs)
     steps = [e.seconds for e in result.history]

@@ -204,13 +204,15 @@ def lorahub_learning(
     else:
         composer_scope = contextlib.nullcontext()
     search_info: dict = {"backend": "local", "asks": asks}
-    start = None  # the search's start, in the searched modules' order (None: 0)
     if screening is not None:
         search_info["preselect"] = screening.to_recipe()
-        start = screening.chosen.index(screening.ranking()[0])  # weight 1 on the best screened, as every restart
     regularizer_name = settings.regularizer_label
     with composer_scope:
         searched = composer.modules
+        # the one search, restart 0 of a portfolio; after a screen it starts at weight 1 on the best screened
+        start = screening.chosen.index(screening.ranking()[0]) if screening is not None and select != "cv" else None
+        plan = RestartPlan(restart=0, seed=seed, modules=list(range(len(searched))), optimizer=settings.optimizer_label,
+                           start=start)
         if select == "cv":
             context = SelectionContext(composer, tokenizer, data.inputs, data.outputs,
                                        names=[m.name for m in searched], loss=loss, batch_size=batch_size,
@@ -229,8 +231,7 @@ def lorahub_learning(
             with progress_bar(f"search ({settings.optimizer_label})", budget, enabled=progress) as advance:
                 result = minimize(objective, len(searched), budget=budget, optimizer=optimizer, seed=seed,
                                   num_workers=asks, evaluate_batch=objective.evaluate_many if asks > 1 else None,
-                                  callback=lambda e, best: advance(info=f"best {best:.4f}"),
-                                  init=None if start is None else [float(i == start) for i in range(len(searched))])
+                                  callback=lambda e, best: advance(info=f"best {best:.4f}"), init=plan.init())
         merged = composer.merge_and_unload(result.weights)
     recipe = make_recipe(model=str(model), base_sha256=base_model_sha256(base_path), modules=searched,
                          weights=result.weights, objective=result.objective, optimizer=result.optimizer,
@@ -239,8 +240,6 @@ def lorahub_learning(
     recipe.regularizer = regularizer_name  # a cross-validated L1 strength, when select='cv' chose one
     saved = None
     if output is not None:
-        plan = RestartPlan(restart=0, seed=seed, modules=list(range(len(searched))), optimizer=settings.optimizer_label,
-                           start=start if select != "cv" else None)
         outcome = RestartOutcome(plan, result.weights, result.objective, result.algorithm, True, result.history)
         saved = write_output(output, recipe, merged, tokenizer, history=([outcome], searched))
     return LoraHubResult(recipe=recipe, search=result, model=merged, tokenizer=tokenizer, output=saved)

@@ -18,6 +18,7 @@ from lorahub_ray.core.compose import LoraComposer
 from lorahub_ray.core.learning import lorahub_learning
 from lorahub_ray.core.model import load_base_model, load_model
 from lorahub_ray.core.objective import FewShotObjective
+from lorahub_ray.core.preselect import screen
 from lorahub_ray.evaluation.compare import InContextPrompt
 from lorahub_ray.evaluation.evaluate import EvaluationResult
 from lorahub_ray.evaluation.generate import normalize
@@ -215,12 +216,9 @@ class TaskCells:
         composer = LoraComposer(base, self.modules)
         objective = FewShotObjective(composer, tokenizer, fewshot.inputs, fewshot.outputs, template=self.template)
         n = len(self.modules)
-        one_hot = [[1.0 if j == i else 0.0 for j in range(n)] for i in range(n)]
-        # the losses alone (no regulariser), SINGLES_PER_PASS modules sharing each forward pass
-        losses = [float(v) for s in range(0, n, SINGLES_PER_PASS)
-                  for v in objective.losses(one_hot[s : s + SINGLES_PER_PASS])]
+        losses = screen(objective, n, chunk=SINGLES_PER_PASS)  # each module alone, no regulariser
         best = min(range(n), key=lambda i: (losses[i], i))
-        merged = composer.merge_and_unload(one_hot[best])
+        merged = composer.merge_and_unload([float(j == best) for j in range(n)])
         result, options = self._eval_merged(merged, tokenizer, test, where / "best_single")
         cell = _cell(result, time.perf_counter() - start, options, module=self.modules[best].name, loss=losses[best])
         return _write_cell(where / "best_single", cell, result.predictions)
