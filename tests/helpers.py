@@ -146,35 +146,62 @@ def make_llama_module(base: Path, path: Path, *, seed: int, r: int = 4, targets=
     return path
 
 
-def start_ray_head(log, env: dict, *, num_cpus: int, timeout: float):
+# every port a Ray node binds, so that none is left to Ray's own random pick
+RAY_PORT_FLAGS = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                  "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port")
+PORT_CLASH = "is trying to use a port number"
+
+
+def ray_port_args(*, head: bool = True) -> tuple[list[str], dict[str, int]]:
+    """``ray start`` arguments that give every component its own free port (chosen together, see
+    :func:`ports.free_ports`); a worker node takes no GCS or dashboard port."""
+    from ports import free_ports
+
+    flags = RAY_PORT_FLAGS if head else RAY_PORT_FLAGS[2:]
+    ports = dict(zip(flags, free_ports(len(flags))))
+    return [f"--{flag}={port}" for flag, port in ports.items()], ports
+
+
+def head_log_line(text: str) -> str:
+    """The line of a head's log that says why it died (the last error, else the last line)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "rror" in line or PORT_CLASH in line]
+    return (errors or lines or ["(empty log)"])[-1]
+
+
+def start_ray_head(log, env: dict, *, num_cpus: int, timeout: float, attempts: int = 2):
     """``ray start --head --block`` on loopback in its own process group (ended with pytest, see
-    :func:`end_with_this_process`), with free ports; waits for its dashboard, the last thing a head
-    starts. Returns ``(process, gcs_address, dashboard_port)``; the caller ends the group by its pid."""
+    :func:`end_with_this_process`), every port chosen free; waits for its dashboard, the last thing a head
+    starts. A head that dies of a port clash (another process took a port between our pick and Ray's
+    bind) is started again once, with new ports. Returns ``(process, gcs_address, dashboard_port)``; the
+    caller ends the group by its pid. A head that does not start raises with the log line that says why."""
     import socket
     import subprocess
     import time
 
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    port, dash, agent = free_port(), free_port(), free_port()
-    head = subprocess.Popen(
-        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--num-cpus={num_cpus}",
-         "--num-gpus=0", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}",
-         f"--dashboard-agent-listen-port={agent}",  # the default, 52365, is taken by any other head here
-         "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        preexec_fn=end_with_this_process)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", dash), timeout=1).close()
-            return head, f"127.0.0.1:{port}", dash
-        except OSError:
-            if head.poll() is not None or time.monotonic() > deadline:
-                if head.poll() is None:  # timed out: end what did start
-                    os.killpg(head.pid, signal.SIGKILL)
-                raise RuntimeError(f"ray head did not start; see {log.name}") from None
-            time.sleep(0.5)
+    for attempt in range(1, attempts + 1):
+        offset = os.lseek(log.fileno(), 0, os.SEEK_CUR)  # the child writes through the same file
+        args, ports = ray_port_args()
+        head = subprocess.Popen(
+            [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--num-cpus={num_cpus}",
+             "--num-gpus=0", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", *args,
+             "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=end_with_this_process)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", ports["dashboard-port"]), timeout=1).close()
+                return head, f"127.0.0.1:{ports['port']}", ports["dashboard-port"]
+            except OSError:
+                if head.poll() is None and time.monotonic() <= deadline:
+                    time.sleep(0.5)
+                    continue
+            if head.poll() is None:  # timed out: end what did start
+                os.killpg(head.pid, signal.SIGKILL)
+                head.wait()
+            log.flush()
+            text = Path(log.name).read_bytes()[offset:].decode(errors="replace")
+            if PORT_CLASH in text and attempt < attempts:
+                break  # again, with new ports
+            raise RuntimeError(f"ray head did not start (attempt {attempt}): {head_log_line(text)} "
+                               f"(the whole log: {log.name})") from None

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from pathlib import Path
+
+from ports import free_port
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -21,7 +18,7 @@ def moto_server():
     """Start moto's S3 server on 127.0.0.1, point the AWS env (boto3, s3fs) at it, yield its URL."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -12,15 +12,12 @@ from pathlib import Path
 
 import pytest
 from helpers import start_ray_head
+from ports import free_port
 
 REPO = Path(__file__).parents[1]
 HANG_GUARD_S = 240  # a dead address used to hang for minutes; a busy 2-core machine imports torch slowly
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def lorahub(*args, env=None, timeout=HANG_GUARD_S, alone=False):

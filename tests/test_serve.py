@@ -6,6 +6,7 @@ import shutil
 
 import httpx
 import pytest
+from ports import free_port
 
 import lorahub_ray as lr
 from lorahub_ray.evaluation.generate import generate
@@ -129,12 +130,6 @@ def test_lookup_is_a_dictionary_lookup_without_file_access(monkeypatch):
 # --- the Serve application over HTTP -------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +142,7 @@ def served(ray_cluster, recipes):
     from lorahub_ray.cluster.serve_app import app
 
     root = recipes["root"]
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"num_cpus": 0.5, "min_replicas": 1, "max_replicas": 1, "max_inputs": 8, "max_input_chars": 64,
               "max_new_tokens_limit": 16, "batch_wait_timeout_s": 0.005}

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from helpers import write_jsonl
+from ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +96,7 @@ def test_smollm2_recipe_served_over_http_equals_in_process_generation(smol_run, 
     model, tok = lr.load_model(run, device="cpu")  # a plain transformers directory
     inputs = ["Give the opposite of: wet", "Give the opposite of: early"]
     want = generate(model, tok, inputs, max_new_tokens=6, template="chat")
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(serve_app({"recipes": [f"smol={run}"], "mode": "merged", "num_cpus": 1, "min_replicas": 1,
@@ -109,9 +110,3 @@ def test_smollm2_recipe_served_over_http_equals_in_process_generation(smol_run, 
         serve.shutdown()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from s3 import _free_port, moto_server, s3fs_client
+from helpers import ray_port_args
+from s3 import moto_server, s3fs_client
 
 pytestmark = pytest.mark.slow
 
@@ -61,11 +62,10 @@ print("RESULT " + json.dumps({"weights": result.recipe.weights, "objective": res
 """
 
 
-def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    # every agent port of its own: the defaults (52365, ...) are taken by any other Ray on the machine
-    ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
-    return subprocess.Popen(args + ports, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+def _start(args: list[str], env: dict, log: Path, ports: list[str] | None = None) -> subprocess.Popen:
+    # every port of its own, chosen together: the defaults (52365, ...) are taken by any other Ray on the
+    # machine, and ports picked one at a time may coincide
+    return subprocess.Popen(args + (ports or ray_port_args(head=False)[0]), env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
@@ -122,11 +122,11 @@ def test_search_survives_the_loss_of_a_worker_node(world, tmp_path):
         ray_bin = str(Path(sys.executable).with_name("ray"))
         env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        port = _free_port()
-        address = f"127.0.0.1:{port}"
+        head_ports, chosen = ray_port_args()
+        address = f"127.0.0.1:{chosen['port']}"
         common = ["--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1", "--num-gpus=0"]
-        head = _start([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                       '--resources={"head": 1}', *common], env, tmp_path / "head.log")
+        head = _start([ray_bin, "start", "--head", "--num-cpus=2", "--include-dashboard=false",
+                       '--resources={"head": 1}', *common], env, tmp_path / "head.log", head_ports)
         worker = None
         try:
             _wait_for_nodes(address, env, 1, time.monotonic() + 180, tmp_path)
