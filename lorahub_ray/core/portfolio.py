@@ -1,6 +1,7 @@
 """A portfolio of restarts: which modules, in which order, with which seed and optimizer each
-restart searches, and what each one found. Ray-free; the Ray search runs the plans in lockstep
-(:mod:`lorahub_ray.cluster.restarts`), the local search is one restart (restart 0).
+restart searches, what each one found, and which ones a synchronous halving stops. Ray-free; the Ray
+search runs every plan as a Tune trial (:mod:`lorahub_ray.cluster.tune`), the local search is one
+restart (restart 0).
 
 Restart 0 is exactly the one-process search: the given optimizer and seed, the modules in their
 given order. The others are diversified, so that they do not repeat it: seeds ``seed + r``, the
@@ -90,3 +91,33 @@ def plan_restarts(num_modules: int, restarts: int, *, seed: int, optimizer: str,
 def best_outcome(outcomes: Sequence[RestartOutcome]) -> RestartOutcome:
     """The lowest objective wins; a tie goes to the lower restart (restart 0 before the others)."""
     return min(outcomes, key=lambda o: (o.objective, o.restart))
+
+
+def halving_rungs(budget: int) -> list[int]:
+    """The rungs of a synchronous halving: ``budget // 4`` evaluations, then doubling, below the budget."""
+    out, rung = [], max(1, budget // 4)
+    while rung < budget:
+        out.append(rung)
+        rung *= 2
+    return out
+
+
+def halving_stops(bests: dict[int, Sequence[float]], budget: int, protected: int = 0) -> dict[int, int]:
+    """Which restarts a synchronous successive halving stops, and at which rung: ``{restart: rung}``.
+
+    ``bests[r]`` is restart ``r``'s best objective so far after each of its evaluations. At each rung
+    (:func:`halving_rungs`) the worse half of the restarts still live stops: ranked by their best at
+    that rung, ties to the lower restart; ``protected`` (restart 0, the one-process search) never
+    stops, so the winner is never worse than one process. A rung is decided only once every live
+    restart has reached it, so that the answer depends on the values alone, never on which restart
+    got there first: fed a partial record (a run in progress), it returns the decisions made so far,
+    and fed the full record, the same ones and the rest."""
+    live, stops = sorted(bests), {}
+    for rung in halving_rungs(budget):
+        if any(len(bests[r]) < rung for r in live):
+            break
+        ranked = sorted(live, key=lambda r: (bests[r][rung - 1], r))
+        keep = set(ranked[: -(-len(ranked) // 2)])
+        stops.update({r: rung for r in live if r not in keep and r != protected})
+        live = [r for r in live if r not in stops]
+    return stops

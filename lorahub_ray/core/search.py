@@ -153,6 +153,21 @@ def minimize(objective: Callable[[Sequence[float]], float], dim: int, *, budget:
     return finish(opt, history, objective, optimizer=optimizer, budget=budget, seed=seed, num_workers=num_workers)
 
 
+def replay(opt, history: Sequence[Evaluation], asks: int = 1) -> None:
+    """Bring a fresh optimizer (same seed, same ``asks``) to the state it had after ``history``, without
+    evaluating anything: ask in the same batches, check each candidate is the recorded one, tell the
+    recorded value. nevergrad is deterministic for a given seed, so this is the state that was reached
+    (its own pickling does not cover every algorithm NGOpt may pick: Cobyla runs in a thread)."""
+    for start in range(0, len(history), asks):
+        batch = history[start : start + asks]
+        candidates = [opt.ask() for _ in batch]
+        for cand, e in zip(candidates, batch):
+            if not np.allclose(cand.value, e.weights, rtol=0, atol=1e-9):
+                raise LoraHubError(f"cannot resume: the optimizer asked a different candidate at step {e.step} "
+                                   "than the saved run (another nevergrad version?)")
+            opt.tell(cand, e.objective)
+
+
 def recommended(opt, history: list[Evaluation]) -> tuple[list[float], Evaluation | None]:
     """The optimizer's recommendation, and its evaluation in ``history`` (``None`` when the point was
     never evaluated, e.g. a CMA mean)."""
