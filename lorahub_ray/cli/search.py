@@ -36,20 +36,23 @@ def search(
     device: DeviceOpt = None,
     template: TemplateOpt = None,
     workers: Annotated[Optional[int], typer.Option(help="Run on Ray with this many evaluator actors (each holds the model once). Without it (and without --restarts/--address/--resume) the search runs in this process.", rich_help_panel="Ray")] = None,
-    restarts: Annotated[Optional[int], typer.Option(help="Restarts of the portfolio (default: --workers): restart 0 is the one-process search, the others permute the module order and use seeds seed+1, ...; they run in lockstep over the workers and the lowest objective wins.", rich_help_panel="Ray")] = None,
+    restarts: Annotated[Optional[int], typer.Option(help="Restarts of the portfolio (default: --workers): restart 0 is the one-process search, the others permute the module order and use seeds seed+1, ...; each is a Ray Tune trial and the lowest objective wins.", rich_help_panel="Ray")] = None,
     modules_per_restart: Annotated[Optional[int], typer.Option(help="Each restart searches a random subset of this many modules (the paper: 20).", rich_help_panel="Ray")] = None,
     portfolio: Annotated[Optional[str], typer.Option(help="Optimizers for restarts 1, 2, ... (cycled), e.g. Cobyla,CMA,OnePlusOne; restart 0 runs --optimizer.", rich_help_panel="Ray")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster: 'auto', host:port or ray://host:10001 (default: $RAY_ADDRESS, else a private local Ray).", rich_help_panel="Ray")] = None,
     cpus_per_worker: Annotated[Optional[float], typer.Option(help="CPUs per evaluator actor (default: an equal share of the cluster, at most 1).", rich_help_panel="Ray")] = None,
     gpus_per_worker: Annotated[float, typer.Option(help="GPUs per evaluator actor; fractions such as 0.25 let actors share a GPU.", rich_help_panel="Ray")] = 0.0,
-    scheduler: Annotated[Optional[str], typer.Option(help="'asha': successive halving of the restarts (at budget/4, budget/2, ... evaluations the worse half stops; restart 0 never); default: run all to the budget.", rich_help_panel="Ray")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Stop restarts early with a Tune scheduler: 'halving' (deterministic synchronous halving: at budget/4, budget/2, ... evaluations the worse half stops), 'asha' or 'median' (Tune's; their decisions depend on timing). Restart 0 is never stopped. Default: all run to the budget.", rich_help_panel="Ray")] = None,
+    searcher: Annotated[Optional[str], typer.Option(help="Any Tune search algorithm instead of the portfolio: 'optuna', 'hyperopt', 'nevergrad' or 'random'; a trial per candidate weight vector, --budget trials, --workers at a time (the searcher's package is an optional extra).", rich_help_panel="Ray")] = None,
+    callback: Annotated[Optional[list[str]], typer.Option("--callback", help="Tune tracking callback (repeatable): 'tensorboard', 'mlflow' or 'wandb'; needs its package.", rich_help_panel="Ray")] = None,
+    max_failures: Annotated[int, typer.Option(help="Restarts of a failed trial, from its last checkpoint (Tune's FailureConfig).", rich_help_panel="Ray")] = 2,
     asks: Annotated[Optional[int], typer.Option(min=1, help="Candidates asked at once per search (nevergrad's num_workers) and evaluated together, sharing forward passes; default 1. More asks trade quality for time (NGOpt then picks another algorithm): a warning says so.")] = None,
-    storage: Annotated[Optional[str], typer.Option(help="Where the run's state is saved after every round (default: OUTPUT.search; s3:// works).", rich_help_panel="Ray")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Where the run's state and its Tune experiment live (default: OUTPUT.search; s3:// works).", rich_help_panel="Ray")] = None,
     select: Annotated[str, typer.Option(help="'reference': keep the search's lowest few-shot objective (the reference). 'cv': choose among the base model, each single module and searches (from 0 and warm-started at the best single modules) by cross-validation over the examples (leave-one-out up to 5, else 5-fold), then refit the winner on all examples. With --workers/--address the folds run at once on Ray actors (same result).")] = "reference",
     score: Annotated[str, typer.Option(help="With --select cv: 'loss' (held-out loss) or 'generate' (exact match of greedy generations on the held-out examples).")] = "loss",
     select_l1: Annotated[Optional[list[float]], typer.Option("--select-l1", help="With --select cv: also try these stronger L1 strengths (alpha in alpha*mean|w|; repeatable) as candidates.")] = None,
     select_rule: Annotated[Optional[str], typer.Option("--select-rule", help="With --select cv and the loss: 'one-se' (the default: the simplest candidate, base < single module < search, within one standard error of the lowest mean held-out loss) or 'min' (the lowest mean held-out loss).")] = None,
-    resume: Annotated[Optional[str], typer.Option(help="Resume an interrupted Ray search: its --output directory (everything else is read from the saved run).", rich_help_panel="Ray")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Resume an interrupted Ray search (Ctrl-C, a lost driver): its --output directory; everything else is read from the saved run, and Tune restores its experiment.", rich_help_panel="Ray")] = None,
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="Many tasks in one run (the paper's protocol): a folder or s3:// prefix of few-shot files, one per task (the BBH layout). The base model and hub load once; writes OUTPUT/<task>/ (named by the file's stem) and OUTPUT/summary.json. With --restarts S --modules-per-restart K, in this process: S sequential restarts per task (seeds seed..seed+S-1, random K-subsets), the lowest objective wins. With --workers/--address: on Ray, one set of evaluator actors for all tasks, each task a portfolio of S restarts (default --workers) in lockstep.", rich_help_panel="Protocol")] = None,
     preselect: Annotated[Optional[int], typer.Option(help="Score every module alone on the few-shot examples (weight 1, its loss) and search the k best, starting at weight 1 on the best of them (not at 0); with --modules-per-restart each restart draws from them and starts at the best of its own. The scores go into recipe.json. On Ray the screening runs on the evaluator actors.", rich_help_panel="Protocol")] = None,
     split: SplitOpt = None,
@@ -74,7 +77,7 @@ def search(
     all_modules = _expand_modules(list(modules or []) + list(ctx.args))
     if tasks is not None:
         on_ray = any(v is not None for v in (workers, address, portfolio))
-        _check_protocol(examples, on_ray, resume, scheduler, storage, asks)
+        _check_protocol(examples, on_ray, resume, scheduler, storage, asks, searcher)
         examples = None
     if hub is not None:
         all_modules = _hub_modules(hub, filter or [], all_modules, examples, input_field, output_field,
@@ -96,7 +99,8 @@ def search(
     map_folds = None
     if select != "reference":
         search_only = {"--restarts": restarts, "--modules-per-restart": modules_per_restart,
-                       "--portfolio": portfolio, "--resume": resume, "--scheduler": scheduler, "--storage": storage}
+                       "--portfolio": portfolio, "--resume": resume, "--scheduler": scheduler, "--storage": storage,
+                       "--searcher": searcher, "--callback": callback}
         given = [name for name, value in search_only.items() if value is not None]
         if given:
             raise LoraHubError(f"--select cv does not take {', '.join(given)} (the Ray search's options); "
@@ -107,7 +111,7 @@ def search(
             map_folds = RayFolds(workers or 2, address=address, cpus_per_worker=cpus_per_worker,
                                  gpus_per_worker=gpus_per_worker)
     elif any(v is not None for v in (workers, restarts, modules_per_restart, portfolio, address, resume, scheduler,
-                                     storage)):
+                                     storage, searcher, callback)):
         from lorahub_ray.cluster.ray_search import SearchFailed, SearchInterrupted, lorahub_learning_ray
 
         try:
@@ -117,7 +121,8 @@ def search(
             budget=budget, optimizer=optimizer, seed=seed, loss=loss,
             batch_size=batch_size, input_field=input_field, output_field=output_field, address=address,
             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, device=device, scheduler=scheduler,
-            asks=asks, storage_path=storage, resume=resume, template=template or "plain", preselect=preselect)
+            searcher=searcher, callbacks=list(callback or ()), max_failures=max_failures, asks=asks,
+            storage_path=storage, resume=resume, template=template or "plain", preselect=preselect)
         except SearchInterrupted as exc:
             console.print(f"[bold yellow]interrupted:[/] {exc}", highlight=False)
             raise typer.Exit(130) from None
@@ -125,9 +130,11 @@ def search(
             console.print(f"[bold red]search failed:[/] {exc}", highlight=False)
             raise typer.Exit(1) from None
         _print_weights(result.recipe)
-        console.print(f"objective {result.recipe.objective:.4f} ({result.recipe.algorithm}, restart "
-                      f"{result.best.restart} of {len(result.restarts)}) in {result.seconds:.1f} s; wrote "
-                      f"{result.output}/recipe.json, model/, history.parquet and search.png")
+        how = (f"the best of {len(result.best.history)} {result.recipe.optimizer} trials" if result.recipe.search["searcher"]
+               else f"restart {result.best.restart} of {len(result.restarts)}")
+        console.print(f"objective {result.recipe.objective:.4f} ({result.recipe.algorithm}, {how}) in "
+                      f"{result.seconds:.1f} s; wrote {result.output}/recipe.json, model/, history.parquet and "
+                      f"search.png; Tune experiment {result.experiment}", highlight=False)
         return
     if model is None or examples is None or output is None:
         raise LoraHubError("--model, --examples and --output are required (or --resume DIR with --workers)")
@@ -143,12 +150,12 @@ def search(
     console.print(f"objective {result.recipe.objective:.4f} ({result.recipe.algorithm}); wrote {output}/recipe.json and {output}/model/")
 
 
-def _check_protocol(examples, on_ray: bool, resume, scheduler, storage, asks) -> None:
+def _check_protocol(examples, on_ray: bool, resume, scheduler, storage, asks, searcher) -> None:
     from lorahub_ray.errors import LoraHubError
 
     if examples is not None:
         raise LoraHubError("give either --examples (one task) or --tasks (one file per task), not both")
-    refused = {"--resume": resume, "--scheduler": scheduler, "--storage": storage}
+    refused = {"--resume": resume, "--scheduler": scheduler, "--storage": storage, "--searcher": searcher}
     given = [name for name, value in refused.items() if value is not None]
     if given:
         raise LoraHubError(f"--tasks does not take {', '.join(given)} (one search's options); leave them out")

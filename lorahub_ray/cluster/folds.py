@@ -23,7 +23,7 @@ import ray
 from ray.util import ActorPool
 
 from lorahub_ray.cluster.connect import connect, default_cpus_per_worker, runtime_env
-from lorahub_ray.cluster.ray_search import check_resources, wait_for_evaluators
+from lorahub_ray.cluster.evaluators import check_resources, wait_for_evaluators
 from lorahub_ray.core.selection import FoldResult, FoldTask, SelectionContext
 from lorahub_ray.errors import LoraHubError
 

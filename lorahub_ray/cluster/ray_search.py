@@ -1,53 +1,54 @@
-"""LoraHub learning on a Ray cluster: W model-holding evaluator actors, a portfolio of restarts in lockstep.
+"""LoraHub learning on a Ray cluster: the search as Ray Tune trials over W model-holding evaluator actors.
 
-Design (the README section "Distributed search on Ray" has the measured figures):
+Design (the README's "Distributed search on Ray" has the measured figures):
 
-* ``W`` :class:`~lorahub_ray.cluster.evaluators.Evaluator` actors each load the base model once,
-  take the stacked modules from the object store once and tokenise the examples once; they then
-  answer one call per round for the whole run. They are created with ``max_restarts`` /
-  ``max_task_retries``: one that dies is restarted by Ray and its call retried.
-* By default the W workers run a portfolio of R = W restarts (:mod:`lorahub_ray.core.portfolio`),
-  each a sequential search; restart 0 is exactly the one-process search, the others are
-  diversified (permuted module orders, other seeds, optionally other optimizers). They advance in
-  lockstep rounds in this driver (:mod:`lorahub_ray.cluster.restarts`): a fixed split of each round's
-  candidates over the actors, so a run repeats exactly. The lowest objective wins.
-* The driver saves the histories after every round (``<output>.search/restarts.json``); an
-  interrupted run (SIGINT/SIGUSR1) resumes with ``resume=`` by replaying them.
+* ``W`` :class:`~lorahub_ray.cluster.evaluators.Evaluators` actors each load the base model once, take the
+  stacked modules from the object store once and tokenise the examples once. They are named, and created
+  with ``max_restarts``/``max_task_retries``: one that dies is restarted by Ray and its calls retried.
+* By default the search is a portfolio of R = W restarts (:func:`lorahub_ray.core.portfolio.plan_restarts`:
+  restart 0 is exactly the one-process search, the others are diversified), one **Tune trial per
+  restart** (:mod:`lorahub_ray.cluster.tune`): a light trial (0.01 CPU, no model) runs its restart's
+  sequential nevergrad search and sends each candidate to its evaluator, reporting every evaluation with a
+  checkpoint. The lowest objective wins, so the winner is never worse than one process.
+* Tune does the rest: ``--resume`` is ``Tuner.restore`` of the experiment ``<storage>/search`` (local or
+  S3), a failed trial restarts from its checkpoint (``FailureConfig``), Ctrl-C saves the experiment, the
+  schedulers stop restarts early (:mod:`lorahub_ray.cluster.tune_options`; restart 0 never), results are a
+  ``ResultGrid`` with Tune's loggers, and tracking goes through Tune's callbacks.
+* With ``searcher``, any Tune search algorithm replaces the portfolio: a trial per candidate weight vector.
 * The winner is merged into the base model and written with the core
-  :func:`~lorahub_ray.core.learning.write_output`: ``recipe.json`` (every restart recorded),
-  ``model/``, ``history.parquet`` (one schema with the local search) and ``search.png``.
+  :func:`~lorahub_ray.core.learning.write_output`: ``recipe.json`` (``search.backend = "tune"``,
+  ``search.experiment``), ``model/``, ``history.parquet`` (one schema with the local search) and
+  ``search.png``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+from ray import tune
 
+from lorahub_ray.cluster import tune as lorahub_tune
 from lorahub_ray.cluster.connect import connect, default_cpus_per_worker
-from lorahub_ray.core.families import check_template
-from lorahub_ray.cluster.evaluators import Evaluator
-from lorahub_ray.cluster.restarts import Restart, StopRequested, run_lockstep, start_restarts
-from lorahub_ray.cluster.screening import screen_on_actors
+from lorahub_ray.cluster.evaluators import Evaluators, ResourceError, SearchFailed, check_resources, root_message
 from lorahub_ray.cluster.run_spec import (RUN_FILE, RunSpec, check_ray_options, normalise_output, read_spec, read_text,
                                           storage_root)
+from lorahub_ray.cluster.screening import screen_on_actors
+from lorahub_ray.cluster.tune_options import make_callbacks, make_scheduler, make_searcher
 from lorahub_ray.core.compose import LoraComposer
+from lorahub_ray.core.families import check_template
 from lorahub_ray.core.learning import load_module_list, make_recipe, now, write_output
 from lorahub_ray.core.model import base_model_sha256, check_base_model, load_base_model
 from lorahub_ray.core.modules import LoraModule, check_compatible, load_module
 from lorahub_ray.core.objective import l1_regularization
-from lorahub_ray.core.portfolio import RestartOutcome, best_outcome, plan_restarts
+from lorahub_ray.core.portfolio import RestartOutcome, RestartPlan, best_outcome, plan_restarts
 from lorahub_ray.core.preselect import check_k
 from lorahub_ray.core.recipe import RECIPE_FILE, Recipe
-from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, algorithm_name
+from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER
 from lorahub_ray.core.settings import SearchSettings
 from lorahub_ray.errors import LoraHubError
 from lorahub_ray.io import storage
@@ -55,19 +56,13 @@ from lorahub_ray.io.examples import as_examples
 from lorahub_ray.plots import plot_search
 from lorahub_ray.progress import RestartsDisplay
 
+__all__ = ["RayLoraHubResult", "ResourceError", "SearchFailed", "SearchInterrupted", "lorahub_learning_ray"]
+
 PLOT_FILE = "search.png"
 
 
-class ResourceError(LoraHubError):
-    """The evaluator actors ask for more than the Ray cluster has."""
-
-
-class SearchFailed(RuntimeError):
-    """The search failed (an evaluator that cannot start or keeps dying, or the optimizer); carries its error."""
-
-
 class SearchInterrupted(RuntimeError):
-    """The driver was interrupted; the run can be resumed from its output directory."""
+    """The search was interrupted (Ctrl-C, SIGUSR1); Tune saved the experiment: resume it from the output."""
 
     def __init__(self, message: str, resume: str):
         super().__init__(message)
@@ -84,28 +79,11 @@ class RayLoraHubResult:
     output: Path | str | None
     storage: str
     seconds: float
+    experiment: str = ""
 
     @property
     def weights(self) -> dict[str, float]:
         return self.recipe.module_weights
-
-
-def check_resources(workers: int, cpus: float, gpus: float) -> None:
-    """Fail before starting anything when the actors cannot fit the cluster."""
-    total = ray.cluster_resources()
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    if gpus > 0 and not any(n.get("GPU", 0.0) >= gpus for n in nodes):
-        raise ResourceError(f"each evaluator asks for {gpus:g} GPU but no node of the cluster has that many "
-                            f"(cluster GPUs: {have_gpu:g}); lower --gpus-per-worker or add GPU nodes")
-    if gpus * workers > have_gpu + 1e-9:
-        raise ResourceError(f"{workers} evaluators × {gpus:g} GPU = {gpus * workers:g} GPUs but the cluster has "
-                            f"{have_gpu:g}; lower --workers or --gpus-per-worker (fractions such as 0.25 share a GPU)")
-    if not any(n.get("CPU", 0.0) >= cpus for n in nodes):
-        raise ResourceError(f"each evaluator asks for {cpus:g} CPUs but no node of the cluster has that many")
-    if cpus * workers > have_cpu + 1e-9:
-        raise ResourceError(f"{workers} evaluators × {cpus:g} CPUs = {cpus * workers:g} CPUs but the cluster has "
-                            f"{have_cpu:g}; lower --workers or --cpus-per-worker")
 
 
 def lorahub_learning_ray(
@@ -130,7 +108,10 @@ def lorahub_learning_ray(
     cpus_per_worker: float | None = None,
     gpus_per_worker: float = 0.0,
     device: str | None = None,
-    scheduler: str | None = None,
+    scheduler=None,
+    searcher=None,
+    callbacks: Sequence = (),
+    max_failures: int = 2,
     asks: int | None = None,
     storage_path: str | None = None,
     resume: str | Path | None = None,
@@ -141,21 +122,24 @@ def lorahub_learning_ray(
     template: str = "plain",
     preselect: int | None = None,
 ) -> RayLoraHubResult:
-    """LoraHub learning on Ray: a portfolio of ``restarts`` (default ``workers``) sequential searches in
-    lockstep over ``workers`` evaluator actors; the lowest objective wins.
+    """LoraHub learning on Ray Tune: a portfolio of ``restarts`` (default ``workers``) sequential searches,
+    one Tune trial each, over ``workers`` evaluator actors; the lowest objective wins.
 
     Arguments as :func:`lorahub_ray.lorahub_learning`, plus: ``address`` (None starts a local Ray;
-    ``"auto"``, ``host:port`` or ``ray://...`` joins a cluster), resources per actor
-    (``cpus_per_worker``, default an equal share of the cluster's CPUs up to 1; ``gpus_per_worker``,
-    fractions share a GPU), ``modules_per_restart`` (a random subset of the hub per restart, the
-    paper's protocol), ``portfolio`` (optimizer names cycled over restarts 1, 2, ...; restart 0 runs
-    ``optimizer``), ``scheduler="asha"`` (halving: stop the worse half of the restarts at rungs),
-    ``asks`` (candidates asked at once per restart, default 1; more trade quality for time),
-    ``storage_path`` (the run's state, default ``<output>.search``) and ``resume`` (the output of an
-    interrupted run: everything else is read from its state). ``preselect=k`` first scores every
-    module alone on the actors (:mod:`lorahub_ray.cluster.screening`) and plans the restarts over
-    the k best (recorded in ``recipe.search["preselect"]``). ``callback(event)`` is called after
-    every evaluation with ``{"run", "restart", "evaluations", "best", "objective"}``.
+    ``"auto"``, ``host:port`` or ``ray://...`` joins a cluster), resources per actor (``cpus_per_worker``,
+    default an equal share of the cluster's CPUs beside the trials, up to 1; ``gpus_per_worker``, fractions
+    share a GPU), ``modules_per_restart`` (a random subset of the hub per restart, the paper's protocol),
+    ``portfolio`` (optimizer names cycled over restarts 1, 2, ...; restart 0 runs ``optimizer``),
+    ``scheduler`` (``"halving"``, ``"asha"``, ``"median"`` or a Tune ``TrialScheduler``; restart 0 is never
+    stopped), ``searcher`` (``"optuna"``, ``"hyperopt"``, ``"nevergrad"``, ``"random"`` or a Tune
+    ``Searcher``: a trial per candidate instead of the portfolio, ``budget`` trials), ``callbacks``
+    (``"tensorboard"``, ``"mlflow"``, ``"wandb"`` or Tune callbacks), ``max_failures`` (restarts of a
+    failed trial from its checkpoint), ``asks`` (candidates asked at once per restart, default 1),
+    ``storage_path`` (the run's state and Tune experiment, default ``<output>.search``; ``s3://`` works)
+    and ``resume`` (the output of an interrupted run: everything else is read from its state, and Tune
+    restores the experiment). ``preselect=k`` first scores every module alone on the actors and plans the
+    restarts over the k best. ``callback(event)`` is called after every evaluation with ``{"run",
+    "restart", "evaluations", "best", "objective", "pid"}`` (``pid``: the trial's process).
     """
     started_at, started = time.time(), now()
     custom = {"optimizer": optimizer if not isinstance(optimizer, str) else None,
@@ -166,42 +150,52 @@ def lorahub_learning_ray(
         base_path = check_base_model(spec.model)
         loaded = [load_module(m["uri"], m["name"], expected_sha256=m["sha256"]) for m in spec.modules]
         check_compatible(loaded)
+        objects = {}  # a Python scheduler or searcher comes back with Tune's experiment
     else:
         spec, loaded, base_path = _new_spec(
             model, modules, examples, output=output, workers=workers, restarts=restarts,
             modules_per_restart=modules_per_restart, portfolio=portfolio, device=device, scheduler=scheduler,
-            cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, storage_path=storage_path,
-            input_field=input_field, output_field=output_field, progress=progress, template=template,
-            preselect=preselect, settings=SearchSettings(budget=budget, optimizer=optimizer, seed=seed, loss=loss, batch_size=batch_size,
+            searcher=searcher, callbacks=callbacks, max_failures=max_failures, cpus_per_worker=cpus_per_worker,
+            gpus_per_worker=gpus_per_worker, storage_path=storage_path, input_field=input_field,
+            output_field=output_field, progress=progress, template=template, preselect=preselect,
+            settings=SearchSettings(budget=budget, optimizer=optimizer, seed=seed, loss=loss, batch_size=batch_size,
                                     regularizer=regularizer, asks=asks or 1))
+        objects = {"scheduler": scheduler, "searcher": searcher, "callbacks": callbacks}
     hashing = ThreadPoolExecutor(1, thread_name_prefix="lorahub-hash")  # the recipe's base hash, while the search runs
     base_sha256 = hashing.submit(base_model_sha256, base_path)
     hashing.shutdown(wait=False)
     started_ray = connect(address)
-    actors = []
+    evaluators = None
     try:
+        trials = spec.workers if spec.searcher is not None else spec.restarts
+        reserved = lorahub_tune.TRIAL_CPUS * trials
         if spec.cpus_per_worker is None:
-            spec.cpus_per_worker = default_cpus_per_worker(spec.workers)
-        check_resources(spec.workers, spec.cpus_per_worker, spec.gpus_per_worker)
+            spec.cpus_per_worker = default_cpus_per_worker(spec.workers, reserved=reserved)
+        check_resources(spec.workers, spec.cpus_per_worker, spec.gpus_per_worker, reserved_cpus=reserved)
         spec.write()
-        run_id = uuid.uuid4().hex[:8]
-        # the driver holds the modules' object ref for the whole run: a restarted actor reads them again
-        actors, modules_ref = _start_evaluators(spec, loaded, run_id, actor_restarts)
-        wait_for_evaluators(actors, ready_timeout)
-        _preselect(spec, actors)
-        outcomes = _search(spec, actors, run_id, progress, callback)
-        del modules_ref  # (held until here)
+        s = spec.settings
+        evaluators = Evaluators(spec.model, loaded, spec.inputs, spec.outputs, workers=spec.workers,
+                                cpus=spec.cpus_per_worker, gpus=spec.gpus_per_worker, device=spec.device,
+                                loss=s.loss, batch_size=s.batch_size, regularizer=s.regularizer,
+                                template=spec.template, actor_restarts=actor_restarts).wait(ready_timeout)
+        free = ray.available_resources().get("CPU", 0.0)
+        if free + 1e-9 < reserved:  # Tune would wait for room for its trials forever, silently
+            raise ResourceError(f"the {trials} trials need {reserved:g} CPU beside the evaluators but the cluster has "
+                                f"{free:g} free; lower --cpus-per-worker")
+        _preselect(spec, evaluators)
+        outcomes, fit_seconds = _tune(spec, evaluators, objects, progress=progress, callback=callback)
     finally:
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
+        if evaluators is not None:
+            evaluators.close()
         if started_ray:
             ray.shutdown()
-    return _finish(spec, loaded, outcomes, started, time.time() - started_at, base_sha256.result())
+    return _finish(spec, loaded, outcomes, started, time.time() - started_at, base_sha256.result(), fit_seconds)
 
 
 def _new_spec(model, modules, examples, *, output, workers, restarts, modules_per_restart, portfolio, device,
-              scheduler, cpus_per_worker, gpus_per_worker, storage_path, input_field, output_field, progress,
-              template: str, preselect: int | None, settings: SearchSettings) -> tuple[RunSpec, list[LoraModule], Path]:
+              scheduler, searcher, callbacks, max_failures, cpus_per_worker, gpus_per_worker, storage_path,
+              input_field, output_field, progress, template: str, preselect: int | None,
+              settings: SearchSettings) -> tuple[RunSpec, list[LoraModule], Path]:
     """Every check before any expensive work, then the modules and the restart plan."""
     if model is None or not modules or examples is None or output is None:
         raise LoraHubError("model, modules, examples and output are required (or resume=DIR)")
@@ -212,7 +206,10 @@ def _new_spec(model, modules, examples, *, output, workers, restarts, modules_pe
     restarts = workers if restarts is None else restarts
     check_ray_options(workers=workers, restarts=restarts, modules_per_restart=modules_per_restart,
                       scheduler=scheduler, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                      portfolio=portfolio)
+                      portfolio=portfolio, searcher=searcher, callbacks=callbacks, max_failures=max_failures)
+    if searcher is not None and (preselect is not None or modules_per_restart is not None or portfolio):
+        raise LoraHubError("a searcher searches all the modules itself: it takes no --preselect, "
+                           "--modules-per-restart or --portfolio")
     storage.check_output(output, marker=RECIPE_FILE)  # a local directory or an s3:// prefix
     output = normalise_output(output)
     root = storage_root(output, storage_path)
@@ -221,40 +218,32 @@ def _new_spec(model, modules, examples, *, output, workers, restarts, modules_pe
     base_path = check_base_model(str(model))  # a wrong model fails here, not in every evaluator
     loaded = load_module_list(modules, progress)
     check_k(preselect, len(loaded))
-    plans = plan_restarts(len(loaded), restarts, seed=settings.seed, optimizer=settings.optimizer_label,
-                          portfolio=list(portfolio) if portfolio else None, modules_per_restart=modules_per_restart)
+    plans = plan_restarts(len(loaded), restarts if searcher is None else 1, seed=settings.seed,
+                          optimizer=settings.optimizer_label, portfolio=list(portfolio) if portfolio else None,
+                          modules_per_restart=modules_per_restart)
     spec = RunSpec(model=str(model), modules=[{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in loaded],
                    inputs=list(data.inputs), outputs=list(data.outputs), output=output, storage=root,
                    settings=settings, workers=workers, plans=plans, portfolio=list(portfolio) if portfolio else None,
                    modules_per_restart=modules_per_restart, cpus_per_worker=cpus_per_worker,
-                   gpus_per_worker=gpus_per_worker, device=device, scheduler=scheduler or "fifo",
+                   gpus_per_worker=gpus_per_worker, device=device, scheduler=_label(scheduler) or "fifo",
+                   searcher=_label(searcher), callbacks=[_label(c) for c in callbacks], max_failures=max_failures,
                    examples=None if data.source is None else str(data.source), template=template,
                    extra={} if preselect is None else {"preselect": {"k": preselect}})
     return spec, loaded, base_path
 
 
-def _start_evaluators(spec: RunSpec, loaded, run_id: str, actor_restarts: int) -> tuple[list, object]:
-    cpus, gpus = spec.cpus_per_worker, spec.gpus_per_worker
-    device = spec.device or ("cuda" if gpus > 0 else "cpu")
-    remote = ray.remote(Evaluator)
-    options = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=actor_restarts, max_task_retries=actor_restarts)
-    modules_ref = ray.put(loaded)  # once into the object store; each actor (and a restarted one) reads it from there
-    s = spec.settings
-    actors = [remote.options(name=f"lorahub-evaluator-{run_id}-{i}", **options).remote(
-        spec.model, modules_ref, spec.inputs, spec.outputs, loss=s.loss, batch_size=s.batch_size,
-        regularizer=s.regularizer, device=device, threads=max(1, int(cpus)), template=spec.template)
-        for i in range(spec.workers)]
-    return actors, modules_ref
+def _label(value) -> str | None:
+    return value if value is None or isinstance(value, str) else type(value).__name__
 
 
-def _preselect(spec: RunSpec, actors: list) -> None:
+def _preselect(spec: RunSpec, evaluators: Evaluators) -> None:
     """With ``preselect``: screen the hub on the actors once (a resumed run keeps its screening), plan
     the restarts over the k best and save both in the run file."""
     asked = spec.extra.get("preselect")
     if asked is None or "chosen" in asked:
         return
     names = [m["name"] for m in spec.modules]
-    screening = screen_on_actors(actors, names, asked["k"])
+    screening = screen_on_actors(evaluators.actors, names, asked["k"])
     s = spec.settings
     spec.plans = plan_restarts(len(names), spec.restarts, seed=s.seed, optimizer=s.optimizer_label,
                                portfolio=spec.portfolio, modules_per_restart=spec.modules_per_restart,
@@ -263,79 +252,59 @@ def _preselect(spec: RunSpec, actors: list) -> None:
     spec.write()
 
 
-def wait_for_evaluators(actors: list, timeout: float) -> None:
-    """Wait until every evaluator has started, or fail once with the cause."""
-    try:
-        ray.get([a.ready.remote() for a in actors], timeout=timeout)
-    except ray.exceptions.GetTimeoutError:
-        raise ResourceError(f"the {len(actors)} evaluators did not start within {timeout:g} s; the cluster may "
-                            "lack the resources they ask for") from None
-    except ray.exceptions.RayActorError as exc:
-        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-        raise SearchFailed(f"an evaluator failed to start: {_root_message(cause)}") from None
+# --- the Tune run -------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _stop_on_signals():
-    """SIGINT and SIGUSR1 ask the search to stop after the current round (its state saved); a second
-    SIGINT interrupts at once. Yields a function telling whether a stop was asked for."""
-    asked: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)}
-
-    def handler(signum, frame):
-        if asked and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        asked.append(signum)
-
-    for sig in previous:
-        signal.signal(sig, handler)
-    try:
-        yield lambda: bool(asked)
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-def _search(spec: RunSpec, actors: list, run_id: str, progress: bool, callback) -> list[RestartOutcome]:
+def _tune(spec: RunSpec, evaluators: Evaluators, objects: dict, *, progress: bool,
+          callback) -> tuple[list[RestartOutcome], float]:
+    """Run (or restore) the Tune experiment of ``spec`` on ``evaluators``: every restart's outcome, and the
+    seconds the Tune run took."""
     s = spec.settings
-    histories, stopped = spec.load_state()
-    optimizers = {s.optimizer_label: s.optimizer}
-    restarts = start_restarts(spec.plans, optimizers, budget=s.budget, asks=s.asks, histories=histories,
-                              stopped=stopped)
+    searcher = None
+    if spec.searcher is not None:
+        candidates = lorahub_tune.CandidateSpec(len(spec.modules), evaluators.names)
+        trainable = lorahub_tune.candidate_trainable(candidates)
+        plan = RestartPlan(restart=0, seed=s.seed, modules=list(range(len(spec.modules))),
+                           optimizer=f"tune:{spec.searcher}")
+        display = RestartsDisplay([plan], s.budget, enabled=progress)
+        searcher = make_searcher(objects.get("searcher") or spec.searcher, candidates.start(), seed=s.seed,
+                                 budget=s.budget, workers=spec.workers)
+        space = lorahub_tune.weight_space(candidates)
+        tune_config = tune.TuneConfig(metric=lorahub_tune.METRIC, mode=lorahub_tune.MODE, search_alg=searcher,
+                                      num_samples=s.budget, reuse_actors=True)
+    else:
+        restarts = lorahub_tune.RestartSpec(spec.plans, s.budget, s.optimizer, evaluators.names, asks=s.asks,
+                                            halving=spec.scheduler == "halving")
+        trainable = lorahub_tune.restart_trainable(restarts)
+        display = RestartsDisplay(spec.plans, s.budget, enabled=progress)
+        space = lorahub_tune.restart_space(restarts)
+        tune_config = tune.TuneConfig(metric=lorahub_tune.METRIC, mode=lorahub_tune.MODE, scheduler=make_scheduler(
+            objects.get("scheduler") or spec.scheduler, s.budget, [p.restart for p in spec.plans]))
+    started = time.perf_counter()
+    grid = lorahub_tune.fit(trainable, space, tune_config, root=spec.storage, name=Path(spec.experiment).name,
+               callbacks=make_callbacks(objects.get("callbacks") or spec.callbacks), max_failures=spec.max_failures,
+               listener=lorahub_tune.Listener(display, callback, evaluators.run_id), restore=bool(spec.resumed))
+    seconds = time.perf_counter() - started  # Tune's part of the run: the search phase
+    _check_finished(grid, spec, getattr(searcher, "error", None))
+    if spec.searcher is not None:
+        return [lorahub_tune.candidate_outcome(grid, candidates, plan, spec.searcher)], seconds
+    return lorahub_tune.restart_outcomes(grid, restarts), seconds
 
-    def save(restarts: list[Restart]) -> None:
-        spec.save_state({r.plan.restart: r.history for r in restarts}, [r.plan.restart for r in restarts if r.stopped])
 
-    with RestartsDisplay(spec.plans, s.budget, enabled=progress) as display:
-        def on_evaluation(r: Restart, e) -> None:
-            display.update(r.plan.restart, len(r.history), r.best, algorithm_name(r.opt))
-            if callback is not None:
-                callback({"run": run_id, "restart": r.plan.restart, "evaluations": len(r.history), "best": r.best,
-                          "objective": e.objective})
-
-        try:
-            with _stop_on_signals() as stop_requested:
-                return run_lockstep(restarts, actors, budget=s.budget, asks=s.asks, halving=spec.scheduler == "asha",
-                                    on_evaluation=on_evaluation, save=save, stop_requested=stop_requested)
-        except (StopRequested, KeyboardInterrupt):
-            save(restarts)
-            raise SearchInterrupted(f"the search was interrupted; its state is saved in {spec.storage}: resume it "
-                                    f"with --resume {spec.output}", spec.output) from None
-        except LoraHubError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the optimizer or an evaluator that keeps failing
-            save(restarts)
-            raise SearchFailed(f"the search failed with {type(exc).__name__}: {_root_message(exc)} (its state up to "
-                               f"the last round is saved: --resume {spec.output})") from exc
-
-
-def _root_message(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None)
-    text = str(cause if cause is not None else exc).strip().splitlines()
-    return text[-1] if text else repr(exc)
+def _check_finished(grid, spec: RunSpec, searcher_error: BaseException | None = None) -> None:
+    """A trial that failed past its retries (or a searcher that raised) fails the run. An interrupted run
+    (Ctrl-C, SIGUSR1) is told by the experiment Tune saved: it holds trials that had not ended."""
+    failed = [r.error for r in grid if r.error is not None]
+    cause = searcher_error if searcher_error is not None else (failed[0] if failed else None)
+    if cause is not None:
+        raise SearchFailed(f"the search failed with {type(cause).__name__}: {root_message(cause)} (its state is "
+                           f"saved: --resume {spec.output})") from cause
+    filesystem, path = storage.arrow_filesystem(spec.experiment)
+    saved = tune.ExperimentAnalysis(path, storage_filesystem=filesystem).trials
+    short = spec.searcher is not None and len(saved) < spec.settings.budget
+    if short or any(t.status not in ("TERMINATED", "ERROR") for t in saved):
+        raise SearchInterrupted(f"the search was interrupted; Tune saved it in {spec.experiment}: resume it with "
+                                f"--resume {spec.output}", spec.output)
 
 
 def describe_restarts(outcomes: list[RestartOutcome], names: list[str]) -> list[dict]:
@@ -345,26 +314,32 @@ def describe_restarts(outcomes: list[RestartOutcome], names: list[str]) -> list[
              "finished": o.finished} for o in outcomes]
 
 
+def describe_search(spec: RunSpec, outcomes: list[RestartOutcome], best: RestartOutcome, **more) -> dict:
+    """``recipe.search`` of a Tune search."""
+    return {"backend": "tune", "experiment": spec.experiment, "workers": spec.workers, "asks": spec.settings.asks,
+            "modules_per_restart": spec.modules_per_restart, "portfolio": spec.portfolio,
+            "scheduler": spec.scheduler, "searcher": spec.searcher, "cpus_per_worker": spec.cpus_per_worker,
+            "gpus_per_worker": spec.gpus_per_worker, "storage": spec.storage, "best_restart": best.restart,
+            "resumed": spec.resumed, **more,
+            **({"preselect": spec.extra["preselect"]} if "preselect" in spec.extra else {}),
+            "restarts": describe_restarts(outcomes, [m["name"] for m in spec.modules])}
+
+
 def _finish(spec: RunSpec, loaded, outcomes: list[RestartOutcome], started: str, seconds: float,
-            base_sha256: str) -> RayLoraHubResult:
+            base_sha256: str, fit_seconds: float) -> RayLoraHubResult:
     best = best_outcome(outcomes)
     indices, weights = best.canonical()
     chosen = [loaded[i] for i in indices]
     base, tokenizer, _ = load_base_model(spec.model, device=spec.device or "cpu")
     composer = LoraComposer(base, chosen)
-    search = {"backend": "ray", "workers": spec.workers, "asks": spec.settings.asks,
-              "modules_per_restart": spec.modules_per_restart, "portfolio": spec.portfolio,
-              "scheduler": spec.scheduler, "cpus_per_worker": spec.cpus_per_worker,
-              "gpus_per_worker": spec.gpus_per_worker, "storage": spec.storage, "best_restart": best.restart,
-              "seconds": seconds, **({"preselect": spec.extra["preselect"]} if "preselect" in spec.extra else {}),
-              "restarts": describe_restarts(outcomes, [m.name for m in loaded])}
     recipe = make_recipe(model=spec.model, base_sha256=base_sha256, modules=chosen, weights=weights,
                          objective=best.objective, optimizer=best.plan.optimizer, algorithm=best.algorithm,
                          seed=best.plan.seed, settings=spec.settings, merge_method=composer.merge_method,
-                         num_examples=len(spec.inputs), started=started, search=search, template=spec.template)
+                         num_examples=len(spec.inputs), started=started,
+                         search=describe_search(spec, outcomes, best, seconds=seconds, fit_seconds=fit_seconds),
+                         template=spec.template)
     merged = composer.merge_and_unload(weights)
     out = write_output(spec.output, recipe, merged, tokenizer, history=(outcomes, loaded),
                        extra=lambda directory: plot_search(directory / PLOT_FILE, outcomes, recipe))
     return RayLoraHubResult(recipe=recipe, restarts=outcomes, best=best, model=merged, tokenizer=tokenizer, output=out,
-                            storage=spec.storage, seconds=seconds)
-
+                            storage=spec.storage, seconds=seconds, experiment=spec.experiment)

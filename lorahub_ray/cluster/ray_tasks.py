@@ -1,14 +1,15 @@
-"""The paper's protocol on Ray: many tasks, each a portfolio of restarts, on ONE set of evaluator actors.
+"""The paper's protocol on Ray: many tasks, each a portfolio of restarts as Tune trials, on ONE set of
+evaluator actors.
 
 :class:`RayRunner` is a :class:`~lorahub_ray.core.protocol.TaskRunner` for
-:func:`~lorahub_ray.core.protocol.run_tasks`. Its ``W`` :class:`~lorahub_ray.cluster.evaluators.Evaluator`
-actors load the base model and the whole hub once for all tasks; a task hands them its examples
-(``Evaluator.set_examples``, tokenised there), is screened with ``preselect``
-(:mod:`lorahub_ray.cluster.screening`), and runs the Ray search's portfolio of restarts in lockstep
-(:mod:`lorahub_ray.cluster.restarts`, the plans of :func:`lorahub_ray.core.portfolio.plan_restarts`),
-so that each task gets what :func:`~lorahub_ray.cluster.ray_search.lorahub_learning_ray` gives it
-alone. The driver holds one base model and the hub too, to merge each task's winner into a copy.
-``DIR/<task>/`` and ``DIR/summary.json`` are written by :func:`run_tasks`, as on the local path.
+:func:`~lorahub_ray.core.protocol.run_tasks`. Its ``W`` :class:`~lorahub_ray.cluster.evaluators.Evaluators`
+load the base model and the whole hub once for all tasks; a task hands them its examples (tokenised
+there), is screened with ``preselect`` (:mod:`lorahub_ray.cluster.screening`), and runs the Ray search's
+portfolio (the plans of :func:`lorahub_ray.core.portfolio.plan_restarts`) as one Tune experiment,
+``<output>.search/<task>``, a trial per restart (:mod:`lorahub_ray.cluster.tune`), so that each task gets
+what :func:`~lorahub_ray.cluster.ray_search.lorahub_learning_ray` gives it alone. The driver holds one
+base model and the hub too, to merge each task's winner into a copy. ``DIR/<task>/`` and
+``DIR/summary.json`` are written by :func:`run_tasks`, as on the local path.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import contextlib
 from collections.abc import Callable, Sequence
 
 import ray
+from ray import tune
 
+from lorahub_ray.cluster import tune as lorahub_tune
 from lorahub_ray.cluster.connect import connect, default_cpus_per_worker
-from lorahub_ray.cluster.evaluators import Evaluator
-from lorahub_ray.cluster.ray_search import check_resources, describe_restarts, wait_for_evaluators
-from lorahub_ray.cluster.restarts import run_lockstep, start_restarts
-from lorahub_ray.cluster.run_spec import check_ray_options
+from lorahub_ray.cluster.evaluators import Evaluators, SearchFailed, check_resources, root_message
+from lorahub_ray.cluster.ray_search import describe_restarts
+from lorahub_ray.cluster.run_spec import STORAGE_SUFFIX, check_ray_options, normalise_output
 from lorahub_ray.cluster.screening import screen_on_actors
 from lorahub_ray.core.compose import LoraComposer
 from lorahub_ray.core.families import check_template
@@ -39,17 +41,34 @@ from lorahub_ray.evaluation.evaluate import list_data_files, task_name
 from lorahub_ray.io.examples import Examples
 
 
+class _TaskProgress:
+    """The protocol's progress bar as a restarts display: one step per finished restart."""
+
+    def __init__(self, task: str, restarts: int, budget: int, advance: Callable[..., None]):
+        self.task, self.restarts, self.budget, self.advance = task, restarts, budget, advance
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def update(self, restart: int, evaluations: int, best: float, algorithm: str = "") -> None:
+        if evaluations == self.budget:
+            self.advance(info=f"{self.task}: restart {restart + 1}/{self.restarts} done, best {best:.4f}")
+
+
 class RayRunner:
     """Restarts of every task on one set of Ray evaluator actors (see the module docstring). Close it
     (or use it as a context manager) to end its actors and the Ray it started."""
 
-    def __init__(self, modules: Sequence[LoraModule], *, model: str, device: str | None = None, budget: int = 40,
-                 optimizer: str = "NGOpt", seed: int = 42, restarts: int | None = None,
+    def __init__(self, modules: Sequence[LoraModule], *, model: str, storage: str, device: str | None = None,
+                 budget: int = 40, optimizer: str = "NGOpt", seed: int = 42, restarts: int | None = None,
                  modules_per_restart: int | None = None, preselect: int | None = None, loss="reference",
                  batch_size: int | None = None, regularizer: Callable = l1_regularization, workers: int = 2,
                  portfolio: Sequence[str] | None = None, asks: int | None = None, address: str | None = None,
                  cpus_per_worker: float | None = None, gpus_per_worker: float = 0.0, template: str = "plain",
-                 actor_restarts: int = 3, ready_timeout: float = 600.0):
+                 actor_restarts: int = 3, ready_timeout: float = 600.0, max_failures: int = 2):
         self.settings = SearchSettings(budget=budget, optimizer=optimizer, seed=seed, loss=loss,
                                        batch_size=batch_size, regularizer=regularizer, asks=asks or 1)
         self.settings.check()
@@ -57,38 +76,36 @@ class RayRunner:
         self.restarts = workers if restarts is None else restarts
         check_ray_options(workers=workers, restarts=self.restarts, modules_per_restart=modules_per_restart,
                           scheduler=None, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                          portfolio=portfolio)
+                          portfolio=portfolio, max_failures=max_failures)
         check_k(preselect, len(modules))
-        self.modules, self.model, self.template = list(modules), str(model), template
-        self.workers, self.portfolio = workers, list(portfolio) if portfolio else None
+        self.modules, self.model, self.template, self.storage = list(modules), str(model), template, storage
+        self.workers, self.portfolio, self.max_failures = workers, list(portfolio) if portfolio else None, max_failures
         self.modules_per_restart, self.preselect = modules_per_restart, preselect
         self.gpus_per_worker, self.device = gpus_per_worker, device or ("cuda" if gpus_per_worker > 0 else "cpu")
         base_path = check_base_model(self.model)
-        self.actors: list = []
+        self.evaluators: Evaluators | None = None
         self.started_ray = connect(address)
         try:
-            self.cpus_per_worker = cpus_per_worker or default_cpus_per_worker(workers)
-            check_resources(workers, self.cpus_per_worker, gpus_per_worker)
-            self.modules_ref = ray.put(self.modules)  # held while the runner lives: a restarted actor reads it
-            remote = ray.remote(Evaluator).options(num_cpus=self.cpus_per_worker, num_gpus=gpus_per_worker,
-                                                   max_restarts=actor_restarts, max_task_retries=actor_restarts)
+            reserved = lorahub_tune.TRIAL_CPUS * self.restarts
+            self.cpus_per_worker = cpus_per_worker or default_cpus_per_worker(workers, reserved=reserved)
+            check_resources(workers, self.cpus_per_worker, gpus_per_worker, reserved_cpus=reserved)
             s = self.settings
-            self.actors = [remote.remote(self.model, self.modules_ref, loss=s.loss, batch_size=s.batch_size,
-                                         regularizer=s.regularizer, device=self.device,
-                                         threads=max(1, int(self.cpus_per_worker)), template=template)
-                           for _ in range(workers)]
+            self.evaluators = Evaluators(self.model, self.modules, workers=workers, cpus=self.cpus_per_worker,
+                                         gpus=gpus_per_worker, device=self.device, loss=s.loss,
+                                         batch_size=s.batch_size, regularizer=s.regularizer, template=template,
+                                         actor_restarts=actor_restarts)
             base, self.tokenizer, _ = load_base_model(self.model, device=device or "cpu")  # while the actors start
             self.composer = LoraComposer(base, self.modules)
             self.base_sha256 = base_model_sha256(base_path)
-            wait_for_evaluators(self.actors, ready_timeout)
+            self.evaluators.wait(ready_timeout)
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        self.actors = []
+        if self.evaluators is not None:
+            self.evaluators.close()
+            self.evaluators = None
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False
@@ -101,21 +118,23 @@ class RayRunner:
 
     def search(self, task: str, examples: Examples, advance: Callable[..., None]) -> protocol.TaskSearch:
         started, s = now(), self.settings
-        ray.get([a.set_examples.remote(list(examples.inputs), list(examples.outputs)) for a in self.actors])
+        self.evaluators.set_examples(examples.inputs, examples.outputs)
         screening = None
         if self.preselect is not None:
-            screening = screen_on_actors(self.actors, [m.name for m in self.modules], self.preselect)
+            screening = screen_on_actors(self.evaluators.actors, [m.name for m in self.modules], self.preselect)
         plans = plan_restarts(len(self.modules), self.restarts, seed=s.seed, optimizer=s.optimizer_label,
                               portfolio=self.portfolio, modules_per_restart=self.modules_per_restart,
                               candidates=screening.chosen if screening is not None else None,
                               start_ranking=screening.ranking() if screening is not None else None)
-        restarts = start_restarts(plans, {s.optimizer_label: s.optimizer}, budget=s.budget, asks=s.asks)
-
-        def on_evaluation(r, e) -> None:
-            if len(r.history) == s.budget:
-                advance(info=f"{task}: restart {r.plan.restart + 1}/{self.restarts} done, best {r.best:.4f}")
-
-        outcomes = run_lockstep(restarts, self.actors, budget=s.budget, asks=s.asks, on_evaluation=on_evaluation)
+        spec = lorahub_tune.RestartSpec(plans, s.budget, s.optimizer, self.evaluators.names, asks=s.asks)
+        grid = lorahub_tune.fit(lorahub_tune.restart_trainable(spec), lorahub_tune.restart_space(spec),
+                   tune.TuneConfig(metric=lorahub_tune.METRIC, mode=lorahub_tune.MODE), root=self.storage,
+                   name=task, max_failures=self.max_failures,
+                   listener=lorahub_tune.Listener(_TaskProgress(task, self.restarts, s.budget, advance), None, task))
+        failed = [r.error for r in grid if r.error is not None]
+        if failed:
+            raise SearchFailed(f"the search failed with {type(failed[0]).__name__}: {root_message(failed[0])}")
+        outcomes = lorahub_tune.restart_outcomes(grid, spec)
         return protocol.TaskSearch(outcomes, screening, started)
 
     def write(self, task: str, examples: Examples, search: protocol.TaskSearch, output: str) -> str:
@@ -124,7 +143,7 @@ class RayRunner:
         whole = indices == list(range(len(self.modules)))
         with contextlib.nullcontext() if whole else self.composer.restrict(indices):
             merged = protocol.merged_copy(self.composer, weights)
-        described = {"backend": "ray", "task": task, "workers": self.workers, "asks": self.settings.asks,
+        described = {"backend": "tune", "experiment": f"{self.storage.rstrip('/')}/{task}", "task": task, "workers": self.workers, "asks": self.settings.asks,
                      "modules_per_restart": self.modules_per_restart, "portfolio": self.portfolio,
                      "scheduler": "fifo", "cpus_per_worker": self.cpus_per_worker,
                      "gpus_per_worker": self.gpus_per_worker, "best_restart": best.restart,
@@ -155,7 +174,8 @@ def lorahub_tasks_ray(model: str, modules, tasks: str, *, output: str, workers: 
 
     def make_runner(loaded, **chosen) -> RayRunner:
         runners.append(RayRunner(loaded, workers=workers, portfolio=portfolio, asks=asks, address=address,
-                                 cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, **chosen))
+                                 cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                                 storage=normalise_output(output) + STORAGE_SUFFIX, **chosen))
         return runners[-1]
 
     try:

@@ -2,9 +2,10 @@
 
 :class:`RunSpec` is built once from the user's arguments (checked by the same
 :class:`~lorahub_ray.core.settings.SearchSettings` as the local search, plus the Ray-only checks in
-:func:`check_ray_options`), written as ``lorahub-run.json`` into the run's storage directory
-(default ``<output>.search``, beside the output; on S3 for an ``s3://`` output) and read back by
-``--resume``, with the restarts' histories saved after every round in ``restarts.json``.
+:func:`check_ray_options`) and written as ``lorahub-run.json`` into the run's storage directory
+(default ``<output>.search``, beside the output; on S3 for an ``s3://`` output). Ray Tune keeps the
+search itself beside it, as the experiment ``<storage>/search`` (:attr:`RunSpec.experiment`): its trials,
+their reported results and checkpoints. ``--resume`` reads the spec back and restores that experiment.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from pathlib import Path
 import fsspec
 
 from lorahub_ray.core.portfolio import RestartPlan
-from lorahub_ray.core.search import Evaluation, check_optimizer
+from lorahub_ray.cluster.tune_options import check_callbacks, check_scheduler, check_searcher
+from lorahub_ray.core.search import check_optimizer
 from lorahub_ray.core.settings import SearchSettings
 from lorahub_ray.errors import LoraHubError
 from lorahub_ray.io import storage
 
 RUN_FILE = "lorahub-run.json"
-STATE_FILE = "restarts.json"
 STORAGE_SUFFIX = ".search"
-SCHEDULERS = ("fifo", "asha")
+EXPERIMENT = "search"  # the Tune experiment's name, under the storage directory
 
 
 @dataclass
@@ -34,7 +35,7 @@ class RunSpec:
     inputs: list[str]
     outputs: list[str]
     output: str  # normalised: an absolute local path or an s3:// URI without a trailing slash
-    storage: str  # where lorahub-run.json and restarts.json live
+    storage: str  # where lorahub-run.json and the Tune experiment live
     settings: SearchSettings
     workers: int
     plans: list[RestartPlan]
@@ -44,6 +45,9 @@ class RunSpec:
     gpus_per_worker: float = 0.0
     device: str | None = None
     scheduler: str = "fifo"
+    searcher: str | None = None  # a Tune search algorithm: a candidate per trial instead of a restart per trial
+    callbacks: list[str] = field(default_factory=list)  # Tune's tracking callbacks, by name
+    max_failures: int = 2  # restarts of a failed trial, from its last checkpoint (Tune's FailureConfig)
     examples: str | None = None  # the few-shot file, when they came from one
     template: str = "plain"  # how inputs become prompts (lorahub_ray.core.families)
     resumed: int = 0
@@ -52,6 +56,11 @@ class RunSpec:
     @property
     def restarts(self) -> int:
         return len(self.plans)
+
+    @property
+    def experiment(self) -> str:
+        """Where Tune keeps the search: a local path or an ``s3://`` URI."""
+        return self.storage.rstrip("/") + "/" + EXPERIMENT
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -68,29 +77,23 @@ class RunSpec:
     def write(self) -> None:
         write_text(self.storage, RUN_FILE, json.dumps(self.to_json(), indent=2))
 
-    def save_state(self, histories: dict[int, list[Evaluation]], stopped: list[int]) -> None:
-        state = {"histories": {str(r): [asdict(e) for e in h] for r, h in histories.items()}, "stopped": stopped}
-        write_text(self.storage, STATE_FILE, json.dumps(state))
 
-    def load_state(self) -> tuple[dict[int, list[Evaluation]], list[int]]:
-        text = read_text(self.storage, STATE_FILE)
-        if text is None:
-            return {}, []
-        state = json.loads(text)
-        histories = {int(r): [Evaluation(**e) for e in h] for r, h in state["histories"].items()}
-        return histories, list(state["stopped"])
-
-
-def check_ray_options(*, workers: int, restarts: int, modules_per_restart: int | None, scheduler: str | None,
-                      cpus_per_worker: float | None, gpus_per_worker: float, portfolio) -> None:
+def check_ray_options(*, workers: int, restarts: int, modules_per_restart: int | None, scheduler,
+                      cpus_per_worker: float | None, gpus_per_worker: float, portfolio, searcher=None,
+                      callbacks=(), max_failures: int = 0) -> None:
     """The Ray search's own checks (the search's settings are :meth:`SearchSettings.check`'s)."""
     for name, value in (("workers", workers), ("restarts", restarts)):
         if value < 1:
             raise LoraHubError(f"{name} must be at least 1, got {value}")
     if modules_per_restart is not None and modules_per_restart < 1:
         raise LoraHubError(f"modules per restart must be at least 1, got {modules_per_restart}")
-    if scheduler not in (None, *SCHEDULERS):
-        raise LoraHubError(f"unknown scheduler {scheduler!r}; choose 'asha' (halving of the restarts) or 'fifo'")
+    if max_failures < 0:
+        raise LoraHubError(f"max failures must not be negative, got {max_failures}")
+    check_scheduler(scheduler)
+    check_searcher(searcher)
+    check_callbacks(callbacks)
+    if searcher is not None and scheduler not in (None, "fifo"):
+        raise LoraHubError("a searcher runs one candidate per trial: a scheduler of restarts does not apply to it")
     if cpus_per_worker is not None and cpus_per_worker <= 0:
         raise LoraHubError(f"cpus per worker must be positive, got {cpus_per_worker}")
     if gpus_per_worker < 0:
