@@ -11,8 +11,11 @@ draws) until there are T. ``--world flan-t5-base`` runs the same on a randomly i
 Flan-T5-base (248 M parameters, ``benchmarks/common.py``) with 20 random rank-16 modules on q and v, the paper's
 20 modules per restart, and T tasks of 5 examples each (the common examples, rotated per task).
 
+``--against DIR`` runs the Ray side once more with another checkout of the package (e.g. the last commit with the
+driver loop, before the search moved onto Ray Tune), in its own process, and prints the ratio of the two.
+
 Run: ``python benchmarks/protocol_throughput.py [--world default|flan-t5-base] [--tasks 4] [--restarts 5]
-[--modules-per-restart 5]`` from the repository root (needs ``pip install lorahub==0.1.0``).
+[--modules-per-restart 5] [--against DIR]`` from the repository root (needs ``pip install lorahub==0.1.0``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +39,30 @@ from lorahub_ray.core.portfolio import plan_restarts  # noqa: E402
 from lorahub_ray.core.protocol import run_protocol  # noqa: E402
 from lorahub_ray.demo.world import build_default_hub  # noqa: E402
 from lorahub_ray.io.examples import read_examples, write_jsonl  # noqa: E402
+
+
+# the Ray side with another checkout of the package, in its own process (its own local Ray, as ours)
+AGAINST = r"""
+import json, sys, time
+from lorahub_ray.cluster.ray_tasks import lorahub_tasks_ray
+args = json.loads(sys.argv[1])
+start = time.perf_counter()
+summary = lorahub_tasks_ray(args["base"], args["modules"], args["tasks"], output=args["output"], workers=args["workers"],
+                            restarts=args["restarts"], budget=args["budget"], seed=args["seed"],
+                            modules_per_restart=args["per_restart"], progress=False)
+print("RESULT " + json.dumps({"seconds": time.perf_counter() - start,
+                              "best": {r["task"]: r["objective"] for r in summary["tasks"]}}))
+"""
+
+
+def against(checkout: str, args: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(Path(checkout).resolve()))
+    done = subprocess.run([sys.executable, "-c", AGAINST, json.dumps(args)], env=env, capture_output=True, text=True,
+                          timeout=7200)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"the run with {checkout} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 def make_tasks(hub, count: int, root: Path) -> list[tuple[str, str]]:
@@ -117,6 +145,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=40)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--workers", type=int, default=2, help="the Ray side's evaluator actors (0: leave it out)")
+    parser.add_argument("--against", help="another checkout of the package: its Ray side beside ours")
     args = parser.parse_args()
     import lorahub.algorithm  # noqa: F401  (imported before either side is timed)
 
@@ -155,6 +184,11 @@ def main() -> None:
                                             seed=args.seed, modules_per_restart=args.modules_per_restart,
                                             progress=False)
             ray_seconds = time.perf_counter() - start
+            if args.against:
+                other = against(args.against, {"base": base, "modules": modules, "tasks": str(tmp / "tasks"),
+                                               "output": str(tmp / "against"), "workers": args.workers,
+                                               "restarts": args.restarts, "budget": args.budget, "seed": args.seed,
+                                               "per_restart": args.modules_per_restart})
         ref_seconds, ref_best = reference(files, ref_modules, base, restarts=args.restarts,
                                           per_restart=args.modules_per_restart, budget=args.budget, seed=args.seed)
 
@@ -168,6 +202,10 @@ def main() -> None:
         print(f"ours on Ray, W={args.workers} (Ray start, actors, {len(files)} tasks, outputs): {ray_seconds:.1f} s "
               f"(Ray and actor start-up, loading {ray_seconds - ray_tasks:.1f} s, tasks {ray_tasks:.1f} s)")
         print(f"ours on Ray ÷ reference: {ray_seconds / ref_seconds:.3f} (goal <= 0.5)")
+        if args.against:
+            print(f"ours on Ray ÷ the same with {args.against}: {ray_seconds:.1f} / {other['seconds']:.1f} = "
+                  f"{ray_seconds / other['seconds']:.3f}; best objectives there: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in other["best"].items()))
         ray_best = {r["task"]: r["objective"] for r in ray_summary["tasks"]}
     print("\n| task | ours: best objective | ours on Ray | reference: best objective evaluated | ours: seconds |")
     print("|---|---|---|---|---|")

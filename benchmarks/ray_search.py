@@ -1,18 +1,19 @@
-"""The Ray search (a portfolio of restarts in lockstep) against one bare evaluation, one sequential
-search and the reference ``lorahub`` 0.1.0.
+"""The search on Ray Tune (a trial per restart over model-holding actors) against one bare evaluation, one
+sequential search, the driver loop it replaced and the reference ``lorahub`` 0.1.0.
 
 A Flan-T5-base-shaped random model (d_model 768, 12+12 layers), K=20 rank-16 LoRA modules, 5 examples,
 budget 40 per restart, all built offline. Printed as ratios measured side by side in one run:
 
-* orchestration overhead: search-phase wall time ÷ (rounds × the busiest actor's candidates per round ×
-  one bare evaluation on an actor), goal ≤ 1.10;
-* the portfolio's search phase (W restarts on W actors) ÷ one sequential search (1 restart, 1 actor):
-  goal close to 1 (the portfolio buys more search, not more time);
-* lockstep sharing: 2·W restarts on W actors (each actor's 2 candidates of a round in one call, sharing
-  forward passes) ÷ W restarts, per round;
-* our wall time (loading included, Ray start excluded) ÷ the reference's.
+* orchestration overhead: the Tune run (``Tuner.fit``, trial start-up, reports and checkpoints included) ÷
+  (budget × one bare evaluation on an actor), goal ≤ 1.10;
+* the portfolio (W restarts on W actors) ÷ one sequential search (1 restart, 1 actor): goal close to 1;
+* with ``--against DIR`` (a checkout of the last commit with the driver loop, e.g. ``git worktree add
+  /tmp/loop 213eb23``): the Tune search phase ÷ the driver loop's search phase on the same world, goal ≤ 1.10;
+* shared forward passes: what 2 candidates in one call cost against 2 calls (the most a barrier across trials
+  could save), and 2·W restarts on W actors as independent trials ÷ W restarts;
+* our wall time (loading and outputs included, Ray's start excluded) ÷ the reference's.
 
-Run: ``python benchmarks/ray_search.py [--workers 2] [--budget 40]`` from the repository root.
+Run: ``python benchmarks/ray_search.py [--workers 2] [--budget 40] [--against DIR]`` from the repository root.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +31,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# the same search with another checkout of the package (run in its own process and Ray)
+AGAINST = r"""
+import json, os, sys, time
+import ray
+from lorahub_ray.cluster.ray_search import lorahub_learning_ray
+args = json.loads(sys.argv[1])
+ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+out = {}
+for restarts in (args["workers"], 2 * args["workers"]):
+    result = lorahub_learning_ray(args["base"], args["modules"], (args["inputs"], args["outputs"]),
+                                  output=f"{args['root']}/loop-{restarts}", workers=args["workers"], restarts=restarts,
+                                  budget=args["budget"], progress=False)
+    out[restarts] = {"search": max(e.wall for o in result.restarts for e in o.history),
+                     "objective": result.recipe.objective}
+print("RESULT " + json.dumps(out))
+"""
 
 
 def build(root: Path, k: int, rank: int) -> tuple[Path, list[Path]]:
@@ -68,9 +88,9 @@ def reference(base: Path, modules: list[Path], inputs, outputs, budget: int):
     best = []
     original = ref.get_score
 
-    def traced(weights, *args, **kwargs):  # record (time, objective) to read the best-so-far curve
+    def traced(weights, *args, **kwargs):
         value = original(weights, *args, **kwargs)
-        best.append((time.perf_counter(), value))
+        best.append(value)
         return value
 
     ref.get_score = traced
@@ -80,7 +100,17 @@ def reference(base: Path, modules: list[Path], inputs, outputs, budget: int):
                              model_name_or_path=str(base), batch_size=None, seed=42)
     finally:
         ref.get_score = original
-    return time.perf_counter() - start, min(v for _, v in best), [(t - start, v) for t, v in best]
+    return time.perf_counter() - start, min(best)
+
+
+def against(checkout: str, args: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(Path(checkout).resolve()))
+    done = subprocess.run([sys.executable, "-c", AGAINST, json.dumps(args)], env=env, capture_output=True, text=True,
+                          timeout=3600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"the run with {checkout} failed:\n{done.stderr[-3000:]}")
+    return {int(k): v for k, v in json.loads(lines[-1].removeprefix("RESULT ")).items()}
 
 
 def main() -> None:
@@ -89,64 +119,80 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=40)
     parser.add_argument("--modules", type=int, default=20)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--against", help="a checkout of the driver-loop version, to compare search phases")
     args = parser.parse_args()
 
     import ray
 
     import lorahub_ray as lr
     from helpers import EXAMPLES
-    from lorahub_ray.cluster.evaluators import Evaluator
+    from lorahub_ray.cluster.evaluators import Evaluators
     from lorahub_ray.cluster.ray_search import lorahub_learning_ray
 
     inputs = [e["input"] for e in EXAMPLES]
     outputs = [e["output"] for e in EXAMPLES]
-    W = args.workers
+    W, budget = args.workers, args.budget
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base, modules = build(root, args.modules, args.rank)
-        loaded = lr.load_modules([str(m) for m in modules])
         print(f"model: T5 d_model 768, 12+12 layers; {args.modules} rank-{args.rank} modules; 5 examples; "
-              f"budget {args.budget} per restart; {os.cpu_count()} cores", flush=True)
+              f"budget {budget} per restart; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}",
+              flush=True)
+        loop = None
+        if args.against:
+            loop = against(args.against, {"base": str(base), "modules": [str(m) for m in modules], "inputs": inputs,
+                                          "outputs": outputs, "root": tmp, "workers": W, "budget": budget})
+        loaded = lr.load_modules([str(m) for m in modules])
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
                  log_to_driver=False)
 
         def ours(name: str, workers: int, restarts: int):
             start = time.perf_counter()
             result = lorahub_learning_ray(str(base), loaded, (inputs, outputs), output=root / name, workers=workers,
-                                          restarts=restarts, budget=args.budget, progress=False)
-            wall = time.perf_counter() - start
-            search = max(e.wall for o in result.restarts for e in o.history)
-            return result, wall, search
+                                          restarts=restarts, budget=budget, progress=False)
+            return result, time.perf_counter() - start, result.recipe.search["fit_seconds"]
 
-        portfolio, wall, search = ours("portfolio", W, W)
+        portfolio, wall, fit = ours("portfolio", W, W)
         cpus = portfolio.recipe.search["cpus_per_worker"]
-        # one bare objective evaluation, on an actor with the same resources as the search's
-        actor = ray.remote(Evaluator).options(num_cpus=cpus).remote(
-            str(base), ray.put(loaded), inputs, outputs, loss="reference", batch_size=None,
-            regularizer=lr.l1_regularization, device="cpu", threads=max(1, int(cpus)))
-        zero, everything = [[0.0] * len(loaded)], [list(range(len(loaded)))]
-        ray.get(actor.evaluate_subsets.remote(zero, everything))
-        start = time.perf_counter()
-        for _ in range(5):
-            ray.get(actor.evaluate_subsets.remote(zero, everything))
-        bare = (time.perf_counter() - start) / 5
-        ray.kill(actor)
-        _, wall_one, search_one = ours("sequential", 1, 1)
-        doubled, _, search_doubled = ours("doubled", W, 2 * W)
-        ray.shutdown()
-        ref_wall, ref_best, _ = reference(base, modules, inputs, outputs, args.budget)
+        with Evaluators(str(base), loaded, inputs, outputs, workers=1, cpus=cpus) as pool:  # the search's actors
+            pool.wait()
+            actor = pool.actors[0]
+            zero, everything = [0.0] * len(loaded), list(range(len(loaded)))
 
-    rounds = args.budget
+            def calls(n: int, per_call: int) -> float:
+                start = time.perf_counter()
+                for _ in range(n):
+                    ray.get(actor.evaluate_subsets.remote([zero] * per_call, [everything] * per_call))
+                return time.perf_counter() - start
+
+            calls(1, 1)
+            singles, pairs = [], []
+            for _ in range(5):  # interleaved: the machine's load falls on both alike
+                singles.append(calls(2, 1))
+                pairs.append(calls(1, 2))
+            bare, pair = statistics.median(singles) / 2, statistics.median(pairs)
+        _, wall_one, fit_one = ours("sequential", 1, 1)
+        doubled, _, fit_doubled = ours("doubled", W, 2 * W)
+        ray.shutdown()
+        ref_wall, ref_best = reference(base, modules, inputs, outputs, budget)
+
     print(f"one bare evaluation on an actor ({cpus:g} CPU, one call from the driver): {bare:.3f} s")
-    print(f"portfolio W={W}: {W} restarts ({'/'.join(o.algorithm for o in portfolio.restarts)}), search phase "
-          f"{search:.1f} s for {rounds} rounds; objective {portfolio.recipe.objective:.4f} (restart "
+    print(f"Tune portfolio W={W}: {W} restarts ({'/'.join(o.algorithm for o in portfolio.restarts)}), Tune run "
+          f"{fit:.1f} s for {budget} evaluations each; objective {portfolio.recipe.objective:.4f} (restart "
           f"{portfolio.best.restart} won; restart 0 {portfolio.restarts[0].objective:.4f})")
-    print(f"overhead ratio  search / (rounds × bare) = {search / (rounds * bare):.2f}   (goal ≤ 1.10)")
-    print(f"portfolio search phase ÷ one sequential search on 1 actor = {search:.1f} / {search_one:.1f} = "
-          f"{search / search_one:.2f}   (goal close to 1)")
-    print(f"lockstep sharing: {2 * W} restarts on {W} actors, search phase {search_doubled:.1f} s vs {search:.1f} s "
-          f"with {W}: {search_doubled / search:.2f} for twice the candidates (2 per actor per round share passes); "
-          f"objective {doubled.recipe.objective:.4f}")
+    print(f"overhead ratio  Tune run / (budget × bare) = {fit / (budget * bare):.2f}   (goal ≤ 1.10)")
+    print(f"portfolio Tune run ÷ one sequential search on 1 actor = {fit:.1f} / {fit_one:.1f} = {fit / fit_one:.2f}"
+          "   (goal close to 1)")
+    if loop is not None:
+        print(f"Tune search phase ÷ the driver loop's ({args.against}), W={W} restarts: {fit:.1f} / "
+              f"{loop[W]['search']:.1f} = {fit / loop[W]['search']:.2f}   (goal ≤ 1.10); objectives "
+              f"{portfolio.recipe.objective:.4f} and {loop[W]['objective']:.4f}")
+        print(f"  with {2 * W} restarts (the loop shares passes in lockstep, Tune's trials are independent): "
+              f"{fit_doubled:.1f} / {loop[2 * W]['search']:.1f} = {fit_doubled / loop[2 * W]['search']:.2f}")
+    print(f"shared passes: 2 candidates in one call {pair:.3f} s against 2 calls {2 * bare:.3f} s: "
+          f"{pair / (2 * bare):.2f} per candidate (the most a barrier across trials could save)")
+    print(f"{2 * W} restarts on {W} actors as independent trials: Tune run {fit_doubled:.1f} s vs {fit:.1f} s with "
+          f"{W}: {fit_doubled / fit:.2f} for twice the candidates; objective {doubled.recipe.objective:.4f}")
     print(f"wall time ours (W={W}, loading and output included) {wall:.1f} s, one sequential {wall_one:.1f} s; "
           f"reference lorahub 0.1.0 {ref_wall:.1f} s (best {ref_best:.4f}): ratio {wall / ref_wall:.2f}")
 

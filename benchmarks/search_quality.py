@@ -3,8 +3,11 @@ held-out accuracy means something): objective and held-out accuracy per task, si
 
 * ``reference``: lorahub 0.1.0's ``lorahub_learning`` (NGOpt, one process);
 * ``one process``: ``lorahub_ray.lorahub_learning``;
-* ``W=2 portfolio``: ``lorahub_learning_ray(workers=2)``, the default (2 restarts in lockstep, 1 ask each);
-* ``W=2 asks=2``: ``lorahub_learning_ray(workers=2, restarts=1, asks=2)``, the old default.
+* ``W=2 portfolio``: ``lorahub_learning_ray(workers=2)``, the default (2 restarts as Tune trials, 1 ask each);
+* ``W=2 asks=2``: ``lorahub_learning_ray(workers=2, restarts=1, asks=2)``, the old default;
+* with ``--searchers optuna,hyperopt,...``: ``lorahub_learning_ray(workers=2, searcher=NAME)``, a Tune search
+  algorithm with a trial per candidate (budget 40 trials, 2 at a time), and its cost per trial (the Tune
+  run's seconds ÷ trials; for the portfolio, per evaluation of a restart).
 
 Every arm has budget 40 per restart and seed 42. The objective is the few-shot objective of the
 returned weights (reference loss + 0.05·mean|w|, computed by lorahub-ray for the reference too);
@@ -13,13 +16,14 @@ accuracy is exact match on each task's held-out test file with the merged model.
 ``--draws N`` adds, per task, N-1 other 5-example draws from its test set (``task-d``, scored on the rest of
 the test set; ``benchmarks/common.draws_of``): more held-out few-shot problems from the same hub.
 
-Run: ``python benchmarks/search_quality.py [--budget 40] [--workers 2] [--draws 1]`` from the repository root
-(the embedded default is built and cached on first use, about 2 minutes).
+Run: ``python benchmarks/search_quality.py [--budget 40] [--workers 2] [--draws 1] [--searchers random,optuna]``
+from the repository root (the embedded default is built and cached on first use, about 2 minutes).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import io
 import os
@@ -51,6 +55,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--draws", type=int, default=1, help="few-shot draws per task (the file, then others)")
+    parser.add_argument("--searchers", default="", help="Tune searchers to compare, e.g. random,optuna,hyperopt")
+    parser.add_argument("--no-asks", action="store_true", help="leave out the old default (W=2 asks=2)")
     args = parser.parse_args()
 
     import ray
@@ -77,6 +83,7 @@ def main() -> None:
             if attempt == 5:
                 raise
     rows = []
+    costs = collections.defaultdict(list)  # seconds of the Tune run per evaluation (per trial, for a searcher)
     with tempfile.TemporaryDirectory() as tmp:
         problems = [(task_name if d == 0 else f"{task_name}-{d}", data, test)
                     for task_name, task in hub.unseen_tasks.items()
@@ -97,13 +104,18 @@ def main() -> None:
                                         seed=args.seed, progress=False)
             arms["one process"] = (local.recipe.objective, accuracy(local.model, local.tokenizer),
                                    time.perf_counter() - start, local.recipe.algorithm)
-            for label, kwargs in ((f"W={args.workers} portfolio", {}),
-                                  (f"W={args.workers} asks={args.workers}", {"restarts": 1, "asks": args.workers})):
+            ray_arms = [(f"W={args.workers} portfolio", {})]
+            if not args.no_asks:
+                ray_arms.append((f"W={args.workers} asks={args.workers}", {"restarts": 1, "asks": args.workers}))
+            ray_arms += [(f"tune:{n}", {"searcher": n}) for n in args.searchers.split(",") if n]
+            for label, kwargs in ray_arms:
                 start = time.perf_counter()
                 result = lorahub_learning_ray(str(hub.base_model), loaded, (data.inputs, data.outputs),
                                               output=Path(tmp) / f"{name}-{len(arms)}", workers=args.workers,
                                               budget=args.budget, seed=args.seed, progress=False, **kwargs)
                 algorithms = "/".join(o.algorithm for o in result.restarts)
+                evaluations = sum(len(o.history) for o in result.restarts)
+                costs[label].append(result.recipe.search["fit_seconds"] / evaluations * len(result.restarts))
                 arms[label] = (result.recipe.objective, accuracy(result.model, result.tokenizer),
                                time.perf_counter() - start, f"{algorithms}, won: restart {result.best.restart}")
             rows.append((name, arms))
@@ -125,6 +137,9 @@ def main() -> None:
         if label != labels[1]:
             print(f"{label}: accuracy >= one process on {sum(a[label][1] >= a[labels[1]][1] for _, a in rows)} of "
                   f"{len(rows)}, objective <= one process on {sum(a[label][0] <= a[labels[1]][0] + 1e-6 for _, a in rows)}")
+    for label, seconds in costs.items():
+        print(f"{label}: Tune run per evaluation of a restart (per trial for a searcher), mean over problems "
+              f"{sum(seconds) / len(seconds) * 1000:.0f} ms")
 
 
 if __name__ == "__main__":

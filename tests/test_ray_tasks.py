@@ -62,7 +62,8 @@ def test_ray_tasks_give_each_task_what_the_ray_search_gives_it_alone(world, ray_
         assert row["restarts"] == pytest.approx([o.objective for o in alone.restarts], rel=1e-6)
         assert recipe.modules == alone.recipe.modules and len(recipe.modules) == 3
         assert recipe.weights == pytest.approx(alone.recipe.weights, abs=1e-6)
-        assert recipe.search["backend"] == "ray" and recipe.search["task"] == name
+        assert recipe.search["backend"] == "tune" and recipe.search["task"] == name
+        assert recipe.search["experiment"] == f"{out}.search/{name}"
         assert [r["order"] for r in recipe.search["restarts"]] == [r["order"] for r in alone.recipe.search["restarts"]]
         rebuilt, _ = lr.build_model(out / name)
         for (key, a), (_, b) in zip(rebuilt.state_dict().items(), alone.model.state_dict().items()):
@@ -91,7 +92,7 @@ def test_cli_tasks_with_preselect_on_ray(world, ray_cluster, tmp_path):
     for row in summary["tasks"]:
         search = lr.Recipe.load(out / row["task"]).search
         chosen = search["preselect"]["chosen"]
-        assert search["backend"] == "ray" and len(chosen) == 3 and len(search["preselect"]["scores"]) == 4
+        assert search["backend"] == "tune" and len(chosen) == 3 and len(search["preselect"]["scores"]) == 4
         assert len(search["restarts"]) == 3
         assert all(set(r["order"]) <= set(chosen) and len(r["order"]) == 2 for r in search["restarts"])
     refused = CliRunner().invoke(app, args[:-6] + ["--resume", str(out)])

@@ -53,7 +53,7 @@ def on_event(event):
         killed.append(args["raylet"])
 
 result = lorahub_learning_ray(args["model"], [args["hub"]], args["examples"], output=args["output"], workers=2,
-                              cpus_per_worker=1, budget=args["budget"], progress=False, callback=on_event)
+                              cpus_per_worker=0.9, budget=args["budget"], progress=False, callback=on_event)
 head = [n["NodeID"] for n in ray.nodes() if n["Resources"].get("head")]
 print("RESULT " + json.dumps({"weights": result.recipe.weights, "objective": result.recipe.objective,
                               "evaluations": [len(o.history) for o in result.restarts],
