@@ -103,6 +103,7 @@ def test_one_batch_keeps_each_jobs_options(recipes):
             Job(PROMPTS, Options(5))]
     for job in jobs:
         job.recipe_id = "t5"
+    torch.manual_seed(0)  # sampling draws from torch's generator: the same draws every run
     greedy, sampled, nucleus, stopped, stream, short = run_batch(host, jobs)
     assert [c["text"] for c in greedy["choices"]] == want
     assert [c["text"] for c in nucleus["choices"]] == want
@@ -366,6 +367,7 @@ def test_concurrent_requests_with_other_options_do_not_change_greedy_text(server
      "Unrecognized request argument supplied: max_token"),
     (lambda c: c.completions.create(model="t5", prompt="x", temperature=5), openai.BadRequestError, 400,
      "temperature"),
+    (lambda c: c.embeddings.create(model="t5", input="x"), openai.NotFoundError, 404, "Not Found"),  # no such route
 ])
 def test_bad_requests_get_openai_errors(server, call, error, status, message):
     with pytest.raises(error) as info:

@@ -28,11 +28,13 @@ import time
 from typing import Literal, Optional, Union
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from ray import serve
 from ray.serve.config import AutoscalingConfig
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorahub_ray.cluster.serve_autoscaling import POLICY_PATH
 from lorahub_ray.cluster.serve_model import MODEL, LoraHubModel
@@ -212,6 +214,15 @@ def _is_openai(request: Request) -> bool:
 @api.exception_handler(OpenAIError)
 async def _openai_error(request: Request, exc: OpenAIError):
     return JSONResponse(status_code=exc.status, content=exc.body())
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """FastAPI's own errors (an unknown route, a wrong method) as OpenAI's error JSON under /v1/."""
+    if _is_openai(request):
+        return JSONResponse(status_code=exc.status_code, headers=exc.headers,
+                            content=OpenAIError(exc.status_code, str(exc.detail)).body())
+    return await http_exception_handler(request, exc)
 
 
 @api.exception_handler(RequestValidationError)

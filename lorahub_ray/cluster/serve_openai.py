@@ -40,7 +40,7 @@ class OpenAIRoutes:
     catalog: dict
     limits: dict
     handles: dict
-    created: int = int(time.time())
+    created: int
 
     def _recipe_handle(self, model: str):
         if model not in self.catalog:
