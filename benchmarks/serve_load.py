@@ -5,14 +5,18 @@ recipes, then in one run:
 
 1. in-process batched generation of recipe A's merged model (the baseline, same thread count as
    a replica: ``ceil(--num-cpus)``);
-2. Serve on 127.0.0.1 with recipe A merged (one replica): a bounded load generator sends
-   ``--requests`` requests (one input each) at each ``--concurrency`` level (32 and 64 by
-   default); prints errors, p50/p99 latency, requests/s and throughput ÷ the baseline. With one
-   replica and ``--max-batch-size`` 32, concurrency 32 cannot keep the model busy (Little's law:
-   while a batch runs, the clients it answers are on their way back), so batches alternate
-   between two halves; concurrency 64 fills a whole batch while the previous one runs;
+2. Serve on 127.0.0.1 with recipe A merged (one replica), behind an API key: a bounded load
+   generator sends ``--requests`` requests (one input each) at each ``--concurrency`` level (32
+   and 64 by default), through ``POST /generate`` (httpx) and through the OpenAI API
+   (``/v1/completions`` with the official ``openai`` client's ``AsyncOpenAI``, greedy), with the
+   in-process baseline measured again beside them: ``--repeats`` rounds of (in process, /generate,
+   OpenAI), whose medians are reported. Prints errors, p50/p99 latency, requests/s and
+   throughput ÷ the baseline of the same round. With one replica and ``--max-batch-size`` 32,
+   concurrency 32 cannot keep the model busy (Little's law: while a batch runs, the clients it
+   answers are on their way back), so batches alternate between two halves; concurrency 64 fills
+   a whole batch while the previous one runs;
 3. Serve with recipes A and B composed in one replica: the in-place switch time (in process and
-   in the replica) and the same load with requests alternating between the recipes.
+   in the replica) and the /generate load with requests alternating between the recipes.
 
 The load generator, proxy, ingress and replica share the machine's cores: on a small machine
 the ratio is a lower bound of what a replica on its own cores reaches.
@@ -25,6 +29,7 @@ import asyncio
 import json
 import math
 import os
+import secrets
 import socket
 import statistics
 import sys
@@ -82,33 +87,72 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def load(url: str, jobs: list[dict], concurrency: int) -> dict:
-    import httpx
-
+async def load(send, jobs: list, concurrency: int) -> dict:
+    """``concurrency`` workers that ``await send(job)`` (an error text or None) until the jobs run out."""
     latencies, errors = [], []
     queue = list(reversed(jobs))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
 
-        async def worker():
-            while queue:
-                job = queue.pop()
-                start = time.perf_counter()
-                try:
-                    r = await client.post("/generate", json=job)
-                    if r.status_code != 200:
-                        errors.append(f"{r.status_code} {r.text[:200]}")
-                except httpx.HTTPError as exc:
-                    errors.append(repr(exc))
-                latencies.append(time.perf_counter() - start)
+    async def worker():
+        while queue:
+            job = queue.pop()
+            start = time.perf_counter()
+            try:
+                error = await send(job)
+            except Exception as exc:  # noqa: BLE001 - counted, the load goes on
+                error = repr(exc)[:200]
+            if error:
+                errors.append(error)
+            latencies.append(time.perf_counter() - start)
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    seconds = time.perf_counter() - start
     latencies.sort()
     return {"requests": len(jobs), "errors": len(errors), "first_errors": errors[:3], "seconds": seconds,
             "requests_per_s": len(jobs) / seconds, "p50_ms": 1000 * latencies[len(latencies) // 2],
             "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+
+
+async def load_generate(url: str, key: str, jobs: list[dict], concurrency: int) -> dict:
+    """``POST /generate`` with httpx, one job a request."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits,
+                                 headers={"Authorization": f"Bearer {key}"}) as client:
+
+        async def send(job):
+            r = await client.post("/generate", json=job)
+            return None if r.status_code == 200 else f"{r.status_code} {r.text[:200]}"
+
+        return await load(send, jobs, concurrency)
+
+
+async def load_openai(url: str, key: str, jobs: list[dict], concurrency: int) -> dict:
+    """``/v1/completions`` through the official ``openai`` client (``AsyncOpenAI``), greedy, one job a request."""
+    import httpx
+    from openai import AsyncOpenAI
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120,
+                           http_client=httpx.AsyncClient(limits=limits)) as client:
+
+        async def send(job):
+            done = await client.completions.create(model=job.get("recipe", "a"), prompt=job["inputs"][0],
+                                                   max_tokens=job["max_new_tokens"], temperature=0)
+            return None if len(done.choices) == 1 else f"{len(done.choices)} choices"
+
+        return await load(send, jobs, concurrency)
+
+
+def in_process(model, tok, inputs: list[str], opts) -> dict:
+    """Batched generate of the merged model in this process (the baseline)."""
+    from lorahub_ray.evaluation.generate import generate
+
+    start = time.perf_counter()
+    generate(model, tok, inputs, batch_size=opts.max_batch_size, max_new_tokens=opts.max_new_tokens)
+    seconds = time.perf_counter() - start
+    return {"inputs": len(inputs), "seconds": seconds, "inputs_per_s": len(inputs) / seconds}
 
 
 def main() -> None:
@@ -124,6 +168,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--modules", type=int, default=8)
     parser.add_argument("--switches", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of (in process, /generate, OpenAI client) per concurrency level, interleaved")
     parser.add_argument("--output", type=Path, default=None, help="also write the figures as JSON here")
     opts = parser.parse_args()
 
@@ -147,16 +193,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lorahub-serve-bench-") as tmp:
         recipes = build_world(Path(tmp), d_model=opts.d_model, layers=opts.layers, modules=opts.modules)
 
-        # 1. in-process baseline: batched generate of the merged model
+        # 1. in-process baseline: batched generate of the merged model (kept, to measure it again between loads)
         model, tok = load_model(recipes["a"], device="cpu")
         generate(model, tok, inputs[:opts.max_batch_size], batch_size=opts.max_batch_size,
                  max_new_tokens=opts.max_new_tokens)  # warm-up
-        start = time.perf_counter()
-        generate(model, tok, inputs, batch_size=opts.max_batch_size, max_new_tokens=opts.max_new_tokens)
-        base_seconds = time.perf_counter() - start
-        report["in_process"] = {"inputs": len(inputs), "seconds": base_seconds, "inputs_per_s": len(inputs) / base_seconds}
-        print(f"in-process batched generate: {len(inputs) / base_seconds:.1f} inputs/s ({threads} thread(s))", flush=True)
-        del model
+        report["in_process"] = in_process(model, tok, inputs, opts)
+        print(f"in-process batched generate: {report['in_process']['inputs_per_s']:.1f} inputs/s "
+              f"({threads} thread(s))", flush=True)
 
         # switch time in process: compose(weights) of the other recipe
         host = ModelHost([f"a={recipes['a']}", f"b={recipes['b']}"], mode="composed", device="cpu")
@@ -173,47 +216,64 @@ def main() -> None:
         try:
             port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            url = f"http://127.0.0.1:{port}"
+            url, api_key = f"http://127.0.0.1:{port}", secrets.token_hex(16)
             common = {"num_cpus": opts.num_cpus, "min_replicas": 1, "max_replicas": 1,
                       "max_batch_size": opts.max_batch_size, "max_inputs": opts.max_batch_size,
                       "batch_wait_timeout_s": opts.batch_wait_timeout_s}
             jobs = [{"inputs": [text], "max_new_tokens": opts.max_new_tokens} for text in inputs]
 
-            # 2. merged single recipe, then 3. two recipes composed in one replica (requests alternating),
-            # at each concurrency level
+            # 2. merged single recipe through /generate and the OpenAI client, rounds interleaved with the
+            # in-process baseline; then 3. two recipes composed in one replica (requests alternating)
             mixed = [dict(job, recipe="ab"[i % 2]) for i, job in enumerate(jobs)]
             for key, recipe_args, mode, requests in (
                     ("serve_merged", [f"a={recipes['a']}"], "merged", jobs),
                     ("serve_composed_two_recipes", [f"a={recipes['a']}", f"b={recipes['b']}"], "composed", mixed)):
-                serve.run(app({"recipes": recipe_args, "mode": mode, **common}), name="bench", route_prefix="/")
+                serve.run(app({"recipes": recipe_args, "mode": mode, **common}, api_key=api_key), name="bench",
+                          route_prefix="/")
                 handle = serve.get_deployment_handle("LoraHubModel", app_name="bench")
-                asyncio.run(load(url, requests[: 2 * max(opts.concurrency)], max(opts.concurrency)))  # warm-up
+                routes = {"generate": load_generate, **({"openai": load_openai} if mode == "merged" else {})}
+                for run in routes.values():  # warm-up
+                    asyncio.run(run(url, api_key, requests[: 2 * max(opts.concurrency)], max(opts.concurrency)))
                 report[key] = {}
                 for c in opts.concurrency:
-                    before = handle.health.remote().result()
-                    r = asyncio.run(load(url, requests, c))
-                    after = handle.health.remote().result()
-                    r["mean_batch_inputs"] = ((after["inputs"] - before["inputs"])
-                                              / max(1, after["generate_calls"] - before["generate_calls"]))
-                    r["replica_torch_threads"] = after["torch_threads"]
-                    r["throughput_ratio"] = r["requests_per_s"] / report["in_process"]["inputs_per_s"]
-                    r["switches"] = after["switches"] - before["switches"]
-                    r["replica_mean_switch_ms"] = after["mean_switch_ms"]
-                    report[key][c] = r
-                    switches = (f"; {r['switches']} switches in the replica, mean {after['mean_switch_ms']:.3f} ms"
-                                if mode == "composed" else "")
-                    print(f"serve {mode} ({len(recipe_args)} recipe(s)): {r['requests']} requests at concurrency {c}: "
-                          f"{r['errors']} errors, p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, "
-                          f"{r['requests_per_s']:.1f} requests/s, throughput / in-process batched = "
-                          f"{r['throughput_ratio']:.2f} (goal >= 0.85; mean batch {r['mean_batch_inputs']:.1f} inputs, "
-                          f"{r['replica_torch_threads']} torch thread(s) in the replica){switches}", flush=True)
+                    rounds = []
+                    for _ in range(opts.repeats if mode == "merged" else 1):
+                        base = in_process(model, tok, inputs, opts) if mode == "merged" else report["in_process"]
+                        rounds.append({"in_process_inputs_per_s": base["inputs_per_s"]})
+                        for route, run in routes.items():
+                            before = handle.health.remote().result()
+                            r = asyncio.run(run(url, api_key, requests, c))
+                            after = handle.health.remote().result()
+                            r["mean_batch_inputs"] = ((after["inputs"] - before["inputs"])
+                                                      / max(1, after["generate_calls"] - before["generate_calls"]))
+                            r["replica_torch_threads"] = after["torch_threads"]
+                            r["throughput_ratio"] = r["requests_per_s"] / base["inputs_per_s"]
+                            r["switches"] = after["switches"] - before["switches"]
+                            r["replica_mean_switch_ms"] = after["mean_switch_ms"]
+                            rounds[-1][route] = r
+                            switches = (f"; {r['switches']} switches in the replica, mean "
+                                        f"{after['mean_switch_ms']:.3f} ms" if mode == "composed" else "")
+                            print(f"serve {mode} ({len(recipe_args)} recipe(s)) via {route}: {r['requests']} requests at "
+                                  f"concurrency {c}: {r['errors']} errors, p50 {r['p50_ms']:.0f} ms, p99 "
+                                  f"{r['p99_ms']:.0f} ms, {r['requests_per_s']:.1f} requests/s, throughput / in-process "
+                                  f"batched ({base['inputs_per_s']:.1f} inputs/s) = {r['throughput_ratio']:.2f} "
+                                  f"(mean batch {r['mean_batch_inputs']:.1f} inputs, {r['replica_torch_threads']} torch "
+                                  f"thread(s) in the replica){switches}", flush=True)
+                    medians = {route: statistics.median(x[route]["throughput_ratio"] for x in rounds) for route in routes}
+                    report[key][c] = {"rounds": rounds, "median_throughput_ratio": medians}
+                    if "openai" in routes:
+                        medians["openai_over_generate"] = statistics.median(
+                            x["openai"]["requests_per_s"] / x["generate"]["requests_per_s"] for x in rounds)
+                    print(f"serve {mode} at concurrency {c}, medians over {len(rounds)} round(s): "
+                          + ", ".join(f"{k} {v:.2f}" for k, v in medians.items()), flush=True)
                 serve.delete("bench")
             serve.shutdown()
         finally:
             ray.shutdown()
     if opts.output:
         opts.output.write_text(json.dumps(report, indent=2) + "\n")
-    errors = sum(r["errors"] for key in ("serve_merged", "serve_composed_two_recipes") for r in report[key].values())
+    errors = sum(x[route]["errors"] for key in ("serve_merged", "serve_composed_two_recipes")
+                 for level in report[key].values() for x in level["rounds"] for route in ("generate", "openai") if route in x)
     sys.exit(1 if errors else 0)
 
 

@@ -4,10 +4,13 @@ Two deployments:
 
 * ``LoraHubIngress`` (FastAPI, no model): validates requests, looks the recipe id up among the
   registered recipes only, and forwards to the model deployment with the recipe id as the
-  multiplexed model id. Serves ``POST /generate``, ``GET /recipes``, ``GET /healthz`` and the
-  OpenAPI description (``/openapi.json``, ``/docs``).
+  multiplexed model id. Serves ``POST /generate``, ``GET /recipes``, ``GET /healthz``, the OpenAI API
+  (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``: ``lorahub_ray.cluster.serve_openai``)
+  and the OpenAPI description (``/openapi.json``, ``/docs``). With an API key, every route but
+  ``/healthz`` asks for ``Authorization: Bearer KEY`` (``lorahub_ray.serving.auth``).
 * ``LoraHubModel`` (autoscaled, batched): a :class:`~lorahub_ray.serving.host.ModelHost` per replica.
-  Requests are batched with ``@serve.batch`` (``max_batch_size`` counts inputs, not requests);
+  Requests of every route are batched with ``@serve.batch`` (``max_batch_size`` counts inputs, not
+  requests; within a batch, rows are grouped by generation options: ``lorahub_ray.serving.generation``);
   Serve splits batches by multiplexed id, so each batch runs one recipe, and in ``composed`` mode
   a batch for another recipe first switches the shared LoRA slot in place. It autoscales on the
   load each replica measures (busy fraction + waiting inputs in batches, reported through
@@ -21,31 +24,26 @@ Two deployments:
 # no `from __future__ import annotations`: FastAPI resolves the route annotations of the
 # Serve-wrapped methods at runtime
 import asyncio
-import logging
-import uuid
+import time
 from typing import Literal, Optional, Union
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from ray import serve
-from ray.serve import metrics as serve_metrics
 from ray.serve.config import AutoscalingConfig
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lorahub_ray.cluster.serve_autoscaling import LOAD_METRIC, POLICY_PATH
-from lorahub_ray.serving.host import MODES, ModelHost, ServeConfigError, describe, effective_mode, load_recipes, parse_specs
-from lorahub_ray.serving.load import LoadMeter
-
-logger = logging.getLogger("ray.serve")
+from lorahub_ray.cluster.serve_autoscaling import POLICY_PATH
+from lorahub_ray.cluster.serve_model import MODEL, LoraHubModel
+from lorahub_ray.cluster.serve_openai import OpenAIRoutes, internal_error, router as openai_router
+from lorahub_ray.serving import auth
+from lorahub_ray.serving.host import MODES, RECIPE_ID, ServeConfigError, describe, effective_mode, load_recipes, parse_specs
+from lorahub_ray.serving.openai_api import OpenAIError, from_validation
 
 INGRESS = "LoraHubIngress"
-MODEL = "LoraHubModel"
-# every replica hosts every registered recipe (the stacked modules are small), so the
-# multiplexing cache never has to evict
-MAX_RECIPES_PER_REPLICA = 4096
-# batches Serve may hand over while the model is busy (they wait in LoraHubModel's queue)
-BATCHES_IN_FLIGHT = 64
 
 
 # --- configuration -------------------------------------------------------------------------------
@@ -88,12 +86,19 @@ class ServeArgs(BaseModel):
     autoscaling_options: dict = Field(default_factory=dict, description=(
         "More Serve autoscaling_config fields for the model deployment (upscale_delay_s, downscale_delay_s, "
         "metrics_interval_s, look_back_period_s, ...)."))
+    api_key_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description=(
+        "Name of an environment variable (e.g. LORAHUB_RAY_API_KEY, set from a Kubernetes Secret) that holds the "
+        "API key, read where the ingress runs: every route but /healthz then asks for 'Authorization: Bearer KEY'. "
+        "The key itself never goes in the args: Serve logs them."))
 
 
 def parse_args(args: Union[dict, ServeArgs]) -> ServeArgs:
     """Validate the application args; a :class:`ServeConfigError` names the bad field."""
     if isinstance(args, ServeArgs):
         parsed = args
+    elif isinstance(args, dict) and "api_key" in args:
+        raise ServeConfigError("api_key: Serve writes the application's args to its logs; put the key in an "
+                               "environment variable on every node and name it with api_key_env")
     else:
         try:
             parsed = ServeArgs.model_validate(dict(args or {}))
@@ -200,9 +205,31 @@ api = FastAPI(
 )
 
 
+def _is_openai(request: Request) -> bool:
+    path = request.url.path
+    root = request.scope.get("root_path", "")
+    return (path[len(root):] if root and path.startswith(root) else path).startswith("/v1/")
+
+
+@api.exception_handler(OpenAIError)
+async def _openai_error(request: Request, exc: OpenAIError):
+    return JSONResponse(status_code=exc.status, content=exc.body())
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """FastAPI's own errors (an unknown route, a wrong method) as OpenAI's error JSON under /v1/."""
+    if _is_openai(request):
+        return JSONResponse(status_code=exc.status_code, headers=exc.headers,
+                            content=OpenAIError(exc.status_code, str(exc.detail)).body())
+    return await http_exception_handler(request, exc)
+
+
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
     errors = exc.errors()
+    if _is_openai(request):
+        return await _openai_error(request, from_validation(errors))
     status = 400 if any(e.get("type") == "json_invalid" for e in errors) else 422
     message = "malformed JSON body" if status == 400 else "invalid request: " + _summarize(errors)
     return JSONResponse(status_code=status, content={"detail": message})
@@ -210,21 +237,26 @@ async def _validation_error(request: Request, exc: RequestValidationError):
 
 @api.exception_handler(Exception)
 async def _internal_error(request: Request, exc: Exception):
-    return JSONResponse(status_code=500, content={"detail": _log_internal(exc)})
+    error = internal_error(exc)
+    return JSONResponse(status_code=500, content=error.body() if _is_openai(request) else {"detail": error.message})
 
 
-def _log_internal(exc: BaseException) -> str:
-    ref = uuid.uuid4().hex[:12]
-    logger.error("lorahub-ray: internal error %s", ref, exc_info=exc)
-    return f"internal error (reference {ref}); see the server logs"
+def _replica_key_digest() -> Optional[bytes]:
+    """The API key digest of the ingress replica serving this request (None: no key)."""
+    return serve.get_replica_context().servable_object.api_key_digest
+
+
+api.add_middleware(auth.BearerAuth, digest=_replica_key_digest)
+api.include_router(openai_router)
 
 
 def lookup_recipe(catalog: dict, recipe_id: str) -> dict:
-    """The registered recipe named ``recipe_id``: a dictionary lookup, nothing else (404 otherwise)."""
+    """The registered recipe named ``recipe_id``: a dictionary lookup, nothing else (404 otherwise,
+    echoing the id only when it has an id's shape: never a path)."""
     entry = catalog.get(recipe_id)
     if entry is None:
-        shown = recipe_id if len(recipe_id) <= 80 else recipe_id[:77] + "..."
-        raise HTTPException(404, f"unknown recipe {shown!r}; GET /recipes lists the served ones")
+        shown = f"'{recipe_id}'" if RECIPE_ID.match(recipe_id) else "(not an id: 1-64 letters, digits, '.', '_' or '-')"
+        raise HTTPException(404, f"unknown recipe {shown}; GET /recipes lists the served ones")
     return entry
 
 
@@ -239,14 +271,18 @@ def check_limits(body: GenerateRequest, limits: dict) -> None:
         raise HTTPException(422, f"max_new_tokens is {body.max_new_tokens}; at most {limits['max_new_tokens_limit']}")
 
 
-_ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
-           500: {"model": ErrorResponse}}
+_ERRORS = {400: {"model": ErrorResponse}, 401: {"description": "OpenAI error JSON"}, 404: {"model": ErrorResponse},
+           422: {"model": ErrorResponse}, 500: {"model": ErrorResponse}}
 
 
 @serve.deployment(name=INGRESS, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(api)
-class LoraHubIngress:
-    def __init__(self, model, config: dict):
+class LoraHubIngress(OpenAIRoutes):
+    def __init__(self, model, config: dict, api_key_sha256: Optional[str] = None):
+        # the key: its digest from the builder (--api-key), else from the variable named by api_key_env here
+        self.api_key_digest = bytes.fromhex(api_key_sha256) if api_key_sha256 else (
+            auth.digest_from_env(config["api_key_env"]) if config.get("api_key_env") else None)
+        self.created = int(time.time())
         self.model = model
         specs = parse_specs(config["recipes"])
         recipes = load_recipes(specs)
@@ -266,7 +302,7 @@ class LoraHubIngress:
         try:
             outputs = await self.handles[recipe_id].generate.remote(body.inputs, body.max_new_tokens)
         except Exception as exc:  # noqa: BLE001 - no traceback reaches a client
-            raise HTTPException(500, _log_internal(exc)) from None
+            raise HTTPException(500, internal_error(exc).message) from None
         return GenerateResponse(recipe=recipe_id, outputs=outputs)
 
     @api.get("/recipes", response_model=list[RecipeInfo], summary="The served recipes")
@@ -282,121 +318,6 @@ class LoraHubIngress:
         return Health(status="ok", recipes=len(self.catalog))
 
 
-# --- model deployment ----------------------------------------------------------------------------
-
-
-def count_inputs(items) -> int:
-    """Batch size as the number of inputs (each batched item is ``(recipe_id, inputs, max_new_tokens)``)."""
-    return sum(len(item[1]) for item in items)
-
-
-@serve.deployment(name=MODEL, max_ongoing_requests=64,
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32})
-class LoraHubModel:
-    def __init__(self, config: dict):
-        self.host = ModelHost(config["recipes"], mode=config["mode"], device=config.get("device"),
-                              verify=config.get("verify", True), generate_batch_size=config["max_batch_size"])
-        self._pending: list = []  # batches formed by Serve, waiting for the model
-        self._worker = None
-        self.load = LoadMeter()
-        self._load_gauge = serve_metrics.Gauge(
-            "lorahub_model_load", description="Replica load: busy fraction + waiting inputs / max_batch_size.")
-        self._waiting_gauge = serve_metrics.Gauge(
-            "lorahub_model_waiting_inputs", description="Inputs in the replica waiting for the model.")
-        self.reconfigure({k: config[k] for k in ("max_batch_size", "batch_wait_timeout_s")})
-
-    def reconfigure(self, user_config: dict) -> None:
-        """Batching settings, changeable without restarting replicas (``user_config``)."""
-        if "max_batch_size" in user_config:
-            self.max_batch_size = int(user_config["max_batch_size"])
-            self._generate_batch.set_max_batch_size(self.max_batch_size)
-            self.host.generate_batch_size = self.max_batch_size
-        if "batch_wait_timeout_s" in user_config:
-            self._generate_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
-
-    @serve.multiplexed(max_num_models_per_replica=MAX_RECIPES_PER_REPLICA)
-    async def _recipe(self, recipe_id: str) -> str:
-        # every replica holds every recipe: "loading" one is a lookup among the registered ids
-        if recipe_id not in self.host.recipes:
-            raise KeyError(f"unknown recipe {recipe_id!r}")
-        return recipe_id
-
-    async def generate(self, inputs: list[str], max_new_tokens: int) -> list[str]:
-        recipe_id = await self._recipe(serve.get_multiplexed_model_id())
-        with self.load.accepted(len(inputs)):
-            if len(inputs) > self.max_batch_size:  # cannot share a batch
-                with self.load.running(len(inputs)):
-                    return await asyncio.to_thread(self.host.generate, recipe_id, inputs,
-                                                   max_new_tokens=max_new_tokens)
-            return await self._generate_batch((recipe_id, list(inputs), int(max_new_tokens)))
-
-    async def record_autoscaling_stats(self) -> dict:
-        """Serve's custom-metrics hook: this replica's ``model_load`` (read by ModelLoadPolicy)."""
-        sample = self.load.sample(self.max_batch_size)
-        self._load_gauge.set(sample["load"])
-        self._waiting_gauge.set(sample["waiting"])
-        return {LOAD_METRIC: sample["load"], "model_busy": sample["busy"], "model_waiting_inputs": sample["waiting"]}
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=count_inputs,
-                 max_concurrent_batches=BATCHES_IN_FLIGHT)
-    async def _generate_batch(self, items: list[tuple[str, list[str], int]]) -> list[list[str]]:
-        # Serve forms a batch as soon as requests arrive, even while the model is busy with the
-        # previous one; the model queue below merges the batches that waited meanwhile
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((items, future))
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._drain())
-        return await future
-
-    async def _drain(self) -> None:
-        """Run the waiting batches one model call at a time, merging those of one recipe up to max_batch_size inputs."""
-        while self._pending:
-            recipe_id = self._pending[0][0][0][0]
-            taken, rest, size = [], [], 0
-            for entry in self._pending:
-                n = count_inputs(entry[0])
-                if entry[0][0][0] == recipe_id and (not taken or size + n <= self.max_batch_size):
-                    taken.append(entry)
-                    size += n
-                else:
-                    rest.append(entry)
-            self._pending = rest
-            flat = [item for items, _ in taken for item in items]
-            try:
-                # off the event loop, so requests keep arriving meanwhile
-                with self.load.running(size):
-                    results = await asyncio.to_thread(self._run_batch, flat)
-            except Exception as exc:  # noqa: BLE001 - handed to the waiting requests
-                for _, future in taken:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            pos = 0
-            for items, future in taken:
-                if not future.done():
-                    future.set_result(results[pos : pos + len(items)])
-                pos += len(items)
-
-    def _run_batch(self, items):
-        # Serve splits batches by multiplexed id; group anyway, and by max_new_tokens
-        groups: dict[tuple[str, int], list[int]] = {}
-        for i, (recipe_id, _, max_new) in enumerate(items):
-            groups.setdefault((recipe_id, max_new), []).append(i)
-        results: list = [None] * len(items)
-        for (recipe_id, max_new), members in groups.items():
-            flat = [text for i in members for text in items[i][1]]
-            outputs = self.host.generate(recipe_id, flat, max_new_tokens=max_new)
-            pos = 0
-            for i in members:
-                n = len(items[i][1])
-                results[i] = outputs[pos : pos + n]
-                pos += n
-        return results
-
-    async def health(self) -> dict:
-        return {**self.host.stats(), "waiting_inputs": self.load.waiting}
-
-
 # --- application builder -------------------------------------------------------------------------
 
 
@@ -406,9 +327,16 @@ def _cluster_has_gpus() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def app(args: dict) -> serve.Application:
-    """Application builder: ``import_path: lorahub_ray.cluster.serve_app:app`` with ``args`` as in :class:`ServeArgs`."""
+def app(args: dict, *, api_key: Optional[str] = None) -> serve.Application:
+    """Application builder: ``import_path: lorahub_ray.cluster.serve_app:app`` with ``args`` as in :class:`ServeArgs`.
+
+    ``api_key`` (Python callers and ``lorahub-ray serve --api-key``; a Serve config names an environment
+    variable with ``api_key_env`` instead): only its SHA-256 digest reaches the ingress."""
     parsed = parse_args(args)
+    try:
+        digest = None if api_key is None else auth.key_digest(api_key).hex()
+    except auth.AuthConfigError as exc:
+        raise ServeConfigError(str(exc)) from None
     config = _plain(parsed)
     num_gpus = parsed.num_gpus if parsed.num_gpus is not None else (parsed.gpu_fraction if _cluster_has_gpus() else 0)
     model = LoraHubModel.options(
@@ -417,7 +345,7 @@ def app(args: dict) -> serve.Application:
         max_ongoing_requests=max(64, 4 * parsed.max_batch_size),
         user_config={"max_batch_size": parsed.max_batch_size, "batch_wait_timeout_s": parsed.batch_wait_timeout_s},
     ).bind(config)
-    return LoraHubIngress.bind(model, config)
+    return LoraHubIngress.bind(model, config, digest)
 
 
 __all__ = ["INGRESS", "MODEL", "MODES", "GenerateRequest", "GenerateResponse", "LoraHubIngress", "LoraHubModel",

@@ -73,7 +73,44 @@ class Family:
     def generate(self, model, tokenizer, texts: Sequence[str], *, max_new_tokens: int, max_length: int = 2048,
                  template: str = "plain") -> list[str]:
         """Greedy generation for one batch; only the generated text of each input."""
+        prompts = prompt_ids(tokenizer, texts, template, max_length=max_length)
+        return [tokenizer.decode(row, skip_special_tokens=True)
+                for row in self.generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens)]
+
+    def generate_ids(self, model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                     sampling: dict | None = None, stopping_criteria=None) -> list[list[int]]:
+        """Generation for one batch of tokenised prompts (:func:`prompt_ids`): each row's new token ids, up to
+        and without EOS. Greedy unless ``sampling`` gives ``{"temperature": t, "top_p": p}`` (t > 0; no top-k,
+        as OpenAI's API). ``stopping_criteria``: a transformers ``StoppingCriteria`` also called at each step."""
+        from transformers import StoppingCriteriaList
+
+        if not prompts:
+            return []
+        self.prepare_tokenizer(tokenizer)
+        device = next(model.parameters()).device
+        inputs, start = self._generation_inputs(tokenizer, prompts)
+        options = {"do_sample": False} if sampling is None else {
+            "do_sample": True, "temperature": float(sampling["temperature"]), "top_p": float(sampling["top_p"]),
+            "top_k": 0}
+        if stopping_criteria is not None:
+            options["stopping_criteria"] = StoppingCriteriaList([stopping_criteria])
+        with torch.inference_mode():
+            out = model.generate(**{k: v.to(device) for k, v in inputs.items()}, max_new_tokens=max_new_tokens,
+                                 num_beams=1, **self._generation_ids(tokenizer), **options)
+        rows = []
+        for row in out[:, start:].cpu().tolist():
+            if tokenizer.eos_token_id in row:  # stop at EOS (what follows is padding)
+                row = row[: row.index(tokenizer.eos_token_id)]
+            rows.append(row)
+        return rows
+
+    def _generation_inputs(self, tokenizer, prompts) -> tuple[Batch, int]:
+        """The padded batch of ``prompts`` and the column where the generated tokens start in the output."""
         raise NotImplementedError
+
+    def _generation_ids(self, tokenizer) -> dict:
+        """Special token ids ``generate`` takes from the tokenizer (none: the model's own config)."""
+        return {}
 
 
 def _repeat(tensors: dict[str, torch.Tensor], candidates: int) -> dict[str, torch.Tensor]:
@@ -127,13 +164,10 @@ class Seq2SeqFamily(Family):
         inputs = _repeat(inputs, candidates)
         return model(**inputs, use_cache=False).logits, labels.repeat(candidates, 1) if candidates > 1 else labels
 
-    def generate(self, model, tokenizer, texts, *, max_new_tokens, max_length=2048, template="plain"):
-        device = next(model.parameters()).device
-        enc = tokenizer(render(tokenizer, texts, template), max_length=max_length, truncation=True, padding=True,
-                        add_special_tokens=template == "plain", return_tensors="pt").to(device)
-        with torch.inference_mode():
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-        return tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True)
+    def _generation_inputs(self, tokenizer, prompts):
+        # the encoder's inputs padded as the tokenizer pads them; the output starts with the decoder's start token
+        enc = tokenizer.pad({"input_ids": [list(p) for p in prompts]}, padding=True, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, 1
 
 
 class CausalFamily(Family):
@@ -206,27 +240,17 @@ class CausalFamily(Family):
         labels = labels[:, first:]
         return logits[:, :-1], labels.repeat(candidates, 1) if candidates > 1 else labels
 
-    def generate(self, model, tokenizer, texts, *, max_new_tokens, max_length=2048, template="plain"):
-        self.prepare_tokenizer(tokenizer)
-        prompts = prompt_ids(tokenizer, texts, template, max_length=max_length)
-        device = next(model.parameters()).device
+    def _generation_inputs(self, tokenizer, prompts):
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
             ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[row, width - len(p) :] = 1
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-        new = out[:, width:].cpu()
-        texts = []
-        for row in new.tolist():
-            if tokenizer.eos_token_id in row:  # stop at EOS (what follows is padding)
-                row = row[: row.index(tokenizer.eos_token_id)]
-            texts.append(tokenizer.decode(row, skip_special_tokens=True))
-        return texts
+        return {"input_ids": ids, "attention_mask": mask}, width
+
+    def _generation_ids(self, tokenizer):
+        return {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
 
 
 SEQ2SEQ = Seq2SeqFamily()

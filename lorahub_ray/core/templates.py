@@ -32,9 +32,18 @@ def render(tokenizer, texts: Sequence[str], template: str = "plain") -> list[str
             for t in texts]
 
 
+def render_chat(tokenizer, messages: Sequence[dict]) -> str:
+    """A whole conversation (``[{"role", "content"}, ...]``) rendered with the tokenizer's chat template,
+    with the generation prompt of the assistant's next turn. Tokenise it as a rendered ``chat`` prompt:
+    ``prompt_ids(tokenizer, [text], "rendered")``."""
+    check_template("chat", tokenizer)
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+
 def prompt_ids(tokenizer, texts: Sequence[str], template: str = "plain", *, max_length: int = 2048) -> list[list[int]]:
     """Token ids of each prompt: plain text with the tokenizer's special tokens, a rendered chat
-    template without extra ones (it holds its own)."""
-    prompts = render(tokenizer, texts, template)
+    template without extra ones (it holds its own). ``template="rendered"``: ``texts`` are prompts
+    already rendered with the chat template (:func:`render_chat`), tokenised as they are."""
+    prompts = list(texts) if template == "rendered" else render(tokenizer, texts, template)
     enc = tokenizer(prompts, add_special_tokens=template == "plain", truncation=True, max_length=max_length)
     return [list(ids) for ids in enc["input_ids"]]

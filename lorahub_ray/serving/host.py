@@ -19,6 +19,7 @@ Recipe ids are names given by whoever configures the server; requests only look 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import threading
@@ -248,16 +249,29 @@ class ModelHost:
             self.last_switch_seconds = seconds
         return group.composer.model, group.tokenizer
 
+    @contextlib.contextmanager
+    def selected(self, recipe_id: str, inputs: int):
+        """``(model, tokenizer, template)`` of the recipe, held (under the lock) for one generation of
+        ``inputs`` inputs (``KeyError`` for an unknown id)."""
+        with self._lock:
+            model, tokenizer = self._select(recipe_id)
+            self.calls += 1
+            self.inputs_generated += inputs
+            yield model, tokenizer, self.recipes[recipe_id].template
+
+    def tokenizer(self, recipe_id: str):
+        """The recipe's tokenizer, to render chat templates outside the lock (never to tokenise)."""
+        if recipe_id in self._merged:
+            return self._merged[recipe_id][1]
+        return self._groups[recipe_id].tokenizer
+
     def generate(self, recipe_id: str, inputs: Sequence[str], *, max_new_tokens: int = 64) -> list[str]:
         """Greedy generation with the recipe's composed model (``KeyError`` for an unknown id)."""
         from lorahub_ray.evaluation.generate import generate
 
-        with self._lock:
-            model, tokenizer = self._select(recipe_id)
-            self.calls += 1
-            self.inputs_generated += len(inputs)
+        with self.selected(recipe_id, len(inputs)) as (model, tokenizer, template):
             return generate(model, tokenizer, list(inputs), batch_size=self.generate_batch_size,
-                            max_new_tokens=max_new_tokens, template=self.recipes[recipe_id].template)
+                            max_new_tokens=max_new_tokens, template=template)
 
     def switch(self, recipe_id: str) -> float:
         """Make ``recipe_id`` the active composition now; the seconds it took (0 when merged or already active)."""
