@@ -13,9 +13,9 @@ Design (the README section "Distributed search on Ray" has the measured figures)
   candidates over the actors, so a run repeats exactly. The lowest objective wins.
 * The driver saves the histories after every round (``<output>.search/restarts.json``); an
   interrupted run (SIGINT/SIGUSR1) resumes with ``resume=`` by replaying them.
-* The winner is merged into the base model and written with the core
-  :func:`~lorahub_ray.core.learning.write_output`: ``recipe.json`` (every restart recorded),
-  ``model/``, ``history.parquet`` (one schema with the local search) and ``search.png``.
+* The winner is written with the core :func:`~lorahub_ray.core.learning.write_output`: ``recipe.json``
+  (every restart recorded), ``adapter/``, ``history.parquet`` (one schema with the local search),
+  ``search.png`` and, with ``merge``, the merged ``model/``.
 """
 
 from __future__ import annotations
@@ -140,6 +140,7 @@ def lorahub_learning_ray(
     callback: Callable[[dict], None] | None = None,
     template: str = "plain",
     preselect: int | None = None,
+    merge: bool = False,
 ) -> RayLoraHubResult:
     """LoraHub learning on Ray: a portfolio of ``restarts`` (default ``workers``) sequential searches in
     lockstep over ``workers`` evaluator actors; the lowest objective wins.
@@ -155,7 +156,8 @@ def lorahub_learning_ray(
     interrupted run: everything else is read from its state). ``preselect=k`` first scores every
     module alone on the actors (:mod:`lorahub_ray.cluster.screening`) and plans the restarts over
     the k best (recorded in ``recipe.search["preselect"]``). ``callback(event)`` is called after
-    every evaluation with ``{"run", "restart", "evaluations", "best", "objective"}``.
+    every evaluation with ``{"run", "restart", "evaluations", "best", "objective"}``. ``merge`` also
+    writes the merged ``model/`` (a resumed run takes it anew).
     """
     started_at, started = time.time(), now()
     custom = {"optimizer": optimizer if not isinstance(optimizer, str) else None,
@@ -196,7 +198,7 @@ def lorahub_learning_ray(
             ray.kill(actor, no_restart=True)
         if started_ray:
             ray.shutdown()
-    return _finish(spec, loaded, outcomes, started, time.time() - started_at, base_sha256.result())
+    return _finish(spec, loaded, outcomes, started, time.time() - started_at, base_sha256.result(), merge)
 
 
 def _new_spec(model, modules, examples, *, output, workers, restarts, modules_per_restart, portfolio, device,
@@ -346,7 +348,7 @@ def describe_restarts(outcomes: list[RestartOutcome], names: list[str]) -> list[
 
 
 def _finish(spec: RunSpec, loaded, outcomes: list[RestartOutcome], started: str, seconds: float,
-            base_sha256: str) -> RayLoraHubResult:
+            base_sha256: str, merge: bool = False) -> RayLoraHubResult:
     best = best_outcome(outcomes)
     indices, weights = best.canonical()
     chosen = [loaded[i] for i in indices]
@@ -363,7 +365,8 @@ def _finish(spec: RunSpec, loaded, outcomes: list[RestartOutcome], started: str,
                          seed=best.plan.seed, settings=spec.settings, merge_method=composer.merge_method,
                          num_examples=len(spec.inputs), started=started, search=search, template=spec.template)
     merged = composer.merge_and_unload(weights)
-    out = write_output(spec.output, recipe, merged, tokenizer, history=(outcomes, loaded),
+    out = write_output(spec.output, recipe, chosen, merged=(merged, tokenizer) if merge else None,
+                       history=(outcomes, loaded),
                        extra=lambda directory: plot_search(directory / PLOT_FILE, outcomes, recipe))
     return RayLoraHubResult(recipe=recipe, restarts=outcomes, best=best, model=merged, tokenizer=tokenizer, output=out,
                             storage=spec.storage, seconds=seconds)

@@ -49,7 +49,7 @@ class RayRunner:
                  batch_size: int | None = None, regularizer: Callable = l1_regularization, workers: int = 2,
                  portfolio: Sequence[str] | None = None, asks: int | None = None, address: str | None = None,
                  cpus_per_worker: float | None = None, gpus_per_worker: float = 0.0, template: str = "plain",
-                 actor_restarts: int = 3, ready_timeout: float = 600.0):
+                 actor_restarts: int = 3, ready_timeout: float = 600.0, merge: bool = False):
         self.settings = SearchSettings(budget=budget, optimizer=optimizer, seed=seed, loss=loss,
                                        batch_size=batch_size, regularizer=regularizer, asks=asks or 1)
         self.settings.check()
@@ -59,7 +59,7 @@ class RayRunner:
                           scheduler=None, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                           portfolio=portfolio)
         check_k(preselect, len(modules))
-        self.modules, self.model, self.template = list(modules), str(model), template
+        self.modules, self.model, self.template, self.merge = list(modules), str(model), template, merge
         self.workers, self.portfolio = workers, list(portfolio) if portfolio else None
         self.modules_per_restart, self.preselect = modules_per_restart, preselect
         self.gpus_per_worker, self.device = gpus_per_worker, device or ("cuda" if gpus_per_worker > 0 else "cpu")
@@ -122,8 +122,10 @@ class RayRunner:
         best = search.best
         indices, weights = best.canonical()
         whole = indices == list(range(len(self.modules)))
-        with contextlib.nullcontext() if whole else self.composer.restrict(indices):
-            merged = protocol.merged_copy(self.composer, weights)
+        merged = None
+        if self.merge:
+            with contextlib.nullcontext() if whole else self.composer.restrict(indices):
+                merged = protocol.merged_copy(self.composer, weights), self.tokenizer
         described = {"backend": "ray", "task": task, "workers": self.workers, "asks": self.settings.asks,
                      "modules_per_restart": self.modules_per_restart, "portfolio": self.portfolio,
                      "scheduler": "fifo", "cpus_per_worker": self.cpus_per_worker,
@@ -137,7 +139,8 @@ class RayRunner:
                              settings=self.settings, merge_method=self.composer.merge_method,
                              num_examples=len(examples), started=search.started, search=described,
                              template=self.template)
-        return str(write_output(output, recipe, merged, self.tokenizer, history=(search.restarts, self.modules)))
+        return str(write_output(output, recipe, [self.modules[i] for i in indices], merged=merged,
+                                history=(search.restarts, self.modules)))
 
 
 def lorahub_tasks_ray(model: str, modules, tasks: str, *, output: str, workers: int = 2,
