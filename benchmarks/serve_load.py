@@ -50,6 +50,7 @@ def build_world(root: Path, *, d_model: int, layers: int, modules: int) -> dict:
     from helpers import make_module
     from lorahub_ray.core import learning
     from lorahub_ray.io import storage
+    from lorahub_ray.core.model import build_model
     from lorahub_ray.core.modules import load_module
     from lorahub_ray.core.recipe import Recipe
 
@@ -70,8 +71,7 @@ def build_world(root: Path, *, d_model: int, layers: int, modules: int) -> dict:
         recipe = Recipe(base_model=str(base), base_model_sha256=storage.sha256_dir(base),
                         modules=[{"name": m.name, "uri": m.uri, "sha256": m.sha256} for m in mods], weights=weights,
                         objective=0.0, optimizer="none", algorithm="benchmark", budget=0, seed=seed)
-        model, tokenizer = learning.build_model(recipe, device="cpu")
-        learning.write_output(root / name, recipe, model, tokenizer)
+        learning.write_output(root / name, recipe, mods, merged=build_model(recipe, device="cpu"))
         recipes[name] = str(root / name)
     return recipes
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorahub_ray.core.learning import LoraHubResult, build_model, lorahub_learning  # noqa: F401  (the API)
-from lorahub_ray.core.model import load_model  # noqa: F401  (the API)
+from lorahub_ray.core.learning import LoraHubResult, lorahub_learning  # noqa: F401  (the API)
+from lorahub_ray.core.model import build_model, load_model  # noqa: F401  (the API)
 from lorahub_ray.core.protocol import run_protocol
 from lorahub_ray.errors import DataError
 from lorahub_ray.evaluation import bbh as bbh_tables
@@ -89,8 +89,9 @@ def lorahub_tasks(model: str, modules, tasks: str, *, output: str, workers: int 
                   address: str | None = None, **options) -> dict:
     """The paper's protocol in one call: LoraHub learning on every few-shot file of ``tasks`` (a
     folder or ``s3://`` prefix of one file per task, the BBH layout, or one file), with the base
-    model and the hub loaded once. Writes ``output/<task>/`` (recipe, merged model, history; the
-    task named by its file's stem) and ``output/summary.json``, and returns the summary. ``options``
+    model and the hub loaded once. Writes ``output/<task>/`` (recipe, adapter, history; the
+    task named by its file's stem; ``merge=True`` adds the merged ``model/``) and ``output/summary.json``,
+    and returns the summary. ``options``
     as :func:`lorahub_ray.core.protocol.run_protocol` takes them (``restarts``,
     ``modules_per_restart``, ``preselect``, ``budget``, ...). With ``workers`` (≥ 1) or ``address`` the
     tasks run on Ray (:func:`lorahub_ray.cluster.ray_tasks.lorahub_tasks_ray`: one set of evaluator

@@ -82,6 +82,21 @@ def test_table_has_every_task_method_and_column(table_dir):
         assert winner == "base" or winner.startswith(("single:", "lorahub", "from-best-"))
 
 
+def test_saved_runs_are_run_directories_with_the_adapter_of_their_cell(table_dir):
+    """Each LoraHub run (and select_cv) keeps recipe.json and adapter/ (no merged model): load_model takes it,
+    and gives the predictions of its cell."""
+    import lorahub_ray as lr
+    from lorahub_ray.evaluation.generate import generate
+
+    task = table_dir / "tiny_reverse"
+    for run in (task / "lorahub_runs" / "seed_0", task / "select_cv"):
+        assert (run / "adapter" / "adapter_model.safetensors").is_file() and not (run / "model").exists()
+        assert lr.Recipe.load(run).adapter_sha256
+        preds = pq.read_table(run / "predictions.parquet").to_pydict()
+        model, tok = lr.load_model(run)
+        assert generate(model, tok, preds["input"], batch_size=8, max_new_tokens=6) == preds["prediction"], run
+
+
 def test_rerun_resumes_and_skips_written_cells(world, table_dir):
     cell = table_dir / "tiny_reverse" / "icl" / "cell.json"
     kept = table_dir / "tiny_first_letter" / "best_single" / "cell.json"

@@ -186,7 +186,7 @@ def test_search_writes_a_merged_model_equal_to_the_composition_and_the_recipe_re
 
     out = tmp_path / "run"
     result = lr.lorahub_learning(str(llama["base"]), [str(llama["hub"])], str(llama["examples"]), output=out,
-                                 budget=6, progress=False)
+                                 budget=6, progress=False, merge=True)
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["template"] == "plain" and len(recipe["weights"]) == 3
     composer, tok = _composer(llama)

@@ -412,7 +412,7 @@ def test_unknown_optimizer_fails_before_loading(world, tmp_path):
 def learned(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
     result = lr.lorahub_learning(str(world["base"]), [str(world["hub"])], str(world["examples"]), output=out,
-                                 budget=8, progress=False)
+                                 budget=8, progress=False, merge=True)
     return result, out
 
 

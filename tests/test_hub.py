@@ -191,8 +191,8 @@ def test_search_from_hub_writes_recipe_to_s3_then_evaluate(catalogue, s3, world)
     rows = {r["id"]: r for r in hub.read_catalogue(catalogue)}
     assert [m["sha256"] for m in recipe.modules] == [rows[n]["sha256"] for n in ("alpha", "beta", "gamma")]
     files = {p.split("runs/from-hub/", 1)[1] for p in s3fs_client().find(out)}
-    assert {"recipe.json", "history.parquet", "model/config.json"} <= files
-    assert not any(".tmp" in f for f in files)
+    assert {"recipe.json", "history.parquet", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= files
+    assert not any(f.startswith("model/") or ".tmp" in f for f in files)  # no merged model without --merge
 
     code, text = run("evaluate", "--model", out, "--data", "s3://data/fewshot/fewshot.jsonl", "--output", f"{out}/eval")
     assert code == 0, text
@@ -201,7 +201,7 @@ def test_search_from_hub_writes_recipe_to_s3_then_evaluate(catalogue, s3, world)
     assert metrics["examples"] == 5
     # the recipe rebuilds the same merged model from the modules on S3, hashes checked
     model, _ = lr.build_model(out, device="cpu")
-    assert_same_weights(model, lr.load_model(out, device="cpu")[0])  # the model the search uploaded
+    assert_same_weights(model, lr.load_model(out, device="cpu")[0])  # the base with the uploaded adapter merged in
 
 
 def test_search_filter_matching_nothing_fails_before_loading(catalogue, tmp_path):

@@ -105,7 +105,7 @@ def test_tasks_one_malformed_the_others_finish(world, task_dir, tmp_path):
     out = tmp_path / "runs"
     result = CliRunner().invoke(app, ["search", "-m", str(world["base"]), "--modules", str(world["hub"]),
                                       "--tasks", str(task_dir), "-o", str(out), "--budget", "6", "--restarts", "3",
-                                      "--modules-per-restart", "2", "--seed", "5"])
+                                      "--modules-per-restart", "2", "--seed", "5", "--merge"])
     assert result.exit_code == 1, result.output
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["task"]: r for r in summary["tasks"]}

@@ -313,12 +313,13 @@ def test_s3_output_keeps_the_experiment_on_s3_and_resumes_from_there(world, ray_
         assert resumed and min(resumed) > 1
         assert result.output == out and result.recipe.search["experiment"] == "s3://tune-runs/task.search/search"
         files = {p.removeprefix("tune-runs/task/") for p in fs.find("tune-runs/task")}
-        assert {"recipe.json", "history.parquet", "search.png", "model/config.json"} <= files
+        assert {"recipe.json", "history.parquet", "search.png", "adapter/adapter_model.safetensors"} <= files
+        assert not any(f.startswith("model/") for f in files)  # no merged model unless asked
         fs.get("tune-runs/task", str(tmp_path / "down"), recursive=True)
         assert [r["step"] for r in history(tmp_path / "down")] == list(range(BUDGET))
         whole = run(world, tmp_path / "whole", ray_cluster=ray_cluster, workers=1)
         assert result.recipe.weights == pytest.approx(whole.recipe.weights, abs=1e-9)
-        model, _ = lr.build_model(out)  # the recipe on S3 rebuilds the model the search uploaded
+        model, _ = lr.build_model(out)  # the recipe on S3 rebuilds the model of the adapter the search uploaded
         assert_same_weights(model, lr.load_model(out)[0])
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import lorahub_ray as lr
-from helpers import EXAMPLES, write_jsonl
+from helpers import EXAMPLES, assert_same_weights, write_jsonl
 from lorahub_ray.cluster.ray_search import lorahub_learning_ray
 
 BUDGET = 6
@@ -68,7 +68,9 @@ def test_ray_tasks_give_each_task_what_the_ray_search_gives_it_alone(world, ray_
         rebuilt, _ = lr.build_model(out / name)
         for (key, a), (_, b) in zip(rebuilt.state_dict().items(), alone.model.state_dict().items()):
             assert (a - b).abs().max() < 1e-5, key
-        assert (out / name / "history.parquet").exists() and (out / name / "model").is_dir()
+        assert (out / name / "history.parquet").exists() and (out / name / "adapter" / "adapter_config.json").exists()
+        assert not (out / name / "model").exists()  # no merged model unless asked
+        assert_same_weights(rebuilt, lr.load_model(out / name)[0])  # the base with the task's adapter merged in
     assert rows["first"]["objective"] != rows["reverse"]["objective"]  # each task searched its own examples
 
 
@@ -107,9 +109,16 @@ def test_cli_one_task_with_preselect_on_ray(world, ray_cluster, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["search", "-m", str(world["base"]), "--modules", str(world["hub"]), "-e",
                                       str(world["examples"]), "-o", str(out), "--budget", "4", "--workers", "2",
-                                      "--address", ray_cluster["address"], "--preselect", "2"])
+                                      "--address", ray_cluster["address"], "--preselect", "2", "--merge"])
     assert result.exit_code == 0, result.output
     recipe = lr.Recipe.load(out)
     chosen = recipe.search["preselect"]["chosen"]
     assert len(chosen) == 2 and [m["name"] for m in recipe.modules] == chosen
     assert all(sorted(r["order"]) == sorted(chosen) for r in recipe.search["restarts"])
+    # --merge: the merged model/ beside the adapter, and the two are one model
+    from lorahub_ray.core.adapter import apply_adapter
+    from lorahub_ray.core.model import load_base_model
+
+    assert (out / "model" / "config.json").is_file()
+    base, _, _ = load_base_model(str(world["base"]), device="cpu")
+    assert_same_weights(lr.load_model(out)[0], apply_adapter(base, out / "adapter"))

@@ -19,20 +19,20 @@ OTHER_WEIGHTS = [1.2, -0.9, 0.6, -0.4]
 
 @pytest.fixture(scope="module")
 def recipes(world, tmp_path_factory):
-    """Three recipe directories over the tiny base: 'a' (searched), 'b' (other weights) and
-    'c' (b's recipe.json only, no model/: served by rebuilding from the recipe)."""
+    """Three recipe directories over the tiny base: 'a' (searched: recipe.json and adapter/), 'b' (other
+    weights, written with its merged model/ too) and 'c' (b's recipe.json only, neither adapter/ nor
+    model/: served by rebuilding from the recipe). The expected generations come from the models in
+    memory (the search's merged model, the rebuilt one), not from the directories."""
     root = tmp_path_factory.mktemp("recipes")
     result = lr.lorahub_learning(str(world["base"]), [str(world["hub"])], str(world["examples"]), output=root / "a",
                                  budget=6, progress=False)
     recipe_b = lr.Recipe(**{**json.loads(result.recipe.to_json()), "weights": OTHER_WEIGHTS})
     model_b, tok = lr.build_model(recipe_b)
-    write_output(root / "b", recipe_b, model_b, tok)
+    write_output(root / "b", recipe_b, result.modules, merged=(model_b, tok))
     (root / "c").mkdir()
     shutil.copy(root / "b" / "recipe.json", root / "c" / "recipe.json")
-    expected = {}
-    for name in ("a", "b"):
-        model, tok = lr.load_model(root / name, device="cpu")
-        expected[name] = generate(model, tok, INPUTS, max_new_tokens=8)
+    expected = {"a": generate(result.model, result.tokenizer, INPUTS, max_new_tokens=8),
+                "b": generate(model_b, tok, INPUTS, max_new_tokens=8)}
     assert expected["a"] != expected["b"], "the two recipes must differ for the tests to mean anything"
     return {"root": root, "expected": expected}
 
@@ -97,6 +97,14 @@ def test_composed_host_serves_each_recipe_like_its_merged_model(recipes):
     assert host.switch("a") == 0.0 and host.switch("b") > 0
     with pytest.raises(KeyError):
         host.generate("../a", INPUTS)
+
+
+def test_merged_host_merges_the_adapter_at_load_or_takes_the_merged_model(recipes):
+    root = recipes["root"]
+    assert not (root / "a" / "model").exists() and (root / "b" / "model").is_dir()
+    host = ModelHost([f"a={root / 'a'}", f"b={root / 'b'}"], mode="merged", device="cpu")
+    assert host.generate("a", INPUTS, max_new_tokens=8) == recipes["expected"]["a"]
+    assert host.generate("b", INPUTS, max_new_tokens=8) == recipes["expected"]["b"]
 
 
 def test_merged_host_falls_back_to_building_from_the_recipe(recipes):

@@ -79,7 +79,7 @@ def test_smollm2_from_gguf_trains_searches_and_evaluates(smol_run):
     run = smol_run["run"]
     recipe = json.loads((run / "recipe.json").read_text())
     assert recipe["template"] == "chat" and len(recipe["base_model_sha256"]) == 64
-    assert (run / "model" / "config.json").is_file() and not list((run / "model").glob("*.gguf"))
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and not (run / "model").exists()
     metrics = lr.evaluate(run, str(smol_run["test"]), max_new_tokens=6, progress=False)
     assert metrics["examples"] == 5 and metrics["template"] == "chat"
 
@@ -93,7 +93,7 @@ def test_smollm2_recipe_served_over_http_equals_in_process_generation(smol_run, 
     from lorahub_ray.evaluation.generate import generate
 
     run = smol_run["run"]
-    model, tok = lr.load_model(run, device="cpu")  # a plain transformers directory
+    model, tok = lr.load_model(run, device="cpu")  # the base from the GGUF, the run's adapter merged in
     inputs = ["Give the opposite of: wet", "Give the opposite of: early"]
     want = generate(model, tok, inputs, max_new_tokens=6, template="chat")
     port = free_port()

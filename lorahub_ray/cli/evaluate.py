@@ -24,7 +24,7 @@ MaxNewTokensOpt = Annotated[int, typer.Option(help="Longest generated answer, in
 @app.command()
 @fail_cleanly
 def evaluate(
-    model: Annotated[str, typer.Option("--model", "-m", help="A lorahub-ray output directory (its model/), or any seq2seq or causal LM: Hub id, .gguf file, local directory or s3:// URI.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="A lorahub-ray output directory (its model/ if written with --merge, else the base model with its adapter/ merged in at load), or any seq2seq or causal LM: Hub id, .gguf file, local directory or s3:// URI.")],
     data: Annotated[str, typer.Option("--data", "-d", help="Test set: a JSON Lines, Parquet or CSV file with input/output fields, or a folder or prefix of such files, one per task; local or s3://.")],
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Directory or s3:// prefix to write predictions.parquet and metrics.json (accuracy in percent, per task and macro average).")] = None,
     workers: WorkersOpt = 0,
@@ -79,7 +79,7 @@ def evaluate(
 @fail_cleanly
 def compare(
     model: Annotated[str, typer.Option("--model", "-m", help="The base model the recipe was made from: Hub id, local directory or s3:// URI.")],
-    recipe: Annotated[str, typer.Option("--recipe", "-r", help="A lorahub-ray output directory (recipe.json and model/).")],
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="A lorahub-ray output directory (recipe.json with adapter/ or model/).")],
     examples: Annotated[str, typer.Option("--examples", "-e", help="The few-shot examples (prepended to every input for the in-context baseline).")],
     data: Annotated[str, typer.Option("--data", "-d", help="Test set: file, or folder/prefix of one file per task; local or s3://.")],
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Directory or s3:// prefix to write compare.json, compare.png and each method's predictions and metrics.")] = None,

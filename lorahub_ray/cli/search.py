@@ -22,7 +22,8 @@ def search(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Base model, seq2seq or causal LM: a Hugging Face Hub id, a local directory, an s3:// URI or a .gguf file (converted once, cached).")] = None,
     examples: Annotated[Optional[str], typer.Option("--examples", "-e", help="Few-shot examples: JSON Lines, Parquet or CSV with input/output fields, local or s3://.")] = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Directory or s3:// prefix to write recipe.json, model/ (merged, loadable with from_pretrained) and history.parquet (on S3, recipe.json is uploaded last).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Directory or s3:// prefix to write recipe.json, adapter/ (the composed module as a PEFT LoRA adapter: PeftModel.from_pretrained(base, OUTPUT/adapter)) and history.parquet (on S3, recipe.json is uploaded last).")] = None,
+    merge: Annotated[bool, typer.Option("--merge", help="Also write OUTPUT/model/: the base model with the adapter merged in (a full model, loadable with from_pretrained; as large as the base).")] = False,
     modules: Annotated[Optional[list[str]], typer.Option("--modules", help="LoRA modules: PEFT adapter directories, folders of them, Hub ids or s3:// prefixes. Repeat the option or list several after it. Or use --hub.")] = None,
     hub: Annotated[Optional[str], typer.Option("--hub", help="Draw the modules from this hub catalogue (Parquet, local or s3://); their sha256 are checked on load.")] = None,
     filter: Annotated[Optional[list[str]], typer.Option("--filter", help="With --hub: keep modules with FIELD=VALUE, FIELD!=VALUE, FIELD~REGEX or FIELD!~REGEX (repeatable, all must hold), e.g. task~^qa.")] = None,
@@ -58,7 +59,8 @@ def search(
     split: SplitOpt = None,
     split_seed: SplitSeedOpt = None,
 ):
-    """Find module weights on a few examples (LoraHub learning) and save the merged model and its recipe.
+    """Find module weights on a few examples (LoraHub learning) and save the composed module as a PEFT
+    adapter (OUTPUT/adapter/), its recipe and, with --merge, the merged model (OUTPUT/model/).
 
     Example:
 
@@ -93,7 +95,8 @@ def search(
         _run_tasks(model, all_modules, tasks, output, budget=budget, optimizer=optimizer, seed=seed,
                    restarts=restarts if on_ray else restarts or 1, modules_per_restart=modules_per_restart,
                    preselect=preselect, loss=loss, batch_size=batch_size, input_field=input_field,
-                   output_field=output_field, device=device, template=template or "plain", **ray_options)
+                   output_field=output_field, device=device, template=template or "plain", merge=merge,
+                   **ray_options)
         return
     chosen = {k: v for k, v in (("l1", tuple(select_l1 or ())), ("rule", select_rule)) if v}  # SelectionConfig's
     map_folds = None
@@ -122,7 +125,8 @@ def search(
             batch_size=batch_size, input_field=input_field, output_field=output_field, address=address,
             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, device=device, scheduler=scheduler,
             searcher=searcher, callbacks=list(callback or ()), max_failures=max_failures, asks=asks,
-            storage_path=storage, resume=resume, template=template or "plain", preselect=preselect)
+            storage_path=storage, resume=resume, template=template or "plain", preselect=preselect,
+            merge=merge)
         except SearchInterrupted as exc:
             console.print(f"[bold yellow]interrupted:[/] {exc}", highlight=False)
             raise typer.Exit(130) from None
@@ -133,8 +137,8 @@ def search(
         how = (f"the best of {len(result.best.history)} {result.recipe.optimizer} trials" if result.recipe.search["searcher"]
                else f"restart {result.best.restart} of {len(result.restarts)}")
         console.print(f"objective {result.recipe.objective:.4f} ({result.recipe.algorithm}, {how}) in "
-                      f"{result.seconds:.1f} s; wrote {result.output}/recipe.json, model/, history.parquet and "
-                      f"search.png; Tune experiment {result.experiment}", highlight=False)
+                      f"{result.seconds:.1f} s; {_written(result.output, merge, 'search.png')}; Tune experiment "
+                      f"{result.experiment}", highlight=False)
         return
     if model is None or examples is None or output is None:
         raise LoraHubError("--model, --examples and --output are required (or --resume DIR with --workers)")
@@ -143,11 +147,17 @@ def search(
                               output_field=output_field, device=device, asks=asks or 1, template=template or "plain",
                               preselect=preselect, select=select, score=score,
                               selection=SelectionConfig(**chosen) if chosen else None,
-                              map_folds=map_folds)
+                              map_folds=map_folds, merge=merge)
     _print_weights(result.recipe)
     if "selection" in result.recipe.search:
         console.print(f"selected {result.recipe.search['selection']['reason']}", highlight=False)
-    console.print(f"objective {result.recipe.objective:.4f} ({result.recipe.algorithm}); wrote {output}/recipe.json and {output}/model/")
+    console.print(f"objective {result.recipe.objective:.4f} ({result.recipe.algorithm}); "
+                  f"{_written(output, merge)}", highlight=False)
+
+
+def _written(output, merge: bool, *more: str) -> str:
+    files = ["recipe.json", "adapter/", *(["model/"] if merge else []), "history.parquet", *more]
+    return f"wrote {str(output).rstrip('/')}/: {', '.join(files)}"
 
 
 def _check_protocol(examples, on_ray: bool, resume, scheduler, storage, asks, searcher) -> None:

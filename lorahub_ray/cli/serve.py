@@ -13,7 +13,7 @@ from lorahub_ray.serving.auth import ENV_VAR
 @app.command("serve")
 @fail_cleanly
 def serve_command(
-    recipe: Annotated[list[str], typer.Option("--recipe", "-r", help="A recipe directory to serve (recipe.json, model/), local or s3://; 'ID=DIR' names it (default id: the directory's name). Repeat for several.")],
+    recipe: Annotated[list[str], typer.Option("--recipe", "-r", help="A recipe directory to serve (recipe.json with adapter/ or model/), local or s3://; 'ID=DIR' names it (default id: the directory's name). Repeat for several.")],
     host: Annotated[str, typer.Option(help="Address the HTTP proxy listens on (loopback by default; 0.0.0.0 exposes it).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
     mode: Annotated[str, typer.Option(help="auto (merged for one recipe, composed for several), merged (one merged model per recipe: fastest) or composed (one base model, LoRA switched in place per request group).")] = "auto",

@@ -15,10 +15,9 @@ Design (the README's "Distributed search on Ray" has the measured figures):
   schedulers stop restarts early (:mod:`lorahub_ray.cluster.tune_options`; restart 0 never), results are a
   ``ResultGrid`` with Tune's loggers, and tracking goes through Tune's callbacks.
 * With ``searcher``, any Tune search algorithm replaces the portfolio: a trial per candidate weight vector.
-* The winner is merged into the base model and written with the core
-  :func:`~lorahub_ray.core.learning.write_output`: ``recipe.json`` (``search.backend = "tune"``,
-  ``search.experiment``), ``model/``, ``history.parquet`` (one schema with the local search) and
-  ``search.png``.
+* The winner is written with the core :func:`~lorahub_ray.core.learning.write_output`: ``recipe.json``
+  (``search.backend = "tune"``, ``search.experiment``), ``adapter/``, ``history.parquet`` (one schema with
+  the local search), ``search.png`` and, with ``merge``, the merged ``model/``.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -42,7 +41,7 @@ from lorahub_ray.cluster.tune_options import make_callbacks, make_scheduler, mak
 from lorahub_ray.core.compose import LoraComposer
 from lorahub_ray.core.families import check_template
 from lorahub_ray.core.learning import load_module_list, make_recipe, now, write_output
-from lorahub_ray.core.model import base_model_sha256, check_base_model, load_base_model
+from lorahub_ray.core.model import base_model_sha256, check_base_model, load_base_model, load_model
 from lorahub_ray.core.modules import LoraModule, check_compatible, load_module
 from lorahub_ray.core.objective import l1_regularization
 from lorahub_ray.core.portfolio import RestartOutcome, RestartPlan, best_outcome, plan_restarts
@@ -74,16 +73,29 @@ class RayLoraHubResult:
     recipe: Recipe
     restarts: list[RestartOutcome]
     best: RestartOutcome
-    model: object
-    tokenizer: object
     output: Path | str | None
     storage: str
     seconds: float
     experiment: str = ""
+    merged: tuple | None = field(default=None, repr=False)  # (model, tokenizer), built with merge or on first use
 
     @property
     def weights(self) -> dict[str, float]:
         return self.recipe.module_weights
+
+    @property
+    def model(self):
+        """The base model with the winner merged in (loaded from the output's adapter on first use)."""
+        return self._merged()[0]
+
+    @property
+    def tokenizer(self):
+        return self._merged()[1]
+
+    def _merged(self) -> tuple:
+        if self.merged is None:
+            self.merged = load_model(self.output)
+        return self.merged
 
 
 def lorahub_learning_ray(
@@ -121,6 +133,7 @@ def lorahub_learning_ray(
     callback: Callable[[dict], None] | None = None,
     template: str = "plain",
     preselect: int | None = None,
+    merge: bool = False,
 ) -> RayLoraHubResult:
     """LoraHub learning on Ray Tune: a portfolio of ``restarts`` (default ``workers``) sequential searches,
     one Tune trial each, over ``workers`` evaluator actors; the lowest objective wins.
@@ -139,7 +152,8 @@ def lorahub_learning_ray(
     and ``resume`` (the output of an interrupted run: everything else is read from its state, and Tune
     restores the experiment). ``preselect=k`` first scores every module alone on the actors and plans the
     restarts over the k best. ``callback(event)`` is called after every evaluation with ``{"run",
-    "restart", "evaluations", "best", "objective", "pid"}`` (``pid``: the trial's process).
+    "restart", "evaluations", "best", "objective", "pid"}`` (``pid``: the trial's process). ``merge`` also
+    writes the merged ``model/`` (a resumed run takes it anew).
     """
     started_at, started = time.time(), now()
     custom = {"optimizer": optimizer if not isinstance(optimizer, str) else None,
@@ -189,7 +203,8 @@ def lorahub_learning_ray(
             evaluators.close()
         if started_ray:
             ray.shutdown()
-    return _finish(spec, loaded, outcomes, started, time.time() - started_at, base_sha256.result(), fit_seconds)
+    return _finish(spec, loaded, outcomes, started, time.time() - started_at, base_sha256.result(), fit_seconds,
+                   merge)
 
 
 def _new_spec(model, modules, examples, *, output, workers, restarts, modules_per_restart, portfolio, device,
@@ -326,20 +341,23 @@ def describe_search(spec: RunSpec, outcomes: list[RestartOutcome], best: Restart
 
 
 def _finish(spec: RunSpec, loaded, outcomes: list[RestartOutcome], started: str, seconds: float,
-            base_sha256: str, fit_seconds: float) -> RayLoraHubResult:
+            base_sha256: str, fit_seconds: float, merge: bool = False) -> RayLoraHubResult:
+    """Write the winner: its adapter (computed from the modules, no model loaded here), and with ``merge``
+    the base model with the adapter merged in."""
     best = best_outcome(outcomes)
     indices, weights = best.canonical()
     chosen = [loaded[i] for i in indices]
-    base, tokenizer, _ = load_base_model(spec.model, device=spec.device or "cpu")
-    composer = LoraComposer(base, chosen)
     recipe = make_recipe(model=spec.model, base_sha256=base_sha256, modules=chosen, weights=weights,
                          objective=best.objective, optimizer=best.plan.optimizer, algorithm=best.algorithm,
-                         seed=best.plan.seed, settings=spec.settings, merge_method=composer.merge_method,
+                         seed=best.plan.seed, settings=spec.settings, merge_method="linear",  # the composers'
                          num_examples=len(spec.inputs), started=started,
                          search=describe_search(spec, outcomes, best, seconds=seconds, fit_seconds=fit_seconds),
                          template=spec.template)
-    merged = composer.merge_and_unload(weights)
-    out = write_output(spec.output, recipe, merged, tokenizer, history=(outcomes, loaded),
+    merged = None
+    if merge:
+        base, tokenizer, _ = load_base_model(spec.model, device=spec.device or "cpu")
+        merged = LoraComposer(base, chosen).merge_and_unload(weights), tokenizer
+    out = write_output(spec.output, recipe, chosen, merged=merged, history=(outcomes, loaded),
                        extra=lambda directory: plot_search(directory / PLOT_FILE, outcomes, recipe))
-    return RayLoraHubResult(recipe=recipe, restarts=outcomes, best=best, model=merged, tokenizer=tokenizer, output=out,
-                            storage=spec.storage, seconds=seconds, experiment=spec.experiment)
+    return RayLoraHubResult(recipe=recipe, restarts=outcomes, best=best, output=out, storage=spec.storage,
+                            seconds=seconds, experiment=spec.experiment, merged=merged)

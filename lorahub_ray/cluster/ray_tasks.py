@@ -7,9 +7,10 @@ load the base model and the whole hub once for all tasks; a task hands them its 
 there), is screened with ``preselect`` (:mod:`lorahub_ray.cluster.screening`), and runs the Ray search's
 portfolio (the plans of :func:`lorahub_ray.core.portfolio.plan_restarts`) as one Tune experiment,
 ``<output>.search/<task>``, a trial per restart (:mod:`lorahub_ray.cluster.tune`), so that each task gets
-what :func:`~lorahub_ray.cluster.ray_search.lorahub_learning_ray` gives it alone. The driver holds one
-base model and the hub too, to merge each task's winner into a copy. ``DIR/<task>/`` and
-``DIR/summary.json`` are written by :func:`run_tasks`, as on the local path.
+what :func:`~lorahub_ray.cluster.ray_search.lorahub_learning_ray` gives it alone. Each task's winner is
+written as an adapter; with ``merge`` the driver also holds one base model and the hub, to merge each
+winner into a copy. ``DIR/<task>/`` and ``DIR/summary.json`` are written by :func:`run_tasks`, as on the
+local path.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class RayRunner:
                  batch_size: int | None = None, regularizer: Callable = l1_regularization, workers: int = 2,
                  portfolio: Sequence[str] | None = None, asks: int | None = None, address: str | None = None,
                  cpus_per_worker: float | None = None, gpus_per_worker: float = 0.0, template: str = "plain",
-                 actor_restarts: int = 3, ready_timeout: float = 600.0, max_failures: int = 2):
+                 actor_restarts: int = 3, ready_timeout: float = 600.0, max_failures: int = 2,
+                 merge: bool = False):
         self.settings = SearchSettings(budget=budget, optimizer=optimizer, seed=seed, loss=loss,
                                        batch_size=batch_size, regularizer=regularizer, asks=asks or 1)
         self.settings.check()
@@ -79,6 +81,7 @@ class RayRunner:
                           portfolio=portfolio, max_failures=max_failures)
         check_k(preselect, len(modules))
         self.modules, self.model, self.template, self.storage = list(modules), str(model), template, storage
+        self.merge = merge
         self.workers, self.portfolio, self.max_failures = workers, list(portfolio) if portfolio else None, max_failures
         self.modules_per_restart, self.preselect = modules_per_restart, preselect
         self.gpus_per_worker, self.device = gpus_per_worker, device or ("cuda" if gpus_per_worker > 0 else "cpu")
@@ -94,8 +97,10 @@ class RayRunner:
                                          gpus=gpus_per_worker, device=self.device, loss=s.loss,
                                          batch_size=s.batch_size, regularizer=s.regularizer, template=template,
                                          actor_restarts=actor_restarts)
-            base, self.tokenizer, _ = load_base_model(self.model, device=device or "cpu")  # while the actors start
-            self.composer = LoraComposer(base, self.modules)
+            self.composer = None
+            if merge:  # a base model here too, to merge each task's winner into a copy (while the actors start)
+                base, self.tokenizer, _ = load_base_model(self.model, device=device or "cpu")
+                self.composer = LoraComposer(base, self.modules)
             self.base_sha256 = base_model_sha256(base_path)
             self.evaluators.wait(ready_timeout)
         except BaseException:
@@ -141,10 +146,12 @@ class RayRunner:
         best = search.best
         indices, weights = best.canonical()
         whole = indices == list(range(len(self.modules)))
-        with contextlib.nullcontext() if whole else self.composer.restrict(indices):
-            merged = protocol.merged_copy(self.composer, weights)
-        described = {"backend": "tune", "experiment": f"{self.storage.rstrip('/')}/{task}", "task": task, "workers": self.workers, "asks": self.settings.asks,
-                     "modules_per_restart": self.modules_per_restart, "portfolio": self.portfolio,
+        merged = None
+        if self.merge:
+            with contextlib.nullcontext() if whole else self.composer.restrict(indices):
+                merged = protocol.merged_copy(self.composer, weights), self.tokenizer
+        described = {"backend": "tune", "experiment": f"{self.storage.rstrip('/')}/{task}", "task": task,
+                     "workers": self.workers, "asks": self.settings.asks, "modules_per_restart": self.modules_per_restart, "portfolio": self.portfolio,
                      "scheduler": "fifo", "cpus_per_worker": self.cpus_per_worker,
                      "gpus_per_worker": self.gpus_per_worker, "best_restart": best.restart,
                      "restarts": describe_restarts(search.restarts, [m.name for m in self.modules])}
@@ -153,10 +160,11 @@ class RayRunner:
         recipe = make_recipe(model=self.model, base_sha256=self.base_sha256,
                              modules=[self.modules[i] for i in indices], weights=weights, objective=best.objective,
                              optimizer=best.plan.optimizer, algorithm=best.algorithm, seed=best.plan.seed,
-                             settings=self.settings, merge_method=self.composer.merge_method,
+                             settings=self.settings, merge_method="linear",  # the composers' own
                              num_examples=len(examples), started=search.started, search=described,
                              template=self.template)
-        return str(write_output(output, recipe, merged, self.tokenizer, history=(search.restarts, self.modules)))
+        return str(write_output(output, recipe, [self.modules[i] for i in indices], merged=merged,
+                                history=(search.restarts, self.modules)))
 
 
 def lorahub_tasks_ray(model: str, modules, tasks: str, *, output: str, workers: int = 2,

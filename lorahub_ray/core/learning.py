@@ -1,4 +1,5 @@
-"""LoraHub learning in one process: load, search, merge, and write the output (recipe, model, history).
+"""LoraHub learning in one process: load, search, compose, and write the output (recipe, adapter, history;
+the merged model when asked).
 
 The search on Ray (:mod:`lorahub_ray.cluster.ray_search`) shares what lies around the search
 itself: the settings and their checks (:class:`~lorahub_ray.core.settings.SearchSettings`),
@@ -19,16 +20,17 @@ from pathlib import Path
 import torch
 
 from lorahub_ray.io import storage
+from lorahub_ray.core.adapter import save_adapter
 from lorahub_ray.core.compose import LoraComposer
 from lorahub_ray.io.examples import as_examples
-from lorahub_ray.errors import IntegrityError, LoraHubError
+from lorahub_ray.errors import LoraHubError
 from lorahub_ray.core.families import check_template
 from lorahub_ray.core.model import base_family, base_model_sha256, load_base_model
-from lorahub_ray.core.modules import LoraModule, check_compatible, load_module, load_modules
+from lorahub_ray.core.modules import LoraModule, check_compatible, load_modules
 from lorahub_ray.core.objective import FewShotObjective, LossFn, l1_regularization
 from lorahub_ray.core.portfolio import RestartOutcome, RestartPlan
 from lorahub_ray.core.preselect import check_k, hub_size, screen_and_choose
-from lorahub_ray.core.recipe import HISTORY_FILE, MODEL_DIR, RECIPE_FILE, Recipe
+from lorahub_ray.core.recipe import ADAPTER_DIR, HISTORY_FILE, MODEL_DIR, RECIPE_FILE, Recipe
 from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, SearchResult, minimize
 from lorahub_ray.core.selection import (SCORES, SELECT_METHODS, MapFolds, SelectionConfig, SelectionContext,
                                        make_folds, select as cv_select, sequential)
@@ -43,6 +45,7 @@ class LoraHubResult:
     model: torch.nn.Module  # the base model with the composed LoRA merged in
     tokenizer: object
     output: Path | str | None = None  # a str for remote (s3://) outputs
+    modules: list[LoraModule] = dataclasses.field(default_factory=list)  # the recipe's, in its order
 
     @property
     def weights(self) -> dict[str, float]:
@@ -76,22 +79,41 @@ def make_recipe(*, model: str, base_sha256: str, modules: Sequence[LoraModule], 
         template=template, num_examples=num_examples, started=started, finished=now(), search=search)
 
 
-def write_output(output: str | Path, recipe: Recipe, model, tokenizer,
+def write_output(output: str | Path, recipe: Recipe, modules: Sequence[LoraModule], *,
+                 merged: tuple[object, object] | None = None,
                  history: tuple[Sequence[RestartOutcome], Sequence[LoraModule]] | None = None,
                  extra: Callable[[Path], None] | None = None) -> Path | str:
-    """Write ``recipe.json``, ``model/`` (merged, ``save_pretrained``) and ``history.parquet``
-    (``history = (outcomes, modules)``, see :func:`write_history`) atomically (to a local directory,
-    or to ``s3://...`` with ``recipe.json`` uploaded last); ``extra(directory)`` may add more files
-    before the output is published."""
+    """Write a run's output atomically (a local directory, or ``s3://...`` with ``recipe.json`` uploaded
+    last) and return where it is:
+
+    * ``adapter/``: the composition as a PEFT LoRA adapter, computed from ``modules`` (the recipe's
+      modules, in the order of ``recipe.modules``) and ``recipe.weights``, no model needed (see
+      :mod:`lorahub_ray.core.adapter`); the recipe records its sha256;
+    * ``model/``: only with ``merged=(model, tokenizer)`` (``--merge``), the merged model, ``save_pretrained``;
+    * ``history.parquet``: with ``history=(outcomes, hub modules)``, see :func:`write_history`;
+    * whatever ``extra(directory)`` adds;
+    * ``recipe.json``, last: a directory with ``recipe.json`` is complete.
+    """
     with storage.output_directory(output, marker=RECIPE_FILE) as tmp:
-        model.save_pretrained(tmp / MODEL_DIR)
-        tokenizer.save_pretrained(tmp / MODEL_DIR)
         if history is not None:
             write_history(tmp / HISTORY_FILE, *history)
         if extra is not None:
             extra(tmp)
-        recipe.save(tmp)  # last: a directory with recipe.json is complete
+        write_run(tmp, recipe, modules, merged=merged)
     return str(output) if storage.is_remote(str(output)) else Path(output)
+
+
+def write_run(directory: Path, recipe: Recipe, modules: Sequence[LoraModule], *,
+              merged: tuple[object, object] | None = None) -> None:
+    """A run's own files, into the local ``directory``: ``adapter/``, ``model/`` (with ``merged``) and
+    ``recipe.json``, last (see :func:`write_output`). What any reader of a run directory needs
+    (:func:`lorahub_ray.core.model.load_model`, ``evaluate``, ``serve``)."""
+    recipe.adapter_sha256 = save_adapter(directory / ADAPTER_DIR, recipe, modules)
+    if merged is not None:
+        model, tokenizer = merged
+        model.save_pretrained(directory / MODEL_DIR)
+        tokenizer.save_pretrained(directory / MODEL_DIR)
+    recipe.save(directory)  # last: a directory with recipe.json is complete
 
 
 def write_history(path: Path, outcomes: Sequence[RestartOutcome], modules: Sequence[LoraModule]) -> None:
@@ -140,9 +162,12 @@ def lorahub_learning(
     score: str = "loss",
     selection: SelectionConfig | None = None,
     map_folds: MapFolds | None = None,
+    merge: bool = False,
 ) -> LoraHubResult:
     """LoraHub learning: find weights for ``modules`` on the few-shot ``examples``, merge them into
-    ``model`` and (with ``output``) save ``recipe.json``, ``model/`` and ``history.parquet``.
+    ``model`` and (with ``output``) save ``recipe.json``, ``adapter/`` (the composed module as a PEFT
+    LoRA adapter) and ``history.parquet``; with ``merge`` also ``model/``, the merged model (see
+    :func:`write_output`).
 
     ``model`` and each of ``modules`` is a Hub id, a local directory or an ``s3://`` URI; a
     module entry may also be a folder of adapter directories. ``loss`` is ``"reference"`` (the
@@ -241,27 +266,12 @@ def lorahub_learning(
     saved = None
     if output is not None:
         outcome = RestartOutcome(plan, result.weights, result.objective, result.algorithm, True, result.history)
-        saved = write_output(output, recipe, merged, tokenizer, history=([outcome], searched))
-    return LoraHubResult(recipe=recipe, search=result, model=merged, tokenizer=tokenizer, output=saved)
+        saved = write_output(output, recipe, searched, merged=(merged, tokenizer) if merge else None,
+                             history=([outcome], searched))
+    return LoraHubResult(recipe=recipe, search=result, model=merged, tokenizer=tokenizer, output=saved,
+                         modules=list(searched))
 
 
 def _advanced(value, advance):
     advance()
     return value
-
-
-def build_model(recipe: Recipe | str | Path, *, device: str | None = None, verify: bool = True):
-    """Rebuild the merged model of a recipe from its base model and modules: ``(model, tokenizer)``.
-
-    With ``verify`` the content hashes recorded in the recipe are checked, so a changed module
-    or base model is a clear error instead of a silently different model.
-    """
-    if not isinstance(recipe, Recipe):
-        recipe = Recipe.load(recipe)
-    modules = [load_module(m["uri"], m["name"], expected_sha256=m["sha256"] if verify else None)
-               for m in recipe.modules]
-    check_compatible(modules)
-    base, tokenizer, base_path = load_base_model(recipe.base_model, device=device)
-    if verify and base_model_sha256(base_path) != recipe.base_model_sha256:
-        raise IntegrityError(f"base model '{recipe.base_model}' differs from the one the recipe was made with")
-    return LoraComposer(base, modules, merge_method=recipe.merge_method).merge_and_unload(recipe.weights), tokenizer

@@ -1,6 +1,7 @@
-"""Loading the base model and its tokenizer from a Hub id, a local directory, ``s3://`` or a ``.gguf``
-file; the model's family (:mod:`lorahub_ray.core.families`: seq2seq or causal LM) is read from its
-config and does the loading."""
+"""Loading models: the base model and its tokenizer from a Hub id, a local directory, ``s3://`` or a
+``.gguf`` file (the model's family, :mod:`lorahub_ray.core.families`: seq2seq or causal LM, is read
+from its config and does the loading), and the composed model of a run directory (:func:`load_model`)
+or of a recipe (:func:`build_model`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ from pathlib import Path
 import torch
 
 from lorahub_ray.core import gguf
+from lorahub_ray.core.adapter import apply_adapter, local_adapter
+from lorahub_ray.core.compose import LoraComposer
 from lorahub_ray.core.families import Family, family_of
-from lorahub_ray.errors import LoraHubError
+from lorahub_ray.core.modules import check_compatible, load_module
+from lorahub_ray.core.recipe import ADAPTER_DIR, MODEL_DIR, Recipe, run_files
+from lorahub_ray.errors import IntegrityError, LoraHubError
 from lorahub_ray.io import storage
 
 
@@ -54,19 +59,48 @@ def load_base_model(uri: str, *, device: str | None = None, dtype: torch.dtype |
     return model, tokenizer, path
 
 
-def load_model(uri: str | Path, *, device: str | None = None):
-    """A model to evaluate: a lorahub-ray output directory (its ``model/``) or any base model."""
-    from lorahub_ray.core.recipe import MODEL_DIR, RECIPE_FILE
+def load_model(uri: str | Path, *, device: str | None = None, verify: bool = True):
+    """A model to evaluate, with its tokenizer: any base model (see :func:`load_base_model`), or a
+    lorahub-ray run directory (local or ``s3://``), whose composed model is
 
+    * its ``model/``, when the run wrote one (``--merge``; and every output before the adapter), as it is;
+    * else the recipe's base model with the run's ``adapter/`` merged in at load;
+    * else (a directory with ``recipe.json`` alone) rebuilt from the recipe's modules (:func:`build_model`).
+
+    With ``verify`` the recipe's hashes are checked: the base model's, and the adapter's or the modules'.
+    """
     uri = str(uri)
-    local = Path(uri)
-    if local.is_dir() and (local / RECIPE_FILE).exists() and (local / MODEL_DIR).is_dir():
-        uri = str(local / MODEL_DIR)
-    elif storage.is_remote(uri) and not gguf.is_gguf(uri):
-        import fsspec
+    run = None if gguf.is_gguf(uri) else run_files(uri)
+    if run is None or run.model:
+        model, tokenizer, _ = load_base_model(uri if run is None else run.path(MODEL_DIR), device=device)
+        return model, tokenizer
+    recipe = Recipe.load(uri)
+    if not run.adapter:
+        return build_model(recipe, device=device, verify=verify)
+    adapter = local_adapter(run.path(ADAPTER_DIR), expected_sha256=recipe.adapter_sha256 if verify else None)
+    base, tokenizer = recipe_base_model(recipe, device=device, verify=verify)
+    return apply_adapter(base, adapter), tokenizer
 
-        fs, root = fsspec.core.url_to_fs(uri)
-        if fs.exists(f"{root.rstrip('/')}/{RECIPE_FILE}"):
-            uri = uri.rstrip("/") + "/" + MODEL_DIR
-    model, tokenizer, _ = load_base_model(uri, device=device)
-    return model, tokenizer
+
+def recipe_base_model(recipe: Recipe, *, device: str | None = None, verify: bool = True):
+    """The recipe's base model and tokenizer; with ``verify`` its content must be the one the recipe
+    records."""
+    base, tokenizer, base_path = load_base_model(recipe.base_model, device=device)
+    if verify and base_model_sha256(base_path) != recipe.base_model_sha256:
+        raise IntegrityError(f"base model '{recipe.base_model}' differs from the one the recipe was made with")
+    return base, tokenizer
+
+
+def build_model(recipe: Recipe | str | Path, *, device: str | None = None, verify: bool = True):
+    """Rebuild the merged model of a recipe from its base model and modules: ``(model, tokenizer)``.
+
+    With ``verify`` the content hashes recorded in the recipe are checked, so a changed module
+    or base model is a clear error instead of a silently different model.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.load(recipe)
+    modules = [load_module(m["uri"], m["name"], expected_sha256=m["sha256"] if verify else None)
+               for m in recipe.modules]
+    check_compatible(modules)
+    base, tokenizer = recipe_base_model(recipe, device=device, verify=verify)
+    return LoraComposer(base, modules, merge_method=recipe.merge_method).merge_and_unload(recipe.weights), tokenizer

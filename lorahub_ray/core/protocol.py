@@ -2,7 +2,8 @@
 
 The base model and the whole hub are loaded once for all tasks. For each task (one few-shot file,
 named by its stem) a :class:`TaskRunner` runs the task's restarts and writes its output
-(``DIR/<task>/``: recipe, merged model, history, through :func:`lorahub_ray.core.learning.write_output`);
+(``DIR/<task>/``: recipe, adapter, history, and the merged model with ``merge``, through
+:func:`lorahub_ray.core.learning.write_output`);
 :func:`run_tasks` drives the tasks, keeps going when one fails, and keeps ``DIR/summary.json`` up to
 date after every task (per task: status, objective, winning restart, seconds, error).
 
@@ -178,6 +179,7 @@ class LocalRunner:
     batch_size: int | None = None
     regularizer: Callable[[Sequence[float]], float] = l1_regularization
     template: str = "plain"
+    merge: bool = False  # also write each task's merged model/
     extra: dict = field(default_factory=dict)  # more for recipe.search
 
     def __post_init__(self):
@@ -242,9 +244,12 @@ class LocalRunner:
 
     def write(self, task: str, examples: Examples, search: TaskSearch, output: str) -> str:
         best = search.best
-        with self._scope(best.plan.modules):
-            merged = merged_copy(self.composer, best.weights)
-        return str(write_output(output, self.recipe(examples, search), merged, self.tokenizer,
+        merged = None
+        if self.merge:
+            with self._scope(best.plan.modules):
+                merged = merged_copy(self.composer, best.weights), self.tokenizer
+        recipe = self.recipe(examples, search)
+        return str(write_output(output, recipe, [self.modules[i] for i in best.canonical()[0]], merged=merged,
                                 history=(search.restarts, self.modules)))
 
 
@@ -253,9 +258,11 @@ def run_protocol(model: str, modules: Sequence[str | LoraModule], files: Sequenc
                  modules_per_restart: int | None = None, preselect: int | None = None,
                  loss: str | LossFn = "reference", batch_size: int | None = None, input_field: str = "input",
                  output_field: str = "output", device: str | None = None, template: str = "plain",
-                 progress: bool = True, make_runner: Callable[..., TaskRunner] | None = None) -> dict:
+                 merge: bool = False, progress: bool = True,
+                 make_runner: Callable[..., TaskRunner] | None = None) -> dict:
     """LoraHub learning on every task of ``files`` (``(name, uri)`` pairs, one few-shot file per task)
-    with one loaded base model and hub: ``DIR/<name>/`` per task and ``DIR/summary.json``.
+    with one loaded base model and hub: ``DIR/<name>/`` per task (with ``merge``, its ``model/`` too) and
+    ``DIR/summary.json``.
 
     Everything that can be checked cheaply is checked before any model loads: the options, every
     task's file (a malformed one fails its task only), the outputs (nothing the user saved is
@@ -278,7 +285,7 @@ def run_protocol(model: str, modules: Sequence[str | LoraModule], files: Sequenc
     loaded = load_module_list(modules, progress)
     options = dict(budget=budget, optimizer=optimizer, seed=seed, restarts=restarts,
                    modules_per_restart=modules_per_restart, preselect=preselect, loss=loss, batch_size=batch_size,
-                   template=template)
+                   template=template, merge=merge)
     if make_runner is not None:
         runner = make_runner(loaded, model=model, device=device, **options)
     else:

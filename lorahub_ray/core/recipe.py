@@ -1,4 +1,5 @@
-"""The recipe: everything needed to rebuild a composed model, saved as ``recipe.json``."""
+"""The recipe: everything needed to rebuild a composed model, saved as ``recipe.json``; and the layout of
+the run directory around it (:func:`run_files`)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 import fsspec
 
 from lorahub_ray.errors import LoraHubError
+from lorahub_ray.io import storage
 
 RECIPE_FILE = "recipe.json"
-MODEL_DIR = "model"
+MODEL_DIR = "model"  # the merged model, written only when asked (--merge, merge=True)
+ADAPTER_DIR = "adapter"  # the composed module as a PEFT LoRA adapter (lorahub_ray.core.adapter)
 HISTORY_FILE = "history.parquet"
 FORMAT = "lorahub-ray/recipe/v1"
 
@@ -45,6 +48,7 @@ class Recipe:
     regularizer: str = "l1(0.05)"
     merge_method: str = "linear"
     template: str = "plain"  # how inputs become prompts (lorahub_ray.core.families.TEMPLATES)
+    adapter_sha256: str | None = None  # of the run's adapter/, checked when it is loaded (None: no adapter)
     num_examples: int = 0
     started: str = ""
     finished: str = ""
@@ -90,3 +94,33 @@ class Recipe:
         if missing:
             raise LoraHubError(f"recipe '{uri}' lacks {', '.join(missing)}")
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """What a run directory (local or ``s3://``) holds besides its ``recipe.json``."""
+
+    uri: str
+    model: bool  # model/: the merged model (written with --merge)
+    adapter: bool  # adapter/: the composed module as a PEFT adapter
+
+    def path(self, name: str) -> str:
+        return f"{self.uri.rstrip('/')}/{name}"
+
+
+def run_files(uri: str | Path) -> RunFiles | None:
+    """The layout of the run directory at ``uri``, or ``None`` when ``uri`` holds no ``recipe.json``
+    (a model directory, a Hub id, a file). Only a listing: nothing is read or downloaded."""
+    uri = str(uri)
+    if not storage.is_remote(uri):
+        local = Path(uri.removeprefix("file://")).expanduser()
+        if not (local / RECIPE_FILE).is_file():
+            return None
+        return RunFiles(uri, (local / MODEL_DIR / "config.json").is_file(),
+                        (local / ADAPTER_DIR / storage.ADAPTER_CONFIG).is_file())
+    fs, root = fsspec.core.url_to_fs(uri)
+    root = root.rstrip("/")
+    if not fs.exists(f"{root}/{RECIPE_FILE}"):
+        return None
+    return RunFiles(uri, fs.exists(f"{root}/{MODEL_DIR}/config.json"),
+                    fs.exists(f"{root}/{ADAPTER_DIR}/{storage.ADAPTER_CONFIG}"))

@@ -34,7 +34,8 @@ answer but does not write it in the expected form. Every prompt is rendered with
 (``{"tasks": {TASK: {METHOD: cell}}, "macro": {METHOD: cell}}``, the macro average over the tasks),
 ``table.png`` and ``<TASK>/<METHOD>/predictions.parquet`` (input, target, prediction, correct,
 input_tokens; with a ``seed`` column for ``lorahub_mean``) next to its ``cell.json``; every LoraHub
-run also keeps its ``recipe.json`` under ``<TASK>/lorahub_runs/seed_<s>/``. The table is rewritten
+run also keeps its ``recipe.json`` and ``adapter/`` (a run directory, as ``search`` writes one: ``evaluate``
+and ``serve`` take it) under ``<TASK>/lorahub_runs/seed_<s>/``, ``select_cv`` in its cell. The table is rewritten
 after each task. A rerun with the same settings skips every cell already written (resumable).
 
 No Ray here: ``evaluate`` (default: in this process) may be :func:`lorahub_ray.api.evaluate_data`

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lorahub_ray.core.compose import LoraComposer
-from lorahub_ray.core.learning import lorahub_learning
+from lorahub_ray.core.learning import lorahub_learning, write_run
 from lorahub_ray.core.model import load_base_model, load_model
 from lorahub_ray.core.objective import FewShotObjective
 from lorahub_ray.core.preselect import screen
@@ -186,7 +186,7 @@ class TaskCells:
         learned = self._learn([self.modules[i] for i in self.subsets[seed]], fewshot, seed)
         result, options = self._eval_merged(learned.model, learned.tokenizer, test, folder)
         cell = _cell(result, time.perf_counter() - start, options, seed=seed, weights=learned.weights)
-        return _write_cell(folder, cell, result.predictions, extra=learned.recipe.save)
+        return _write_cell(folder, cell, result.predictions, extra=_run_files(learned))
 
     def _mean(self, where: Path, runs: list[dict]) -> dict:
         import pyarrow.parquet as pq
@@ -230,4 +230,10 @@ class TaskCells:
         report = learned.recipe.search["selection"]
         cell = _cell(result, time.perf_counter() - start, options, winner=report["winner"], reason=report["reason"],
                      weights=learned.weights)
-        return _write_cell(where / "select_cv", cell, result.predictions, extra=learned.recipe.save)
+        return _write_cell(where / "select_cv", cell, result.predictions, extra=_run_files(learned))
+
+
+def _run_files(learned) -> Callable[[Path], None]:
+    """A LoraHub run's recipe.json and adapter/ beside its cell: a run directory that ``evaluate``,
+    ``serve`` and ``load_model`` take."""
+    return lambda directory: write_run(directory, learned.recipe, learned.modules)

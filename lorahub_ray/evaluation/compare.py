@@ -9,7 +9,8 @@ with Ray Data, see :mod:`lorahub_ray.evaluation.evaluate`):
     the base model on each test input with the few-shot examples prepended (the paper's
     in-context learning baseline), in the format of :func:`icl_prompt`;
 ``LoraHub``
-    the recipe's merged model (its ``model/``) on each test input.
+    the run's composed model (as :func:`lorahub_ray.core.model.load_model` loads it: its ``model/``,
+    else the base model with its ``adapter/`` merged in) on each test input.
 
 For each: accuracy (exact match, percent), input tokens per example and examples per second.
 The table the paper's headline claim rests on: LoraHub near ICL accuracy at zero-shot token cost.
@@ -25,7 +26,7 @@ from lorahub_ray.io import storage
 from lorahub_ray.io.examples import Examples, as_examples
 from lorahub_ray.errors import LoraHubError
 from lorahub_ray.evaluation.evaluate import EvaluationResult, evaluate_local, model_template, read_tasks, write_results
-from lorahub_ray.core.recipe import MODEL_DIR, RECIPE_FILE
+from lorahub_ray.core.recipe import RECIPE_FILE, run_files
 from lorahub_ray.plots import plot_comparison
 
 COMPARE_FILE = "compare.json"
@@ -59,13 +60,10 @@ class InContextPrompt:
 
 
 def _recipe_model(recipe: str | Path) -> str:
-    uri = str(recipe)
-    if storage.is_remote(uri):
-        return uri
-    path = Path(uri).expanduser()
-    if not (path / RECIPE_FILE).is_file() or not (path / MODEL_DIR).is_dir():
-        raise LoraHubError(f"recipe '{recipe}' is not a lorahub-ray output directory (no {RECIPE_FILE} and {MODEL_DIR}/)")
-    return str(path)
+    uri = str(recipe) if storage.is_remote(str(recipe)) else str(Path(recipe).expanduser())
+    if run_files(uri) is None:
+        raise LoraHubError(f"recipe '{recipe}' is not a lorahub-ray output directory (no {RECIPE_FILE})")
+    return uri
 
 
 def compare(model: str, recipe: str | Path, examples, data: str, *, output: str | Path | None = None,

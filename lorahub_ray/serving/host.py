@@ -3,9 +3,10 @@ Serve replica (and the benchmark's in-process baseline) runs.
 
 A :class:`ModelHost` holds the models of a set of registered recipes in one of two ways:
 
-* ``merged``: one merged model per recipe (its ``model/`` directory, or rebuilt with
-  :func:`lorahub_ray.core.learning.build_model` when the recipe has none). No LoRA work at inference: the
-  fastest path, at the memory cost of one full model per recipe.
+* ``merged``: one merged model per recipe, as :func:`lorahub_ray.core.model.load_model` loads a run
+  directory: its ``model/`` when the run wrote one (``--merge``), else the base model with the run's
+  ``adapter/`` merged in at load, else rebuilt from the recipe's modules. No LoRA work at inference:
+  the fastest path, at the memory cost of one full model per recipe.
 * ``composed``: one :class:`~lorahub_ray.core.compose.LoraComposer` per base model, holding the union
   of the recipes' modules stacked once. Serving a recipe writes its composition into the LoRA slot
   in place (``compose(weights)``: one matrix-vector product, milliseconds), so many recipes share
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from lorahub_ray.io import storage
 from lorahub_ray.errors import LoraHubError
-from lorahub_ray.core.recipe import MODEL_DIR, RECIPE_FILE, Recipe
+from lorahub_ray.core.recipe import RECIPE_FILE, Recipe
 
 MODES = ("auto", "merged", "composed")
 RECIPE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -109,16 +110,6 @@ def load_recipes(specs: Sequence[RecipeSpec]) -> dict[str, Recipe]:
     return recipes
 
 
-def has_merged_model(path: str) -> bool:
-    if storage.is_remote(path):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(path)
-        return fs.exists(f"{root.rstrip('/')}/{MODEL_DIR}/config.json")
-    local = Path(str(path).removeprefix("file://")).expanduser()
-    return (local / MODEL_DIR / "config.json").is_file()
-
-
 def describe(spec: RecipeSpec, recipe: Recipe, mode: str) -> dict:
     """What ``GET /recipes`` shows of a recipe."""
     return {
@@ -174,12 +165,9 @@ class ModelHost:
 
     @staticmethod
     def _load_merged(spec: RecipeSpec, device, verify):
-        from lorahub_ray.core.learning import build_model
         from lorahub_ray.core.model import load_model
 
-        if has_merged_model(spec.path):
-            return load_model(spec.path, device=device)
-        return build_model(spec.path, device=device, verify=verify)
+        return load_model(spec.path, device=device, verify=verify)
 
     def _load_composed(self, device, verify) -> None:
         from lorahub_ray.core.compose import LoraComposer
