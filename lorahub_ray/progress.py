@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column
+from rich.text import Text
 
 Advance = Callable[..., None]  # advance(n=1, *, info=None, description=None)
 
@@ -40,15 +41,24 @@ def _noop(n: float = 1, **fields) -> None:
     return None
 
 
+class _Count(MofNCompleteColumn):
+    """``done/total``; for a phase of unknown length (its bar pulses) the count alone, once there is one."""
+
+    def render(self, task):
+        if task.total is not None:
+            return super().render(task)
+        return Text(f"{int(task.completed)}" if task.completed else "", style="progress.download")
+
+
 def _columns(width: int) -> list:
     """Phase, bar, count, elapsed (and at 100 columns or more the time left), then the info, each on one line:
     the phase and the info are cut with an ellipsis rather than squeezing the bar and the count out."""
     wide = width >= 100
-    bar, label = (24, 32) if wide else (12, 27)
+    bar, label = (20, 28) if wide else (12, 27)
     fixed = bar + 7 + 7 + (6 if wide else 0) + (5 if wide else 4)  # bar, count, elapsed, left, the gaps
     cut = dict(no_wrap=True, overflow="ellipsis")
     return [TextColumn("[bold]{task.description}", table_column=Column(max_width=label, **cut)),
-            BarColumn(bar_width=bar), MofNCompleteColumn(), TimeElapsedColumn(),
+            BarColumn(bar_width=bar), _Count(), TimeElapsedColumn(),
             *([TimeRemainingColumn(compact=True)] if wide else []),
             TextColumn("{task.fields[info]}", table_column=Column(max_width=max(8, width - label - fixed), **cut))]
 
@@ -56,13 +66,17 @@ def _columns(width: int) -> list:
 @contextlib.contextmanager
 def progress_bar(description: str, total: float | None, *, enabled: bool = True) -> Iterator[Advance]:
     """Yield ``advance(n=1, *, info=None, description=None)``: ``n`` more done (a fraction is fine), ``info``
-    the text after the bar (kept until replaced), ``description`` a new label. ``total=None`` draws a
-    spinner and a count without a bar (a phase of unknown length)."""
+    the text after the bar (kept until replaced), ``description`` a new label. ``total=None`` is a phase of
+    unknown length: its bar pulses, with the count alone."""
     if not shown(enabled):
         yield _noop
         return
     nested = bool(_live)
-    bar = _live[0] if nested else Progress(*_columns(console().width), console=console(), transient=False)
+    if nested:
+        bar = _live[0]
+    else:
+        out = console()
+        bar = Progress(*_columns(out.width), console=out, transient=False)
     task = bar.add_task(description, total=total, info="")
 
     def advance(n: float = 1, *, info: str | None = None, description: str | None = None) -> None:

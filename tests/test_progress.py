@@ -61,9 +61,24 @@ def test_a_bar_shows_its_phase_count_and_info_and_nested_bars_join_it(terminal):
     assert "inner phase" in text  # drawn while it ran ...
     last = text.rstrip().splitlines()[-1]
     assert "outer renamed" in last and "inner phase" not in last  # ... and gone when its phase ended
-    with progress.progress_bar("a spinner", None) as advance:  # a phase of unknown length
-        advance(3)
-    assert "3/?" in terminal()
+    with progress.progress_bar("a phase of unknown length", None):
+        pass
+    assert terminal().rstrip().splitlines()[-1].split()[-2:] == ["━" * 20, "0:00:00"]  # no 0/?
+    with progress.progress_bar("loading", None) as advance:
+        advance(3, info="the third")
+    assert terminal().rstrip().splitlines()[-1].split()[-5:] == ["━" * 20, "3", "0:00:00", "the", "third"]
+
+
+@pytest.mark.parametrize("width", [80, 100, 160])
+def test_a_long_phase_and_info_are_cut_never_the_bar_count_and_time(monkeypatch, width):
+    buffer = io.StringIO()
+    monkeypatch.setattr(progress, "console", lambda: Console(file=buffer, force_terminal=True, force_interactive=True,
+                                                             width=width))
+    with progress.progress_bar("cv: 5 folds × 14 candidates and a longer label still", 71) as advance:
+        advance(12.5, info="fold 2: from-best-1 17/40 and a great deal more text " * 3)
+    last = ANSI.sub("", buffer.getvalue()).rstrip().splitlines()[-1]
+    assert len(last) <= width and " 12/71 0:00:00 " in last and "fold 2: from-best-1" in last
+    assert ("…" in last) and (last.count("━") + last.count("╸") + last.count("╺") >= 12)
 
 
 def test_training_reports_every_step_with_its_loss(world, tmp_path, terminal):

@@ -249,7 +249,7 @@ class SelectionContext:
             evaluations += len(result.history)
             if module is not None:
                 warm[setting.start] = module
-        advance(0, info=f"fold {task.fold + 1}: scoring {len(candidates) + len(fitted)} candidates")
+        advance(0, info=f"fold {task.fold + 1}: held-out scores")
         candidates.update(fitted)
         loss, correct = self.held_out(candidates, task.held_out)
         advance(len(candidates) - len(fitted))
