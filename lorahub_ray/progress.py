@@ -1,43 +1,115 @@
-"""Progress displays for long work (rich), silent when disabled or when output is not a terminal: one bar
-(:func:`progress_bar`), or one line per restart of a search (:class:`RestartsDisplay`)."""
+"""Progress displays for long work (rich), on standard error: one bar per phase (:func:`progress_bar`), or one
+line per restart of a search (:class:`RestartsDisplay`).
+
+They are silent when disabled or when standard error is not an interactive terminal (a pipe, a file, CI):
+rich draws a live display there only once, when it stops, so a phase that ran for minutes printed nothing until
+it ended. ``TTY_INTERACTIVE=1`` (rich's own switch) forces them on, ``TTY_INTERACTIVE=0`` off.
+
+A bar opened while another is live joins the same display as a line below it (rich allows one live display at
+a time) and goes away when its phase ends; the outermost bar stays on screen with its final count and time.
+The Ray-free core reports through the ``advance`` callable a bar yields, or through plain callbacks that the
+caller turns into ``advance`` calls; only this module imports rich's progress.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Iterator
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column
+from rich.text import Text
+
+Advance = Callable[..., None]  # advance(n=1, *, info=None, description=None)
+
+_live: list[Progress] = []  # the live display that nested bars join (at most one)
+
+
+def console() -> Console:
+    """Where progress goes: standard error, so that a command's results on standard output stay clean."""
+    return Console(stderr=True)
+
+
+def shown(enabled: bool = True) -> bool:
+    """Whether a progress display would be drawn: enabled, and standard error is an interactive terminal."""
+    return bool(enabled) and (bool(_live) or console().is_interactive)
+
+
+def _noop(n: float = 1, **fields) -> None:
+    return None
+
+
+class _Count(MofNCompleteColumn):
+    """``done/total``; for a phase of unknown length (its bar pulses) the count alone, once there is one."""
+
+    def render(self, task):
+        if task.total is not None:
+            return super().render(task)
+        return Text(f"{int(task.completed)}" if task.completed else "", style="progress.download")
+
+
+def _columns(width: int) -> list:
+    """Phase, bar, count, elapsed (and at 100 columns or more the time left), then the info, each on one line:
+    the phase and the info are cut with an ellipsis rather than squeezing the bar and the count out."""
+    wide = width >= 100
+    bar, label = (20, 28) if wide else (12, 27)
+    fixed = bar + 7 + 7 + (6 if wide else 0) + (5 if wide else 4)  # bar, count, elapsed, left, the gaps
+    cut = dict(no_wrap=True, overflow="ellipsis")
+    return [TextColumn("[bold]{task.description}", table_column=Column(max_width=label, **cut)),
+            BarColumn(bar_width=bar), _Count(), TimeElapsedColumn(),
+            *([TimeRemainingColumn(compact=True)] if wide else []),
+            TextColumn("{task.fields[info]}", table_column=Column(max_width=max(8, width - label - fixed), **cut))]
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int | None, *, enabled: bool = True):
-    """Yield ``advance(n=1, **fields)``; ``fields`` fill the ``{task.fields[info]}`` column."""
-    if not enabled:
-        yield lambda n=1, **fields: None
+def progress_bar(description: str, total: float | None, *, enabled: bool = True) -> Iterator[Advance]:
+    """Yield ``advance(n=1, *, info=None, description=None)``: ``n`` more done (a fraction is fine), ``info``
+    the text after the bar (kept until replaced), ``description`` a new label. ``total=None`` is a phase of
+    unknown length: its bar pulses, with the count alone."""
+    if not shown(enabled):
+        yield _noop
         return
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(description, total=total, info="")
+    nested = bool(_live)
+    if nested:
+        bar = _live[0]
+    else:
+        out = console()
+        bar = Progress(*_columns(out.width), console=out, transient=False)
+    task = bar.add_task(description, total=total, info="")
 
-        def advance(n: int = 1, **fields):
-            bar.update(task, advance=n, info=fields.get("info", bar.tasks[task].fields["info"]))
+    def advance(n: float = 1, *, info: str | None = None, description: str | None = None) -> None:
+        fields = {"info": info} if info is not None else {}
+        bar.update(task, advance=n, **fields, **({"description": description} if description else {}))
 
-        yield advance
+    if nested:
+        try:
+            yield advance
+        finally:
+            bar.remove_task(task)
+        return
+    _live.append(bar)
+    try:
+        with bar:
+            yield advance
+    finally:
+        _live.remove(bar)
 
 
 class RestartsDisplay:
     """A live display of a portfolio of restarts, one line each: evaluations done of the budget, best
-    objective, evaluations per second and the algorithm that runs. A no-op when disabled."""
+    objective, evaluations per second and the algorithm that runs. A no-op when disabled or when standard
+    error is not an interactive terminal."""
 
     def __init__(self, plans, budget: int, *, enabled: bool = True):
         self.plans, self.budget, self.enabled = {p.restart: p for p in plans}, budget, enabled
         self.bar, self.tasks, self.first = None, {}, {}
 
     def __enter__(self):
-        if self.enabled:
+        if shown(self.enabled) and not _live:
             self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+                                TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console())
             self.bar.start()
         return self
 

@@ -33,7 +33,7 @@ from lorahub_ray.core.preselect import check_k, hub_size, screen_and_choose
 from lorahub_ray.core.recipe import ADAPTER_DIR, HISTORY_FILE, MODEL_DIR, RECIPE_FILE, Recipe
 from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, SearchResult, minimize
 from lorahub_ray.core.selection import (SCORES, SELECT_METHODS, MapFolds, SelectionConfig, SelectionContext,
-                                       make_folds, select as cv_select, sequential)
+                                       progress_plan, select as cv_select, sequential)
 from lorahub_ray.core.settings import SearchSettings
 from lorahub_ray.progress import progress_bar
 
@@ -216,7 +216,8 @@ def lorahub_learning(
     _, family = base_family(model)  # from the config alone: an adapter of the other family fails before the weights load
     for module in loaded:
         family.check_module(module)
-    base, tokenizer, base_path = load_base_model(model, device=device)
+    with progress_bar("loading the base model", None, enabled=progress):
+        base, tokenizer, base_path = load_base_model(model, device=device)
     check_template(template, tokenizer)
     composer = LoraComposer(base, loaded)
     objective = FewShotObjective(composer, tokenizer, data.inputs, data.outputs, loss=loss, batch_size=batch_size,
@@ -243,11 +244,8 @@ def lorahub_learning(
                                        names=[m.name for m in searched], loss=loss, batch_size=batch_size,
                                        regularizer=regularizer, budget=budget, optimizer=optimizer, seed=seed,
                                        asks=asks, config=config, template=template, model=str(model), device=device)
-            run_folds = map_folds or sequential
-            with progress_bar("cross-validated selection (folds)", len(make_folds(len(data), config.folds)),
-                              enabled=progress) as advance:
-                chosen = cv_select(context, map_folds=lambda ctx, tasks: (_advanced(r, advance)
-                                                                          for r in run_folds(ctx, tasks)))
+            with progress_bar(*progress_plan(context), enabled=progress) as advance:
+                chosen = cv_select(context, map_folds=map_folds or sequential, advance=advance)
             result, search_info["selection"] = chosen.search, chosen.report
             if hasattr(map_folds, "describe"):  # where a backend ran the folds
                 search_info["selection"]["folds_backend"] = map_folds.describe()
@@ -266,12 +264,8 @@ def lorahub_learning(
     saved = None
     if output is not None:
         outcome = RestartOutcome(plan, result.weights, result.objective, result.algorithm, True, result.history)
-        saved = write_output(output, recipe, searched, merged=(merged, tokenizer) if merge else None,
-                             history=([outcome], searched))
+        with progress_bar("writing the output", None, enabled=progress):
+            saved = write_output(output, recipe, searched, merged=(merged, tokenizer) if merge else None,
+                                 history=([outcome], searched))
     return LoraHubResult(recipe=recipe, search=result, model=merged, tokenizer=tokenizer, output=saved,
                          modules=list(searched))
-
-
-def _advanced(value, advance):
-    advance()
-    return value

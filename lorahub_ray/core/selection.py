@@ -44,7 +44,8 @@ from dataclasses import asdict, dataclass, field
 
 from lorahub_ray.core.compose import LoraComposer
 from lorahub_ray.core.objective import FewShotObjective, LossFn, l1_regularization
-from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER, SearchResult, make_optimizer, minimize
+from lorahub_ray.core.search import (DEFAULT_BUDGET, DEFAULT_OPTIMIZER, Evaluation, SearchResult, make_optimizer,
+                                     minimize)
 from lorahub_ray.errors import LoraHubError
 from lorahub_ray.evaluation.generate import exact_match, generate
 
@@ -194,8 +195,10 @@ class SelectionContext:
         losses = [v for s in range(0, len(onehots), CHUNK) for v in objective.losses(onehots[s : s + CHUNK])]
         return sorted(range(len(onehots)), key=lambda i: (losses[i], i))
 
-    def fit(self, setting: SearchSetting, indices: Sequence[int]) -> tuple[SearchResult, str | None]:
-        """The search ``setting`` on the examples at ``indices``; returns it and its warm start's module."""
+    def fit(self, setting: SearchSetting, indices: Sequence[int],
+            callback: Callable[[Evaluation, float], None] | None = None) -> tuple[SearchResult, str | None]:
+        """The search ``setting`` on the examples at ``indices``; returns it and its warm start's module.
+        ``callback`` is the search's (:func:`~lorahub_ray.core.search.minimize`): after every evaluation."""
         regularizer = self.regularizer if setting.l1 is None else functools.partial(_l1, setting.l1)
         objective = self.objective(indices, regularizer=regularizer)
         k, start = len(self.names), None
@@ -208,7 +211,8 @@ class SelectionContext:
             init[start] = 1.0
         opt = make_optimizer(self.optimizer, k, budget=self.budget, seed=self.seed, num_workers=self.asks, init=init)
         result = minimize(objective, k, budget=self.budget, optimizer=self.optimizer, seed=self.seed, opt=opt,
-                          num_workers=self.asks, evaluate_batch=objective.evaluate_many if self.asks > 1 else None)
+                          num_workers=self.asks, evaluate_batch=objective.evaluate_many if self.asks > 1 else None,
+                          callback=callback)
         return result, None if start is None else self.names[start]
 
     # --- scoring ---------------------------------------------------------------------------
@@ -229,19 +233,26 @@ class SelectionContext:
                 correct[name] = sum(exact_match(p, t) for p, t in zip(predictions, targets))
         return loss, correct
 
-    def run_fold(self, task: FoldTask) -> FoldResult:
-        """Fit every search candidate on the fold's fit examples and score every candidate on its held-out ones."""
+    def run_fold(self, task: FoldTask, advance: Callable[..., None] | None = None) -> FoldResult:
+        """Fit every search candidate on the fold's fit examples and score every candidate on its held-out ones.
+        ``advance(n, info=...)`` (a progress bar's, counting fold × candidate) hears of every search evaluation
+        (``1/budget`` of its candidate) and of the fixed candidates once they are scored."""
         start = time.perf_counter()
+        advance = advance or _no_progress
         candidates = self.fixed()
         fitted, warm, evaluations = {}, {}, 0
         for setting in self.settings:
-            result, module = self.fit(setting, task.fit)
+            label = f"fold {task.fold + 1}: {setting.name}"
+            result, module = self.fit(setting, task.fit, callback=lambda e, best, label=label: advance(
+                1 / self.budget, info=f"{label} {e.step + 1}/{self.budget}"))
             fitted[setting.name] = result.weights
             evaluations += len(result.history)
             if module is not None:
                 warm[setting.start] = module
+        advance(0, info=f"fold {task.fold + 1}: held-out scores")
         candidates.update(fitted)
         loss, correct = self.held_out(candidates, task.held_out)
+        advance(len(candidates) - len(fitted))
         return FoldResult(task.fold, list(task.held_out), loss, correct, fitted, [warm[r] for r in sorted(warm)],
                           len(self.settings), evaluations, time.perf_counter() - start)
 
@@ -249,9 +260,14 @@ class SelectionContext:
 MapFolds = Callable[[SelectionContext, Sequence[FoldTask]], Iterable[FoldResult]]
 
 
-def sequential(context: SelectionContext, tasks: Sequence[FoldTask]) -> Iterator[FoldResult]:
-    """The default ``map_folds``: one fold after the other, in this process."""
-    return (context.run_fold(t) for t in tasks)
+def sequential(context: SelectionContext, tasks: Sequence[FoldTask],
+               advance: Callable[..., None] | None = None) -> Iterator[FoldResult]:
+    """The default ``map_folds``: one fold after the other, in this process (``advance``: see ``run_fold``)."""
+    return (context.run_fold(t, advance) for t in tasks)
+
+
+def _no_progress(n: float = 1, **fields) -> None:
+    return None
 
 
 @dataclass
@@ -323,16 +339,41 @@ def cross_validate(context: SelectionContext, *, map_folds: MapFolds = sequentia
     return results
 
 
-def select(context: SelectionContext, *, map_folds: MapFolds = sequential) -> Selection:
-    """Cross-validate every candidate, pick the winner and refit it on all examples."""
+def progress_plan(context: SelectionContext) -> tuple[str, int]:
+    """A progress bar's label and total for :func:`select`: one unit per fold × candidate, and one for the refit."""
+    folds, candidates = len(make_folds(len(context.inputs), context.config.folds)), len(context.candidate_names())
+    return f"cv: {folds} folds × {candidates} candidates", folds * candidates + 1
+
+
+def select(context: SelectionContext, *, map_folds: MapFolds = sequential,
+           advance: Callable[..., None] | None = None) -> Selection:
+    """Cross-validate every candidate, pick the winner and refit it on all examples. ``advance(n, info=...)``
+    (a progress bar's, of :func:`progress_plan`'s total) hears of every search evaluation in the folds when they
+    run here (:func:`sequential`), of each whole fold from another ``map_folds``, and of the refit's evaluations."""
     started = time.perf_counter()
+    advance = advance or _no_progress
+    if map_folds is sequential:
+        map_folds = functools.partial(sequential, advance=advance)
+    else:  # elsewhere (Ray): a whole fold at a time
+        backend, per_fold = map_folds, len(context.candidate_names())
+        map_folds = lambda ctx, tasks: (_advanced(r, advance, per_fold) for r in backend(ctx, tasks))  # noqa: E731
     results = cross_validate(context, map_folds=map_folds)
-    return choose(context, results, fold_seconds=time.perf_counter() - started)
+    chosen = choose(context, results, fold_seconds=time.perf_counter() - started, refit_callback=lambda e, best: advance(
+        1 / context.budget, info=f"refit {e.step + 1}/{context.budget}, best {best:.4f}"))
+    advance(1 - chosen.report["cost"]["refit_searches"], info=f"winner {chosen.winner}")
+    return chosen
 
 
-def choose(context: SelectionContext, results: Sequence[FoldResult], *, fold_seconds: float | None = None) -> Selection:
+def _advanced(result: FoldResult, advance: Callable[..., None], n: int) -> FoldResult:
+    advance(n, info=f"fold {result.fold + 1} done")
+    return result
+
+
+def choose(context: SelectionContext, results: Sequence[FoldResult], *, fold_seconds: float | None = None,
+           refit_callback: Callable[[Evaluation, float], None] | None = None) -> Selection:
     """Rank the candidates by their fold scores, pick the winner and refit it on all examples.
-    ``fold_seconds`` defaults to the folds' own seconds summed."""
+    ``fold_seconds`` defaults to the folds' own seconds summed; ``refit_callback`` is the refit search's
+    callback (after every evaluation; a fixed winner needs no search)."""
     n = len(context.inputs)
     if fold_seconds is None:
         fold_seconds = sum(r.seconds for r in results)
@@ -369,7 +410,7 @@ def choose(context: SelectionContext, results: Sequence[FoldResult], *, fold_sec
                               budget=0, seed=context.seed)
         regularizer = None
     else:
-        search, warm_start = context.fit(setting, range(n))
+        search, warm_start = context.fit(setting, range(n), callback=refit_callback)
         weights, regularizer = search.weights, setting.l1
     report = {
         "method": "cv", "score": context.config.score, "scheme": "leave-one-out" if n <= LEAVE_ONE_OUT_MAX else "k-fold",

@@ -13,7 +13,7 @@ catalogue.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,10 +50,11 @@ def train_module(model: str, examples, output: str | Path, *, rank: int = 8, alp
                  targets: Sequence[str] | None = None, steps: int = 100, lr: float = 1e-3, batch_size: int = 8,
                  seed: int = 0, template: str = "plain", input_field: str = "input", output_field: str = "output",
                  device: str | None = None, max_length: int = 512, hub: str | None = None, task: str | None = None,
-                 progress: bool = True) -> TrainResult:
+                 progress: bool = True, callback: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train one LoRA module for ``model`` (any base model ``--model`` takes) on ``examples`` and write
     it to ``output``; with ``hub``, add it to that catalogue under ``task``. ``targets`` default to the
-    family's (``q``/``v`` for T5, ``q_proj``/``v_proj`` for Llama-like models); ``alpha`` to ``2·rank``."""
+    family's (``q``/``v`` for T5, ``q_proj``/``v_proj`` for Llama-like models); ``alpha`` to ``2·rank``.
+    ``callback(step, loss)`` is called after every optimizer step (``step`` from 1)."""
     from peft import LoraConfig, get_peft_model
 
     data = as_examples(examples, input_field=input_field, output_field=output_field)
@@ -69,7 +70,8 @@ def train_module(model: str, examples, output: str | Path, *, rank: int = 8, alp
         if module_name(str(output)) in ids:
             raise LoraHubError(f"hub catalogue '{hub}' already holds a module '{module_name(str(output))}'; "
                                "choose another --output name")
-    base, tokenizer, _ = load_base_model(model, device=device)
+    with progress_bar("loading the base model", None, enabled=progress):
+        base, tokenizer, _ = load_base_model(model, device=device)
     check_template(template, tokenizer)
     family = family_of_model(base)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
@@ -99,8 +101,11 @@ def train_module(model: str, examples, output: str | Path, *, rank: int = 8, alp
             optimizer.step()
             losses.append(float(loss))
             advance(info=f"loss {losses[-1]:.4f}")
+            if callback is not None:
+                callback(len(losses), losses[-1])
     peft_model.eval()
-    with storage.output_directory(output, marker=storage.ADAPTER_CONFIG) as tmp:
+    with progress_bar("writing the adapter", None, enabled=progress), \
+            storage.output_directory(output, marker=storage.ADAPTER_CONFIG) as tmp:
         peft_model.save_pretrained(tmp)
         cfg_file = tmp / storage.ADAPTER_CONFIG
         cfg = json.loads(cfg_file.read_text())

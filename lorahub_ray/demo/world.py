@@ -142,7 +142,7 @@ def _build(root: Path, config: BuildConfig, progress: bool) -> None:
 
     manifest: dict = {"version": VERSION, "config": asdict(config), "base_model": "base", "modules": {},
                       "unseen_tasks": {}}
-    with _one_torch_thread():
+    with one_torch_thread():
         tokenizer = ByT5Tokenizer()
         torch.manual_seed(config.seed)
         model = T5ForConditionalGeneration(T5Config(
@@ -256,7 +256,7 @@ def _train(model, tokenizer, params: list, batches: Iterator[list[tuple[str, str
 
 
 @contextlib.contextmanager
-def _one_torch_thread():
+def one_torch_thread():
     """Train on one thread: the model is too small to gain much from more, the result does not depend
     on the machine's core count, and on a shared CPU a second OpenMP thread waiting for a busy core
     made steps ~30x slower (measured: 2 s instead of 70 ms per step)."""
@@ -329,7 +329,7 @@ def _build_large(root: Path, default: DefaultHub, config: BuildConfig, large: La
         shutil.copytree(path, root / "modules" / name)
         modules[name] = f"modules/{name}"
     names = list(DISTRACTOR_TASKS)[: large.distractors]
-    with _one_torch_thread():
+    with one_torch_thread():
         tokenizer = ByT5Tokenizer()
         model = T5ForConditionalGeneration.from_pretrained(default.base_model)
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=["q", "v"],
