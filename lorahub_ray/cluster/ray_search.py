@@ -1,6 +1,6 @@
 """LoraHub learning on a Ray cluster: the search as Ray Tune trials over W model-holding evaluator actors.
 
-Design (the README's "Distributed search on Ray" has the measured figures):
+Design (docs/ray-tune.md has it in full, with the measured figures):
 
 * ``W`` :class:`~lorahub_ray.cluster.evaluators.Evaluators` actors each load the base model once, take the
   stacked modules from the object store once and tokenise the examples once. They are named, and created
