@@ -52,7 +52,7 @@ INGRESS = "LoraHubIngress"
 class RecipeEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: Optional[str] = Field(None, description="Public id of the recipe (default: the directory's name).")
-    path: str = Field(description="Recipe directory (recipe.json, model/): local path or s3:// URI.")
+    path: str = Field(description="Run directory (recipe.json and adapter/, or model/ with --merge): local path or s3:// URI.")
 
 
 class ServeArgs(BaseModel):
