@@ -23,6 +23,7 @@ Design (docs/ray-tune.md has it in full, with the measured figures):
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from lorahub_ray.core.preselect import check_k
 from lorahub_ray.core.recipe import RECIPE_FILE, Recipe
 from lorahub_ray.core.search import DEFAULT_BUDGET, DEFAULT_OPTIMIZER
 from lorahub_ray.core.settings import SearchSettings
-from lorahub_ray.errors import LoraHubError
+from lorahub_ray.errors import LoraHubError, LoraHubWarning
 from lorahub_ray.io import storage
 from lorahub_ray.io.examples import as_examples
 from lorahub_ray.plots import plot_search
@@ -188,16 +189,22 @@ def lorahub_learning_ray(
         check_resources(spec.workers, spec.cpus_per_worker, spec.gpus_per_worker, reserved_cpus=reserved)
         spec.write()
         s = spec.settings
+        free = ray.available_resources().get("CPU", 0.0)
+        if free + 1e-9 < spec.cpus_per_worker * spec.workers + reserved:  # held by other work, or not there yet
+            warnings.warn(f"{free:g} CPUs of the cluster are free, but the {spec.workers} evaluators and {trials} trials "
+                          f"ask for {spec.cpus_per_worker * spec.workers + reserved:g}: they wait for room (Tune gives "
+                          "no sign of it)", LoraHubWarning, stacklevel=2)
         evaluators = Evaluators(spec.model, loaded, spec.inputs, spec.outputs, workers=spec.workers,
                                 cpus=spec.cpus_per_worker, gpus=spec.gpus_per_worker, device=spec.device,
                                 loss=s.loss, batch_size=s.batch_size, regularizer=s.regularizer,
-                                template=spec.template, actor_restarts=actor_restarts).wait(ready_timeout)
-        free = ray.available_resources().get("CPU", 0.0)
-        if free + 1e-9 < reserved:  # Tune would wait for room for its trials forever, silently
-            raise ResourceError(f"the {trials} trials need {reserved:g} CPU beside the evaluators but the cluster has "
-                                f"{free:g} free; lower --cpus-per-worker")
-        _preselect(spec, evaluators)
-        outcomes, fit_seconds = _tune(spec, evaluators, objects, progress=progress, callback=callback)
+                                template=spec.template, actor_restarts=actor_restarts)
+        asked = spec.extra.get("preselect")
+        if asked is not None and "chosen" not in asked:  # a resumed run keeps its screening
+            _preselect(spec, evaluators.wait(ready_timeout))  # the screening plans the restarts: it needs the actors
+        # otherwise Tune starts (its trials import their code) while the evaluators load the model: a trial waits for
+        # its own evaluator
+        outcomes, fit_seconds = _tune(spec, evaluators, objects, progress=progress, callback=callback,
+                                      ready_timeout=ready_timeout)
     finally:
         if evaluators is not None:
             evaluators.close()
@@ -252,11 +259,8 @@ def _label(value) -> str | None:
 
 
 def _preselect(spec: RunSpec, evaluators: Evaluators) -> None:
-    """With ``preselect``: screen the hub on the actors once (a resumed run keeps its screening), plan
-    the restarts over the k best and save both in the run file."""
-    asked = spec.extra.get("preselect")
-    if asked is None or "chosen" in asked:
-        return
+    """Screen the hub on the actors, plan the restarts over the k best and save both in the run file."""
+    asked = spec.extra["preselect"]
     names = [m["name"] for m in spec.modules]
     screening = screen_on_actors(evaluators.actors, names, asked["k"])
     s = spec.settings
@@ -270,14 +274,14 @@ def _preselect(spec: RunSpec, evaluators: Evaluators) -> None:
 # --- the Tune run -------------------------------------------------------------------------------
 
 
-def _tune(spec: RunSpec, evaluators: Evaluators, objects: dict, *, progress: bool,
-          callback) -> tuple[list[RestartOutcome], float]:
+def _tune(spec: RunSpec, evaluators: Evaluators, objects: dict, *, progress: bool, callback,
+          ready_timeout: float) -> tuple[list[RestartOutcome], float]:
     """Run (or restore) the Tune experiment of ``spec`` on ``evaluators``: every restart's outcome, and the
     seconds the Tune run took."""
     s = spec.settings
     searcher = None
     if spec.searcher is not None:
-        candidates = lorahub_tune.CandidateSpec(len(spec.modules), evaluators.names)
+        candidates = lorahub_tune.CandidateSpec(len(spec.modules), evaluators.names, ready_timeout=ready_timeout)
         trainable = lorahub_tune.candidate_trainable(candidates)
         plan = RestartPlan(restart=0, seed=s.seed, modules=list(range(len(spec.modules))),
                            optimizer=f"tune:{spec.searcher}")
@@ -289,7 +293,7 @@ def _tune(spec: RunSpec, evaluators: Evaluators, objects: dict, *, progress: boo
                                       num_samples=s.budget, reuse_actors=True)
     else:
         restarts = lorahub_tune.RestartSpec(spec.plans, s.budget, s.optimizer, evaluators.names, asks=s.asks,
-                                            halving=spec.scheduler == "halving")
+                                            halving=spec.scheduler == "halving", ready_timeout=ready_timeout)
         trainable = lorahub_tune.restart_trainable(restarts)
         display = RestartsDisplay(spec.plans, s.budget, enabled=progress)
         space = lorahub_tune.restart_space(restarts)

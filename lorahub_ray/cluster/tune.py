@@ -45,6 +45,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
+from lorahub_ray.cluster.evaluators import root_message
 from lorahub_ray.core.portfolio import RestartOutcome, RestartPlan, halving_stops
 from lorahub_ray.core.search import (DEFAULT_BOUNDS, Evaluation, algorithm_name, make_optimizer, optimizer_label,
                                      recommended, replay)
@@ -68,6 +69,7 @@ class RestartSpec:
     evaluators: Sequence[str]
     asks: int = 1
     halving: bool = False  # a synchronous halving decides which restarts stop (see restart_outcomes)
+    ready_timeout: float = 600.0  # how long a trial waits for its evaluator to start
 
     def optimizer_of(self, plan: RestartPlan):
         """A plan names its optimizer; the run's own (possibly a class) when the names agree."""
@@ -84,9 +86,16 @@ def restart_trainable(spec: RestartSpec):
     return tune.with_resources(tune.with_parameters(run_restart, spec=spec), {"cpu": TRIAL_CPUS})
 
 
-def _evaluator(names: Sequence[str], index: int):
+def _evaluator(names: Sequence[str], index: int, timeout: float):
+    """Evaluator ``index mod W``, once it has started: the trials start while the evaluators load the model."""
     actor = ray.get_actor(names[index % len(names)])
-    ray.get(actor.ready.remote())  # the trials may start while the evaluators still load the model
+    try:
+        ray.get(actor.ready.remote(), timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise RuntimeError(f"the evaluators did not start within {timeout:g} s; the cluster may lack the resources "
+                           "they ask for") from None
+    except ray.exceptions.RayActorError as exc:
+        raise RuntimeError(f"an evaluator failed to start: {root_message(exc)}") from None
     return actor
 
 
@@ -114,7 +123,7 @@ def read_state(checkpoint: tune.Checkpoint | None) -> tuple[list[Evaluation], di
 def run_restart(config: dict, *, spec: RestartSpec) -> None:
     """A Tune function trainable: restart ``config["restart"]`` of ``spec``, resumable from its checkpoint."""
     plan = spec.plans[config["restart"]]
-    evaluator = _evaluator(spec.evaluators, plan.restart)
+    evaluator = _evaluator(spec.evaluators, plan.restart, spec.ready_timeout)
     history, result = read_state(tune.get_checkpoint())
     if result is not None:  # it had finished when the run stopped: report its end again
         _report({**_metrics(plan, history[-1], history, result["algorithm"]), **_done(result)}, history, result)
@@ -299,6 +308,7 @@ class CandidateSpec:
     num_modules: int
     evaluators: Sequence[str]
     bounds: tuple[float, float] = DEFAULT_BOUNDS
+    ready_timeout: float = 600.0  # how long a trial waits for its evaluator to start
     keys: tuple[str, ...] = field(init=False)
 
     def __post_init__(self):
@@ -330,7 +340,7 @@ def run_candidate(config: dict, *, spec: CandidateSpec) -> None:
     index = int(trial_id.rsplit("_", 1)[-1]) if trial_id.rsplit("_", 1)[-1].isdigit() else 0
     weights = spec.weights(config)
     start = time.perf_counter()
-    value = float(ray.get(_evaluator(spec.evaluators, index).evaluate_subsets.remote(
+    value = float(ray.get(_evaluator(spec.evaluators, index, spec.ready_timeout).evaluate_subsets.remote(
         [weights], [list(range(spec.num_modules))]))[0])
     tune.report({METRIC: value if math.isfinite(value) else math.inf, "trial": index,
                  "seconds": time.perf_counter() - start})
