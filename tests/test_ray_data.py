@@ -210,6 +210,7 @@ def test_compare_refuses_a_directory_without_recipe(world, tmp_path):
 # --- the command line ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # its parts run by default: sharded = in process, S3 = local, and the CLI's evaluate
 def test_cli_evaluate_sharded_from_s3(ray_cluster, s3_tasks, learned_model, in_process, tmp_path):
     """`evaluate --workers 2` on an S3 prefix: Ray Data's readers on a pyarrow filesystem over
     s3fs, two actors, and the same predictions as the local in-process run."""
@@ -238,7 +239,7 @@ def test_cli_bad_data_is_one_line_exit_2(learned_model, tmp_path):
     assert res.exit_code == 2 and "bad.jsonl, line 1: missing field 'output'" in res.output.replace("\n", "")
 
 
-@pytest.mark.hub_build  # the full recipe: minutes on a busy 2-core machine
+@pytest.mark.slow  # the full recipe builds the demo world: 3-10 minutes on 2 cores (the demo shows the same)
 @pytest.mark.timeout(1800)
 def test_compare_on_the_embedded_default_shows_lorahub_above_zero_shot(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "cache" / "default-hub"

@@ -373,7 +373,8 @@ def test_tunes_asha_never_stops_restart_zero(world, ray_cluster, tmp_path):
     assert result.recipe.objective <= local.recipe.objective + 1e-6
 
 
-@pytest.mark.parametrize("searcher", ["random", "optuna", "hyperopt", "nevergrad"])
+@pytest.mark.parametrize("searcher", ["random", pytest.param("optuna", marks=pytest.mark.slow),
+                                      pytest.param("hyperopt", marks=pytest.mark.slow), "nevergrad"])
 def test_a_tune_searcher_runs_one_candidate_per_trial(world, ray_cluster, tmp_path, searcher):
     budget = 6
     result = run(world, tmp_path / "out", ray_cluster=ray_cluster, workers=2, budget=budget, searcher=searcher,
