@@ -141,9 +141,8 @@ class _LeanLoraForward:
         if self.slot.count > 1:
             return self._candidates(x, scaling)
         weight = self.base.weight
-        if self.can_merge and self.slot.merge_into_weights != "never":
-            key = (self.slot.buffer._version, self.a._version, self.b._version, weight._version, weight.data_ptr(),
-                   scaling)
+        key = self._key() if self.can_merge and self.slot.merge_into_weights != "never" else None
+        if key is not None:
             if key != self.key:
                 self.key, self.paid, self.fresh = key, 0, False
             if not self.fresh:
@@ -158,6 +157,19 @@ class _LeanLoraForward:
         result = torch.nn.functional.linear(x, weight, self.base.bias)
         result.view(-1, result.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ self.a_t, self.b_t, alpha=scaling)
         return result
+
+    def _key(self) -> tuple | None:
+        """What the merged weight depends on (see the class docstring); ``None`` when one of those tensors is an
+        inference tensor (made under ``torch.inference_mode``), which keeps no version counter: then the layer
+        cannot tell a changed composition and stays unmerged."""
+        weight, tensors = self.base.weight, (self.slot.buffer, self.a, self.b, self.base.weight)
+        if any(t.is_inference() for t in tensors):
+            return None
+        return (*(t._version for t in tensors), weight.data_ptr(), self.layer.scaling[ADAPTER_NAME])
+
+    def is_merged(self) -> bool:
+        """Whether the merged weight holds the current composition."""
+        return self.fresh and self.key is not None and self.key == self._key()
 
     def _candidates(self, x: torch.Tensor, scaling: float) -> torch.Tensor:
         count, a, b = self.slot.count, self.a, self.b
@@ -283,6 +295,12 @@ class LoraComposer:
     def model(self):
         """The wrapped model, whose forward uses the composed LoRA."""
         return self.peft_model
+
+    def merged_layers(self) -> int:
+        """How many adapted layers hold their weight merged with the current composition (a forward
+        pass since the last compose merges them, as :attr:`merge_into_weights` says)."""
+        return sum(1 for layer in self.peft_model.modules()
+                   if isinstance(vars(layer).get("forward"), _LeanLoraForward) and layer.forward.is_merged())
 
     @property
     def merge_into_weights(self) -> str:
