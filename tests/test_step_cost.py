@@ -232,3 +232,34 @@ def test_an_unknown_policy_is_refused_before_the_model_is_wrapped(world):
     with pytest.raises(ValueError, match="unknown merge_into_weights 'sometimes'"):
         LoraComposer(base, lr.load_modules([str(world["hub"])]), merge_into_weights="sometimes")
     assert not hasattr(base, "peft_config")
+
+
+def test_candidates_share_passes_in_groups_that_keep_a_pass_within_its_tokens(world):
+    """evaluate_many: as many candidates per forward pass as keep it within ``shared_pass_rows`` tokens; a
+    candidate alone in its group runs the single path (the very value of ``objective(w)``)."""
+    from lorahub_ray.core.objective import SHARED_PASS_ROWS
+
+    composer, tok = _composer(world["base"], world["modules"])
+    objective = FewShotObjective(composer, tok, INPUTS, OUTPUTS)
+    tokens = objective.batches[0]["input_ids"].numel()
+    assert objective.group_size() == SHARED_PASS_ROWS // tokens
+    rng = np.random.default_rng(7)
+    candidates = [list(rng.uniform(-1.5, 1.5, 4)) for _ in range(5)]
+    alone = [objective(w) for w in candidates]
+    rows = []
+    hook = composer.peft_model.get_base_model().register_forward_pre_hook(
+        lambda _, args, kwargs: rows.append(len(kwargs["input_ids"])), with_kwargs=True)
+    try:
+        objective.shared_pass_rows = 2 * tokens + 1  # two candidates a pass
+        values = objective.evaluate_many(candidates)
+        assert rows == [2 * len(INPUTS), 2 * len(INPUTS), len(INPUTS)]
+        # shared passes run unmerged, single steps on merged weights: equal up to the rounding of these modules'
+        # large updates (see the test on float64 above)
+        assert values == pytest.approx(alone, rel=1e-5, abs=1e-5)
+        assert values[-1] == alone[-1]
+        rows.clear()
+        objective.shared_pass_rows = tokens - 1  # not even one: one candidate a pass
+        assert objective.evaluate_many(candidates) == alone
+        assert rows == [len(INPUTS)] * 5
+    finally:
+        hook.remove()
