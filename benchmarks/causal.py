@@ -24,6 +24,7 @@ share of the cores it got; the load average is printed before and after.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import json
@@ -226,7 +227,15 @@ def main() -> None:
             objective(weights)
         return run
 
-    runs = {"step": step("auto"), "unmerged": step("never"), "merged": step("always"),
+    def lora(on: bool):  # the composed model's forward and loss, no compose: with its LoRA layers on or off
+        def run():
+            composer.merge_into_weights = "auto"
+            with contextlib.nullcontext() if on else composer.model.disable_adapter():
+                token_losses(composer.model, batch)
+        return run
+
+    runs = {"step": step("auto"), "unmerged": step("never"), "merged": step("always"), "lora_on": lora(True),
+            "lora_off": lora(False), "compose": lambda: composer.compose(weights),
             "bare": lambda: bare(**batch, use_cache=False), "like": lambda: token_losses(bare, batch)}
     times = {name: [] for name in runs}
     order = list(runs)
@@ -249,6 +258,11 @@ def main() -> None:
           f"layers) {med['step'] * 1e3:.0f} ms, all unmerged {med['unmerged'] * 1e3:.0f} ms (ratio "
           f"{med['unmerged'] / med['like']:.3f}), all merged {med['merged'] * 1e3:.0f} ms (ratio "
           f"{med['merged'] / med['like']:.3f})")
+    lora_work = med["lora_on"] - med["lora_off"]
+    print(f"    the step's parts: compose {med['compose'] * 1e3:.1f} ms ({med['compose'] / med['like']:.1%} of the "
+          f"like-for-like pass); the adapted layers' low-rank work {lora_work * 1e3:.1f} ms ({lora_work / med['like']:.1%}:"
+          f" the composed model's forward with its LoRA on, {med['lora_on'] * 1e3:.0f} ms, against off, "
+          f"{med['lora_off'] * 1e3:.0f} ms)")
     rng = random.Random(0)
     with torch.inference_mode():
         for count in (2, 4):

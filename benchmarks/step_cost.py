@@ -51,10 +51,10 @@ def measure(d_in: int, d_out: int, r: int, clock) -> dict[int, tuple[float, floa
         times = {unmerged: [], merge: []}
         with torch.inference_mode():
             for _ in range(ROUNDS):
-                for fn in times:
+                for fn, seconds in times.items():
                     start = clock()
                     fn()
-                    times[fn].append((clock() - start) / COPIES)
+                    seconds.append((clock() - start) / COPIES)
         out[rows] = (statistics.median(times[unmerged]), statistics.median(times[merge]))
     return out
 
