@@ -6,7 +6,9 @@ Prints ratios measured side by side in this one run:
     (bare: ``model(**batch, use_cache=False)``, all logits, as a user runs it; and the objective's own
     loss code on the base model, the like-for-like one, whose gap is compose + LoRA alone: goal <= 1.02).
     Every round runs the passes in a shuffled order; the step also runs with every adapted layer
-    unmerged and with every one merged (``merge_into_weights``), to check the rule that picks a path
+    unmerged and with every one merged (``merge_into_weights``), to check the rule that picks a path,
+    and as it ran before docs/step-cost.md (every layer unmerged, the output projection's input as
+    PEFT leaves it); and the step's parts: compose, and the adapted layers' low-rank work
 (d) candidates sharing forward passes (``FewShotObjective.evaluate_many``, as lockstep restarts, ``--asks``,
     screening and ``select cv``'s folds run them): time per candidate / one search step alone
 (b) our load of the 20 modules (files + checks + stacking + wrapping) / the reference's way
@@ -234,7 +236,18 @@ def main() -> None:
                 token_losses(composer.model, batch)
         return run
 
-    runs = {"step": step("auto"), "unmerged": step("never"), "merged": step("always"), "lora_on": lora(True),
+    def before():  # the step as it ran before docs/step-cost.md: every layer unmerged, no pre-hook on the output
+        from lorahub_ray.core import compose  # projection (PEFT's frozen weight then runs the logits slice as a bmm)
+
+        composer._head_hook.remove()
+        try:
+            step("never")()
+        finally:
+            head = composer.model.get_base_model().get_output_embeddings()
+            composer._head_hook = head.register_forward_pre_hook(compose._contiguous_input)
+
+    runs = {"step": step("auto"), "unmerged": step("never"), "merged": step("always"), "before": before,
+            "lora_on": lora(True),
             "lora_off": lora(False), "compose": lambda: composer.compose(weights),
             "bare": lambda: bare(**batch, use_cache=False), "like": lambda: token_losses(bare, batch)}
     times = {name: [] for name in runs}
@@ -253,7 +266,9 @@ def main() -> None:
     print(f"(a) search step {med['step'] * 1e3:.0f} ms; bare forward {med['bare'] * 1e3:.0f} ms (ratio "
           f"{med['step'] / med['bare']:.3f}), like-for-like loss on the base {med['like'] * 1e3:.0f} ms (ratio "
           f"{med['step'] / med['like']:.3f})  [median of {args.repeat}]")
-    print(f"    like for like, the median of the per-round ratios: {paired:.3f}   (goal <= 1.02)")
+    print(f"    like for like, the median of the per-round ratios: {paired:.3f}   (goal <= 1.02); the step as it ran "
+          f"before (no contiguous input to the output projection, every layer unmerged) {med['before'] * 1e3:.0f} ms "
+          f"(ratio {med['before'] / med['like']:.3f})")
     print(f"    the step's paths: chosen per layer (merged {composer.merged_layers()} of {len(composer.keys) // 2} "
           f"layers) {med['step'] * 1e3:.0f} ms, all unmerged {med['unmerged'] * 1e3:.0f} ms (ratio "
           f"{med['unmerged'] / med['like']:.3f}), all merged {med['merged'] * 1e3:.0f} ms (ratio "
