@@ -39,7 +39,10 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
+
+from common import step_runs  # noqa: E402
 
 K, RANK, STEPS = 20, 8, 10
 PROMPT = "Read the two sentences and name the colour they mention, in one word. "
@@ -222,28 +225,19 @@ def main() -> None:
     bare = _load_base(world)
     weights = [0.05 * (j % 7 - 3) for j in range(K)]
 
-    def step(path):
-        def run():
-            composer.merge_into_weights = path
-            objective(weights)
-        return run
-
-    def lora_off():  # the composed model's forward and loss with its LoRA layers off: the step's other floor
-        with composer.model.disable_adapter():
-            token_losses(composer.model, batch)
+    paths = step_runs(objective, weights, batch)
 
     def before():  # the step as it ran before docs/step-cost.md: every layer unmerged, no pre-hook on the output
         from lorahub_ray.core import compose  # projection (PEFT's frozen weight then runs the logits slice as a bmm)
 
         composer._head_hook.remove()
         try:
-            step("never")()
+            paths["unmerged"]()
         finally:
             head = composer.model.get_base_model().get_output_embeddings()
             composer._head_hook = head.register_forward_pre_hook(compose._contiguous_input)
 
-    runs = {"step": step("auto"), "unmerged": step("never"), "merged": step("always"), "before": before,
-            "lora_off": lora_off, "compose": lambda: composer.compose(weights),
+    runs = {**paths, "before": before, "compose": lambda: composer.compose(weights),
             "bare": lambda: bare(**batch, use_cache=False), "like": lambda: token_losses(bare, batch)}
     times = {name: [] for name in runs}
     order = list(runs)
@@ -255,7 +249,7 @@ def main() -> None:
                 runs[name]()
                 if i:
                     times[name].append(clock() - start)
-        step("auto")()
+        paths["step"]()
     med = {name: statistics.median(v) for name, v in times.items()}
     paired = statistics.median(s / b for s, b in zip(times["step"], times["like"]))
     print(f"(a) search step {med['step'] * 1e3:.0f} ms; bare forward {med['bare'] * 1e3:.0f} ms (ratio "

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
-from common import EXAMPLES, build_world, default_root, timeit  # noqa: E402
+from common import EXAMPLES, build_world, default_root, step_runs, timeit  # noqa: E402
 
 INPUTS = [e["input"] for e in EXAMPLES]
 OUTPUTS = [e["output"] for e in EXAMPLES]
@@ -234,20 +234,8 @@ def main() -> None:
             return float(sums.sum() / counts.sum())
 
     composer = objective.composer
-
-    def step(path):
-        def run():
-            composer.merge_into_weights = path
-            objective(weights)
-        return run
-
-    def lora_off():  # the composed model's forward and loss with its LoRA layers off: the step's other floor
-        with torch.inference_mode(), composer.model.disable_adapter():
-            token_losses(composer.model, batches[0])
-
-    runs = {"bare": bare_forward, "like_ours": bare_forward_like_ours, "step": step("auto"),
-            "unmerged": step("never"), "merged": step("always"), "lora_off": lora_off,
-            "compose": lambda: objective.composer.compose(weights), "reference": lambda: theirs["score"](weights)}
+    runs = {"bare": bare_forward, "like_ours": bare_forward_like_ours, **step_runs(objective, weights, batches[0]),
+            "compose": lambda: composer.compose(weights), "reference": lambda: theirs["score"](weights)}
     times = {name: [] for name in runs}
     order, shuffle = list(runs), random.Random(0).shuffle
     for _ in range(args.repeat):
@@ -256,7 +244,7 @@ def main() -> None:
         shuffle(order)
         for name in order:
             times[name].append(timed(runs[name]))
-    step("auto")()
+    runs["step"]()
     step_times, bare_times, like_times = times["step"], times["bare"], times["like_ours"]
     step_time, fwd, fwd_like, comp, ref_step = (statistics.median(times[name]) for name in
                                               ("step", "bare", "like_ours", "compose", "reference"))
