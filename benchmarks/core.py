@@ -4,7 +4,9 @@ K=20 rank-16 LoRA modules on q and v and 5 examples. Prints ratios measured in t
 (a) one search step (compose + forward) / one bare forward pass of the base model   goal <= 1.05
     (two bare passes: the plain ``model(**batch)`` that the reference and most users run, and the
     objective's own loss code on the base model, without the decoder's key/value cache and with one
-    cross-entropy, as our step runs it: the like-for-like one, whose gap is compose + LoRA alone)
+    cross-entropy, as our step runs it: the like-for-like one, whose gap is compose + LoRA alone:
+    goal <= 1.02). The step also runs with every adapted layer unmerged and with every one merged
+    (``merge_into_weights``), to check the rule that picks a path per layer
 (b) our load of the 20 modules / the reference's load                               goal <= 0.2
 (d) candidates sharing forward passes (FewShotObjective.evaluate_many, as an evaluator actor runs
     the candidates a search asks at once): time per candidate / one search step alone
@@ -13,17 +15,22 @@ K=20 rank-16 LoRA modules on q and v and 5 examples. Prints ratios measured in t
     benchmark's LoRA shapes, caches flushed before each)
 (c) peak memory of ours / the reference's, each in a fresh process that loads the base model,
     then loads the modules and runs 10 search steps: the peak RSS in all, and the peak above
-    the RSS of the loaded base model (what the modules and the search add)
+    the RSS of the loaded base model (what the modules and the search add); ours also with every
+    layer unmerged (the path before merged layers existed), to show what merged copies add
 
 Needs the reference in the environment: pip install lorahub==0.1.0 datasets
-Usage: python benchmarks/core.py [--root DIR]
+Usage: python benchmarks/core.py [--root DIR] [--repeat N] [--threads N] [--clock wall|cpu]
+On a busy machine, ``--threads 1 --clock cpu`` times the work (this process's CPU time) rather than the
+share of the cores it got; the load average is printed before and after.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -34,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
-from common import EXAMPLES, build_world, default_root, timeit  # noqa: E402
+from common import EXAMPLES, build_world, default_root, step_runs, timeit  # noqa: E402
 
 INPUTS = [e["input"] for e in EXAMPLES]
 OUTPUTS = [e["output"] for e in EXAMPLES]
@@ -48,7 +55,7 @@ def _quiet():
     logging.disable_progress_bar()
 
 
-def ours(world, steps=STEPS):
+def ours(world, steps=STEPS, merge_into_weights="auto"):
     import lorahub_ray as lr
     from lorahub_ray.core.compose import LoraComposer
     from lorahub_ray.core.model import load_base_model
@@ -58,7 +65,7 @@ def ours(world, steps=STEPS):
     base, tok, _ = load_base_model(str(world["base"]), device="cpu")
     t1 = time.perf_counter()
     modules = lr.load_modules(world["modules"])
-    composer = LoraComposer(base, modules)
+    composer = LoraComposer(base, modules, merge_into_weights=merge_into_weights)
     t2 = time.perf_counter()
     objective = FewShotObjective(composer, tok, INPUTS, OUTPUTS, batch_size=5)
     for i in range(steps):
@@ -87,7 +94,7 @@ def _status_mib(field: str) -> float:
     raise KeyError(field)
 
 
-def peak_rss_child(which: str, root: str) -> None:
+def peak_rss_child(which: str, root: str, merge_into_weights: str) -> None:
     """Run in a fresh process: load the base model, then modules + STEPS steps; print peaks in MiB."""
     import torch
 
@@ -114,20 +121,21 @@ def peak_rss_child(which: str, root: str) -> None:
         lorahub.algorithm.AutoModelForSeq2SeqLM = loader
     after_base = _status_mib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
-    (ours if which == "ours" else reference)(world)
+    if which == "ours":
+        ours(world, merge_into_weights=merge_into_weights)
+    else:
+        reference(world)
     peak = _status_mib("VmHWM")
     print(json.dumps({"peak": max(peak, total_peak), "above_base": peak - after_base}))
 
 
-def peak_rss(which: str, root: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", which, "--root", str(root)], capture_output=True,
-                         text=True, check=True)
+def peak_rss(which: str, root: Path, merge_into_weights: str = "auto") -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", which, "--root", str(root), "--merge-into-weights",
+                          merge_into_weights], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def subset_compose(n: int, hub: int = 196, k: int = 20, repeat: int = 7) -> None:
-    import statistics
-
     import torch
 
     from lorahub_ray.core.compose import linear
@@ -160,19 +168,37 @@ def main() -> None:
     parser.add_argument("--child", choices=["ours", "reference"])
     parser.add_argument("--repeat", type=int, default=31, help="interleaved rounds of (a)")
     parser.add_argument("--load-repeat", type=int, default=3, help="interleaved rounds of (b)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: elapsed time; cpu: this process's CPU time (for a busy machine, with --threads 1)")
+    parser.add_argument("--merge-into-weights", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return peak_rss_child(args.child, str(args.root))
+        return peak_rss_child(args.child, str(args.root), args.merge_into_weights)
     import torch
 
     _quiet()
-    print(f"torch threads: {torch.get_num_threads()}; building/reusing the model under {args.root} ...", flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+
+    def timed(fn, repeat=1, warmup=0):
+        """Median of ``repeat`` calls of ``fn`` after ``warmup``, by ``--clock``."""
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeat):
+            start = clock()
+            fn()
+            times.append(clock() - start)
+        return statistics.median(times)
+
+    print(f"torch threads: {torch.get_num_threads()}; clock: {args.clock}; load average {load_average()}; "
+          f"building/reusing the model under {args.root} ...", flush=True)
     world = build_world(args.root)
 
     # (b) loading: a first round warms the imports and the page cache for both sides, then
     # --load-repeat rounds, interleaved, each side's median
-    import statistics
-
     from lorahub_ray.core.model import load_base_model
 
     rounds = {"base": [], "modules": [], "reference": [], "bare_base": []}
@@ -207,8 +233,9 @@ def main() -> None:
             sums, counts = token_losses(bare, batches[0])
             return float(sums.sum() / counts.sum())
 
-    runs = {"bare": bare_forward, "like_ours": bare_forward_like_ours, "step": lambda: objective(weights),
-            "compose": lambda: objective.composer.compose(weights), "reference": lambda: theirs["score"](weights)}
+    composer = objective.composer
+    runs = {"bare": bare_forward, "like_ours": bare_forward_like_ours, **step_runs(objective, weights, batches[0]),
+            "compose": lambda: composer.compose(weights), "reference": lambda: theirs["score"](weights)}
     times = {name: [] for name in runs}
     order, shuffle = list(runs), random.Random(0).shuffle
     for _ in range(args.repeat):
@@ -216,10 +243,11 @@ def main() -> None:
         # none of them always runs right after the same other one
         shuffle(order)
         for name in order:
-            times[name].append(timeit(runs[name], repeat=1, warmup=0))
+            times[name].append(timed(runs[name]))
+    runs["step"]()
     step_times, bare_times, like_times = times["step"], times["bare"], times["like_ours"]
-    step, fwd, fwd_like, comp, ref_step = (statistics.median(times[name]) for name in
-                                         ("step", "bare", "like_ours", "compose", "reference"))
+    step_time, fwd, fwd_like, comp, ref_step = (statistics.median(times[name]) for name in
+                                              ("step", "bare", "like_ours", "compose", "reference"))
 
     print(f"\n(b) loading 20 rank-16 modules (median of {args.load_repeat} rounds after a warm-up round)")
     print(f"    ours: base {load['base']:.2f}s + modules {load['modules']:.3f}s (load, hash, check, stack, wrap)")
@@ -229,31 +257,49 @@ def main() -> None:
     print(f"    ratio base+modules ours/reference: {(load['base'] + load['modules']) / load['reference']:.3f}")
     print("\n(a) one search step vs one bare forward pass (median of %d, interleaved)" % args.repeat)
     print(f"    bare forward {fwd * 1e3:.1f} ms, with the objective's loss code {fwd_like * 1e3:.1f} ms; our step "
-          f"{step * 1e3:.1f} ms (compose alone {comp * 1e3:.2f} ms); reference step {ref_step * 1e3:.1f} ms")
+          f"{step_time * 1e3:.1f} ms (compose alone {comp * 1e3:.2f} ms); reference step {ref_step * 1e3:.1f} ms")
     # the ratio of medians, of the fastest of each, and the median of the ratios within a round (the
     # passes of one round run within about two seconds, so slow drift of the machine cancels)
     paired = statistics.median(s / b for s, b in zip(step_times, bare_times))
     paired_like = statistics.median(s / b for s, b in zip(step_times, like_times))
-    print(f"    ratio step/plain bare forward: {step / fwd:.3f}   (goal <= 1.05); of the fastest of each: "
+    print(f"    ratio step/plain bare forward: {step_time / fwd:.3f}   (goal <= 1.05); of the fastest of each: "
           f"{min(step_times) / min(bare_times):.3f}; median within a round: {paired:.3f}")
-    print(f"    ratio step/bare forward with the objective's loss code (like for like): {step / fwd_like:.3f}; "
+    print(f"    ratio step/bare forward with the objective's loss code (like for like): {step_time / fwd_like:.3f}"
+          f"   (goal <= 1.02); "
           f"of the fastest of each: {min(step_times) / min(like_times):.3f}; median within a round: {paired_like:.3f}")
     print(f"    ratio reference step/bare forward: {ref_step / fwd:.3f}")
+    unmerged, merged = statistics.median(times["unmerged"]), statistics.median(times["merged"])
+    print(f"    the step's paths: chosen per layer (merged {composer.merged_layers()} of {len(composer.keys) // 2} layers) "
+          f"{step_time * 1e3:.1f} ms, all unmerged {unmerged * 1e3:.1f} ms (like for like {unmerged / fwd_like:.3f}), "
+          f"all merged {merged * 1e3:.1f} ms (like for like {merged / fwd_like:.3f})")
+    off = statistics.median(times["lora_off"])
+    work = step_time - comp - off
+    print(f"    the step's parts: compose {comp * 1e3:.1f} ms ({comp / fwd_like:.1%} of the like-for-like pass); the rest "
+          f"above the composed model with its LoRA off ({off * 1e3:.1f} ms), the adapted layers' low-rank work: "
+          f"{work * 1e3:.1f} ms ({work / fwd_like:.1%})")
     rng = random.Random(0)
     print("\n(d) candidates sharing forward passes: time per candidate / one step alone (median of 5)")
     for count in (2, 4):
         candidates = [[rng.uniform(-1.5, 1.5) for _ in range(20)] for _ in range(count)]
-        shared = timeit(lambda: objective.evaluate_many(candidates), repeat=5) / count
-        alone = timeit(lambda: [objective(w) for w in candidates], repeat=5) / count
+        shared = timed(lambda: objective.evaluate_many(candidates), repeat=5, warmup=1) / count
+        alone = timed(lambda: [objective(w) for w in candidates], repeat=5, warmup=1) / count
         print(f"    {count} candidates: {shared * 1e3:.1f} ms vs {alone * 1e3:.1f} ms each, ratio {shared / alone:.3f}")
     subset_compose(objective.composer.stacked.shape[1])
     del mine, theirs, objective, bare
     print("\n(c) peak memory, fresh process each, load + %d steps" % STEPS)
-    rss_ours, rss_ref = peak_rss("ours", args.root), peak_rss("reference", args.root)
+    rss_ours, rss_unmerged = peak_rss("ours", args.root), peak_rss("ours", args.root, "never")
+    rss_ref = peak_rss("reference", args.root)
     print(f"    peak in all: ours {rss_ours['peak']:.0f} MiB, reference {rss_ref['peak']:.0f} MiB, "
           f"ratio {rss_ours['peak'] / rss_ref['peak']:.3f}")
     print(f"    peak above the loaded base: ours {rss_ours['above_base']:.0f} MiB, reference "
           f"{rss_ref['above_base']:.0f} MiB, ratio {rss_ours['above_base'] / rss_ref['above_base']:.3f}")
+    print(f"    ours with every layer unmerged: peak in all {rss_unmerged['peak']:.0f} MiB, above the loaded base "
+          f"{rss_unmerged['above_base']:.0f} MiB")
+    print(f"\nload average at the end {load_average()}")
+
+
+def load_average() -> str:
+    return "(1, 5, 15 min): " + " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ costs about 2% of a forward pass of Flan-T5-base on CPU. The model's family
 (:mod:`lorahub_ray.core.families`) builds the batches and aligns the logits with the labels, without
 letting the model compute a cross-entropy of its own next to ours.
 
+Several candidates with a named loss share forward passes (the examples repeated once per candidate), in groups
+of at most :data:`SHARED_PASS_ROWS` tokens per pass; a candidate alone in its group takes the single path, whose
+adapted layers merge where that pays (:mod:`lorahub_ray.core.compose`; docs/step-cost.md says which path runs when).
+
 The regulariser defaults to the reference's ``0.05 · mean|w|``. Both parts can be replaced by
 any callable: ``loss(model, batches) -> float`` and ``regularizer(weights) -> float``. A NaN or
 infinite value counts as ``+inf``, so a broken composition never crashes the search.
@@ -35,6 +39,11 @@ from lorahub_ray.core.families import SEQ2SEQ, Family, family_of_model
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, list[Batch]], float]
+
+# The most tokens (the examples' largest batch, padding included, times the candidates) one shared forward pass
+# holds. Measured on SmolLM2-135M, one thread (docs/step-cost.md), time per candidate shared / alone: 0.88 and 0.94
+# for 4 and 2 x 270 tokens, 0.92 for 4 x 530 and 2 x 790, 1.00 for 2 x 1050, 1.13 for 4 x 790 and 4 x 1050.
+SHARED_PASS_ROWS = 2048
 
 
 def token_losses(model, batch: Batch, candidates: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +130,7 @@ class FewShotObjective:
         self.regularizer = regularizer
         self.batches = tokenize_examples(tokenizer, inputs, outputs, batch_size=batch_size, device=composer.device,
                                          family=composer.family, template=template)
+        self.shared_pass_rows = SHARED_PASS_ROWS
 
     def loss(self, weights: Sequence[float], modules: Sequence[int] | None = None) -> float:
         """The loss of the composition with ``weights`` (of the modules at ``modules``, the others 0:
@@ -132,17 +142,29 @@ class FewShotObjective:
         value = self.loss(weights) + float(self.regularizer(weights))
         return value if math.isfinite(value) else math.inf
 
+    def group_size(self) -> int:
+        """How many candidates share one forward pass: as many as keep it within ``shared_pass_rows`` tokens
+        (the examples' largest batch, once per candidate), at least one."""
+        rows = max(batch["input_ids"].numel() for batch in self.batches)
+        return max(1, self.shared_pass_rows // rows)
+
     def losses(self, candidates: Sequence[Sequence[float]], modules: Sequence[int] | None = None) -> list[float]:
         """The loss of each candidate. With a named loss the candidates share forward passes (the
-        examples repeated once per candidate), which costs less than one pass each when the passes
-        are small, as few-shot ones are. Each value equals :meth:`loss` of that candidate alone up
-        to rounding (matrix products over more rows may round differently; about 1e-6 relative). A
-        custom loss runs one candidate at a time."""
+        examples repeated once per candidate), in groups of :meth:`group_size`: that costs less than
+        one pass each when the passes are small, as few-shot ones are. Each value equals :meth:`loss`
+        of that candidate alone up to rounding (matrix products over more rows may round differently;
+        about 1e-6 relative). A custom loss, or a candidate alone in its group, runs on its own."""
         batched = CANDIDATE_LOSSES.get(self.loss_fn)
-        if batched is None or len(candidates) == 1:
-            return [self.loss(w, modules) for w in candidates]
-        with torch.inference_mode(), self.composer.candidates(candidates, modules) as count:
-            return [float(v) for v in batched(self.composer.model, self.batches, count)]
+        size = self.group_size() if batched is not None else 1
+        values: list[float] = []
+        for start in range(0, len(candidates), size):
+            group = candidates[start : start + size]
+            if len(group) == 1:
+                values.append(self.loss(group[0], modules))
+                continue
+            with torch.inference_mode(), self.composer.candidates(group, modules) as count:
+                values.extend(float(v) for v in batched(self.composer.model, self.batches, count))
+        return values
 
     def evaluate_many(self, candidates: Sequence[Sequence[float]], indices: Sequence[int] | None = None) -> list[float]:
         """``[objective(w) for w in candidates]``, sharing forward passes (see :meth:`losses`).
