@@ -1,0 +1,310 @@
+"""Task sources: a benchmark's or a generator's examples, split into few-shot examples and a test set.
+
+Every reader of examples (``--examples``, ``--data``, :func:`lorahub_ray.io.examples.read_examples`,
+the BBH table, the hub build) takes a *task source* as well as a data file. A source is one of
+
+    ``bigbench:TASK[/SUBTASK]``, a ``task.json`` or a task folder   BIG-bench's task files (:mod:`.bigbench`);
+    ``bbh:TASK``                                                     the BBH release (:mod:`.bbh`);
+    ``reasoning-gym:NAME``                                           a reasoning-gym generator (:mod:`.reasoning_gym`);
+
+each optionally followed by ``?OPTION=VALUE&...``. Every scheme takes the split options:
+
+``split``  ``fewshot`` or ``test`` (by default ``fewshot`` where examples are read, ``test`` where data is);
+``shots``  the size of the few-shot split (5, as the paper);
+``seed``   the split seed (default: the scheme's own, 42 for BBH as the paper draws, 0 otherwise);
+``size``   the cap of the test split (250, BBH's size).
+
+reasoning-gym spells the last two ``split_seed`` and ``test_size``, because its ``seed`` and ``size``
+are the generator's (:attr:`Scheme.seed_key`, :attr:`Scheme.size_key`). Each scheme takes options of its
+own besides (BIG-bench: ``format``; reasoning-gym: ``size``, ``seed`` and the generator's config).
+
+Splits
+    The task's examples are shuffled with the split seed (:meth:`Scheme.order_seed`); ``fewshot`` is the first
+    ``shots`` of them, ``test`` the rest without any example whose question repeats a few-shot one, capped at
+    ``size``. The same seed gives the same split on any machine, and the two never overlap. A hub trained on a
+    task uses ``shots`` as its training set (:func:`train_shots`), so that its ``test`` split stays held out.
+    A multiple-choice example (BIG-bench's ``target_scores``) is written as a BBH prompt with its options
+    shuffled, seeded by the split seed and the example's index (:func:`format_item`).
+
+As data (``--data``, Ray Data), a split is written once as ``<cache>/<scheme>/splits/<key>/<task>.jsonl``
+(:func:`materialize`), keyed by the task's content, the split options and :data:`FORMAT_VERSION`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import string
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs
+
+from lorahub_ray.errors import DataError
+from lorahub_ray.io import storage
+
+SPLITS = ("fewshot", "test")
+DEFAULT_SHOTS = 5
+TEST_SIZE = 250
+FORMAT_VERSION = 1  # of the materialised split files; bump when the formatting changes
+LETTERS = string.ascii_uppercase
+SPLIT_OPTIONS = ("split", "shots", "seed", "size")  # the logical names; a scheme spells seed and size
+
+
+@dataclass(frozen=True)
+class Item:
+    """One parsed example: a generative ``target``, or ``options`` with the index of the correct one."""
+
+    input: str
+    target: str | None = None
+    options: tuple[str, ...] | None = None
+    correct: int | None = None
+
+    @property
+    def key(self) -> tuple:
+        """What makes two examples the same question (the option order aside)."""
+        return (self.input, tuple(sorted(self.options)) if self.options else self.target)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A parsed source: where the task is, the split options, and the scheme's own options (``params``,
+    in the order given; ``format`` is BIG-bench's)."""
+
+    location: str
+    split: str
+    seed: int = 0
+    shots: int = DEFAULT_SHOTS
+    format: str = "auto"
+    size: int = TEST_SIZE  # the test split's cap
+    params: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def scheme(self) -> Scheme:
+        return scheme_of(self.location)
+
+    @property
+    def uri(self) -> str:
+        """The canonical text of this source (every split option written, the scheme's spelling)."""
+        scheme = self.scheme
+        pairs = [("split", self.split), (scheme.seed_key, self.seed), ("shots", self.shots)]
+        if self.format != "auto":
+            pairs.append(("format", self.format))
+        if self.size != TEST_SIZE:
+            pairs.append((scheme.size_key, self.size))
+        pairs += list(self.params)
+        return self.location + "?" + "&".join(f"{k}={v}" for k, v in pairs)
+
+
+class Scheme:
+    """One kind of source. Subclasses read their tasks' examples; the splits are shared (this module)."""
+
+    prefix = ""  # "bbh:", "reasoning-gym:"
+    label = ""  # how errors name it: "BBH"
+    folder = ""  # its folder in the cache
+    seed_key, size_key = "seed", "size"  # how the source's text spells the split seed and the test cap
+    default_seed = 0
+    options: tuple[str, ...] | None = ()  # its own options; None: any other option is its own
+    formats: tuple[str, ...] = ("auto",)
+
+    def claims(self, location: str) -> bool:
+        return location.startswith(self.prefix)
+
+    def check(self, source: Source) -> None:
+        """Refuse bad options of the scheme's own, without reading any data (one line naming the source)."""
+
+    def prepare(self, sources: list[Source]) -> None:
+        """Fetch whatever ``sources`` need (a download, an extraction) at once, before any is read."""
+
+    def name(self, source: Source) -> str:
+        """The task's display name: a table's row, a module's name, the materialised file's name."""
+        raise NotImplementedError
+
+    def items(self, source: Source) -> list[Item]:
+        """Every example of the task, checked (errors name the file and the example's index)."""
+        raise NotImplementedError
+
+    def fingerprint(self, source: Source) -> bytes:
+        """What the examples depend on (file contents, a generator's version and config)."""
+        raise NotImplementedError
+
+    def order_seed(self, seed: int):
+        """The seed of the ``random.Random`` that shuffles the examples before they are split."""
+        return f"lorahub-ray {self.folder} split {seed}"
+
+    def option_seed(self, seed: int, index: int):
+        """The seed of the shuffle of one multiple-choice example's options."""
+        return f"lorahub-ray {self.folder} options {seed} {index}"
+
+
+def schemes() -> list[Scheme]:
+    """The known schemes, the path-claiming one (BIG-bench's task files) last."""
+    from lorahub_ray.io import bbh, bigbench, reasoning_gym
+
+    return [bbh.BBH, reasoning_gym.REASONING_GYM, bigbench.BIGBENCH]
+
+
+def scheme_of(uri) -> Scheme | None:
+    """The scheme of a source (``None`` for anything else: a data file, a folder of them)."""
+    location = str(uri).split("?", 1)[0]
+    return next((s for s in schemes() if s.claims(location)), None)
+
+
+def is_source(uri) -> bool:
+    """Whether ``uri`` names a task source (see the module's docstring), not a data file."""
+    return uri is not None and scheme_of(uri) is not None
+
+
+def parse_source(uri, *, default_split: str = "fewshot") -> Source:
+    text = str(uri)
+    scheme = scheme_of(text)
+    if scheme is None:
+        raise DataError(f"{text}: not a task source ({', '.join(s.prefix + 'TASK' for s in schemes())})")
+    location, _, query = text.partition("?")
+    params = parse_qs(query, keep_blank_values=True) if query else {}
+    split_keys = {"split": "split", "shots": "shots", scheme.seed_key: "seed", scheme.size_key: "size"}
+    own = ("format",) if "format" in (scheme.options or ()) else ()
+    if scheme.options is not None:
+        unknown = sorted(set(params) - set(split_keys) - set(scheme.options))
+        if unknown:
+            raise DataError(f"{text}: unknown option(s) {', '.join(unknown)}; a {scheme.label} source takes "
+                            f"{', '.join(list(split_keys) + list(scheme.options))}")
+
+    def one(name, default):
+        values = params.get(name)
+        return values[-1] if values else default
+
+    split = one("split", default_split)
+    if split not in SPLITS:
+        raise DataError(f"{text}: split must be one of {', '.join(SPLITS)}, got '{split}'")
+    fmt = one("format", "auto") if own else "auto"
+    if fmt not in scheme.formats:
+        raise DataError(f"{text}: format must be one of {', '.join(scheme.formats)}, got '{fmt}'")
+    try:
+        seed = int(one(scheme.seed_key, scheme.default_seed))
+        shots, size = int(one("shots", DEFAULT_SHOTS)), int(one(scheme.size_key, TEST_SIZE))
+    except ValueError:
+        raise DataError(f"{text}: {scheme.seed_key}, shots and {scheme.size_key} must be integers") from None
+    if shots < 1 or size < 1:
+        raise DataError(f"{text}: shots and {scheme.size_key} must be at least 1, got {shots} and {size}")
+    rest = tuple((k, v[-1]) for k, v in params.items() if k not in split_keys and k not in own)
+    source = Source(location, split, seed, shots, fmt, size, rest)
+    scheme.check(source)
+    return source
+
+
+def with_split(uri, split: str | None = None, seed: int | None = None, **options):
+    """``uri`` with ``split``, ``seed`` and ``shots``/``size``/``format`` set if it is a task source (what is
+    not given is kept, so an unset split still takes its reader's default); anything else is returned
+    unchanged. ``seed`` and ``size`` are the split's, written as the source's scheme spells them."""
+    given = {k: v for k, v in {"split": split, "seed": seed, **options}.items() if v is not None}
+    if uri is None or not given or not is_source(uri):
+        return uri
+    scheme = scheme_of(uri)
+    spelled = {"seed": scheme.seed_key, "size": scheme.size_key}
+    location, _, query = str(uri).partition("?")
+    params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()} if query else {}
+    params.update({spelled.get(k, k): str(v) for k, v in given.items()})
+    text = location + "?" + "&".join(f"{k}={v}" for k, v in params.items())
+    parse_source(text)  # checks split, seed and any other option now
+    return text
+
+
+def prepare(uris: Iterable[str]) -> None:
+    """Fetch what the task sources among ``uris`` need, each scheme once for all of its sources."""
+    by_scheme: dict[int, tuple[Scheme, list[Source]]] = {}
+    for uri in uris:
+        if is_source(uri):
+            source = parse_source(uri)
+            by_scheme.setdefault(id(source.scheme), (source.scheme, []))[1].append(source)
+    for scheme, sources in by_scheme.values():
+        scheme.prepare(sources)
+
+
+def task_name(uri) -> str:
+    """The display name of a source's task."""
+    source = parse_source(uri)
+    return source.scheme.name(source)
+
+
+def split_indices(items: list[Item], split: str, order_seed, shots: int, where: str, size: int = TEST_SIZE) -> list[int]:
+    if len(items) <= shots:
+        raise DataError(f"{where}: {len(items)} examples, too few for {shots} few-shot examples and a test set")
+    order = list(range(len(items)))
+    random.Random(order_seed).shuffle(order)
+    fewshot = order[:shots]
+    if split == "fewshot":
+        return fewshot
+    seen = {items[i].key for i in fewshot}
+    test = [i for i in order[shots:] if items[i].key not in seen][:size]
+    if not test:
+        raise DataError(f"{where}: every example repeats a few-shot one; no test set is left")
+    return test
+
+
+def format_item(item: Item, rng: random.Random) -> tuple[str, str]:
+    """``(input, output)``: generative as is; multiple choice as a BBH prompt with shuffled options."""
+    if item.options is None:
+        return item.input, item.target
+    order = list(range(len(item.options)))
+    rng.shuffle(order)
+    lines = [f"({LETTERS[k]}) {item.options[j]}" for k, j in enumerate(order)]
+    answer = LETTERS[order.index(item.correct)]
+    return item.input + "\nOptions:\n" + "\n".join(lines), f"({answer})"
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str  # the task's display name
+    inputs: list[str]
+    outputs: list[str]
+
+
+def load_split(uri, *, default_split: str = "fewshot") -> Split:
+    """The examples of one split of a task source (see the module's docstring)."""
+    source = parse_source(uri, default_split=default_split)
+    scheme = source.scheme
+    items = scheme.items(source)
+    chosen = split_indices(items, source.split, scheme.order_seed(source.seed), source.shots, str(uri), source.size)
+    pairs = [format_item(items[i], random.Random(scheme.option_seed(source.seed, i))) for i in chosen]
+    return Split(scheme.name(source), [x for x, _ in pairs], [y for _, y in pairs])
+
+
+def materialize(uri, *, default_split: str = "test") -> Path:
+    """The split written once as ``<cache>/<scheme>/splits/<key>/<task>.jsonl`` (``input``/``output``),
+    so that every reader of data files (Ray Data included) reads it as any other test set. The key
+    hashes the task's content (:meth:`Scheme.fingerprint`), the split options and the format version."""
+    source = parse_source(uri, default_split=default_split)
+    scheme = source.scheme
+    digest = hashlib.sha256(f"{FORMAT_VERSION} {source.split} {source.seed} {source.shots} {source.format} "
+                            f"{source.size}".encode())
+    digest.update(scheme.fingerprint(source))
+    path = storage.cache_root() / scheme.folder / "splits" / digest.hexdigest()[:16] / f"{scheme.name(source)}.jsonl"
+    if not path.is_file():
+        split = load_split(source.uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        tmp.write_text("".join(json.dumps({"input": i, "output": o}) + "\n"
+                               for i, o in zip(split.inputs, split.outputs)), encoding="utf-8")
+        os.replace(tmp, path)
+    return path
+
+
+def count(uri) -> int:
+    """How many examples the task source ``uri`` holds (all splits)."""
+    source = parse_source(uri)
+    return len(source.scheme.items(source))
+
+
+def train_shots(uri, *, train_size: int, test_size: int) -> int:
+    """The ``shots`` that make the ``fewshot`` split a training set of up to ``train_size`` examples
+    while at least ``min(test_size, a fifth of the task)`` stay for the held-out ``test`` split."""
+    n = count(uri)
+    held_out = max(1, min(test_size, n // 5))
+    shots = min(train_size, n - held_out)
+    if shots < 1:
+        raise DataError(f"{uri}: {n} examples, too few to train on and hold some out")
+    return shots
