@@ -259,3 +259,42 @@ def test_a_warm_start_is_the_first_point_asked_and_must_lie_in_bounds():
     assert make_optimizer("NGOpt", 2, budget=5, seed=42).ask().value.tolist() == [0.0, 0.0]
     with pytest.raises(lr.LoraHubError, match="init must be 3 weights"):
         make_optimizer("NGOpt", 3, budget=5, seed=42, init=[0.0, 2.0, 0.0])
+
+
+YES_NO = [{"input": f"is {n} even?", "output": "yes" if n % 2 == 0 else "no"} for n in (2, 3, 5, 8, 7)]
+
+
+def test_an_example_with_an_answer_set_is_scored_by_its_right_answer_among_them(world):
+    """A yes/no example's held-out loss is -log P(right answer) / Σ P(answer) over its answer set, each answer's
+    probability that of its whole sequence; the form shared by the answers cancels out. Without an answer set
+    (or with answers=False) it stays the token-mean cross-entropy."""
+    from lorahub_ray.core.objective import FewShotObjective, token_losses
+
+    context, tok = _context(world, YES_NO, "reference", budget=2, config=SelectionConfig(warm_starts=0))
+    assert context.answer_sets == [("yes", "no")] * 5
+    candidates = {k: v for k, v in list(context.fixed().items())[:3]}
+    loss, mass = context.scored(candidates, [1, 3])
+    composer = context.composer
+    for name, weights in candidates.items():
+        composer.compose(weights)
+        want, masses = 0.0, 0.0
+        for i in (1, 3):
+            nll = {}
+            for answer in ("yes", "no"):  # one sequence at a time
+                [batch] = composer.family.loss_batches(tok, [YES_NO[i]["input"]], [answer], batch_size=None)
+                with torch.inference_mode():
+                    nll[answer] = float(token_losses(composer.model, batch)[0][0, 0])
+            log_set = float(torch.logsumexp(-torch.tensor(list(nll.values()), dtype=torch.float64), 0))
+            want += (nll[YES_NO[i]["output"]] + log_set) / 2
+            masses += log_set / 2
+        assert loss[name] == pytest.approx(want, rel=1e-4) and mass[name] == pytest.approx(masses, rel=1e-4)
+        assert 0 < loss[name] and mass[name] <= 0
+    plain, _ = _context(world, YES_NO, "reference", budget=2, config=SelectionConfig(warm_starts=0, answers=False))
+    assert plain.answer_sets == [None] * 5
+    loss, mass = plain.scored(candidates, [1, 3])
+    direct = FewShotObjective(composer, tok, [YES_NO[i]["input"] for i in (1, 3)], [YES_NO[i]["output"] for i in (1, 3)],
+                              loss="mean")
+    assert list(loss.values()) == pytest.approx(direct.losses(list(candidates.values())), rel=1e-5) and mass == {}
+    selection = select(context)  # the report names the answer sets and each candidate's mass on them
+    assert selection.report["answer_sets"] == [["yes", "no"]] * 5
+    assert all(r["cv_answer_mass"] <= 0 for r in selection.report["candidates"])

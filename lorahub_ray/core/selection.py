@@ -12,9 +12,24 @@ Here several candidates are compared by how well they do on examples they were n
 Folds: leave-one-out for at most 5 examples, k-fold (round-robin, k=5) for more. A fold refits
 every search candidate on its fit examples (the warm starts are ranked on them too) and scores
 every candidate on its held-out examples; fixed candidates (base, single modules) need no refit.
-Scores are the held-out loss (mean per-example token cross-entropy, no regulariser), and with
-``score="generate"`` the exact match of greedy generations on the held-out examples, ties broken
-by the loss. Ties left go to the simpler candidate (base, then single modules, then searches).
+Scores are the held-out loss (no regulariser), and with ``score="generate"`` the exact match of
+greedy generations on the held-out examples, ties broken by the loss. Ties left go to the simpler
+candidate (base, then single modules, then searches).
+
+The held-out loss of an example depends on its answers. An example with an *answer set*
+(:func:`lorahub_ray.evaluation.options.answer_sets`: the options its input lists, or the few-shot
+targets when they repeat, as a yes/no task's) is scored by the loss of its right answer among that set:
+``-log P(y | x) / Σ_a P(a | x)``, each answer's probability that of its whole token sequence, EOS included
+(``answers=True``, the default). Any other example is scored by its token-mean cross-entropy. Why: the
+token-mean cross-entropy of a short answer is mostly the answer's *form* (``(``, ``)``, EOS, the
+yes/no vocabulary), which every answer of the task shares, and little its *choice*. Measured on BBH's
+navigate (docs/bbh.md), a module that had learned to answer "Yes" to everything had the lowest
+leave-one-out cross-entropy of all candidates, because its answers had the right form, and it scored
+below the majority answer on the test set. Normalised over the answer set, the form cancels out and only
+the choice between the answers is scored: a constant answer scores as what it is, right on the examples
+whose answer it is and wrong on the others. ``answers=False`` keeps the token-mean cross-entropy
+everywhere. The report records each candidate's mean log-probability of the answer set (``cv_answer_mass``):
+how much of its output mass falls on well-formed answers.
 
 With the loss, the winner follows the one-standard-error rule by default (``rule="one-se"``; Hastie,
 Tibshirani and Friedman, *Elements of Statistical Learning*, 7.10): the simplest candidate whose mean
@@ -42,12 +57,15 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from lorahub_ray.core.compose import LoraComposer
-from lorahub_ray.core.objective import FewShotObjective, LossFn, l1_regularization
+from lorahub_ray.core.objective import FewShotObjective, LossFn, l1_regularization, token_losses
 from lorahub_ray.core.search import (DEFAULT_BUDGET, DEFAULT_OPTIMIZER, Evaluation, SearchResult, make_optimizer,
                                      minimize)
 from lorahub_ray.errors import LoraHubError
 from lorahub_ray.evaluation.generate import exact_match, generate
+from lorahub_ray.evaluation.options import answer_sets
 
 SELECT_METHODS = ("reference", "cv")
 SCORES = ("loss", "generate")
@@ -78,6 +96,7 @@ class SelectionConfig:
     folds: int = K_FOLDS  # k of k-fold, above LEAVE_ONE_OUT_MAX examples
     max_new_tokens: int = 64  # with score="generate"
     rule: str = "one-se"  # with score="loss": see RULES
+    answers: bool = True  # an example with an answer set: the loss of its right answer among them
 
     def check(self) -> None:
         if self.score not in SCORES:
@@ -127,6 +146,7 @@ class FoldResult:
     held_out: list[int]
     loss: dict[str, float]  # candidate -> mean held-out loss
     correct: dict[str, int] = field(default_factory=dict)  # candidate -> exact matches (score="generate")
+    answer_mass: dict[str, float] = field(default_factory=dict)  # candidate -> mean log P(answer set), if any
     weights: dict[str, list[float]] = field(default_factory=dict)  # search candidate -> weights fitted in the fold
     warm_starts: list[str] = field(default_factory=list)  # the fold's best single modules, best first
     searches: int = 0
@@ -158,6 +178,8 @@ class SelectionContext:
         self.budget, self.optimizer, self.seed, self.asks = budget, optimizer, seed, asks
         self.config = config
         self.settings = config.settings(len(self.names))
+        # each example's answer set (None: scored by its token-mean cross-entropy)
+        self.answer_sets = answer_sets(self.inputs, self.outputs) if config.answers else [None] * len(self.inputs)
         self._rankings: dict[tuple[int, ...], list[int]] = {}  # fit examples -> modules by their loss alone
 
     def spec(self) -> dict:
@@ -217,12 +239,49 @@ class SelectionContext:
 
     # --- scoring ---------------------------------------------------------------------------
     def held_out(self, candidates: dict[str, list[float]], indices: Sequence[int]) -> tuple[dict, dict]:
-        """Each candidate's mean loss on the examples at ``indices`` (token-mean CE per example, no
-        regulariser) and, with ``score="generate"``, its number of exact matches there."""
-        objective = self.objective(indices, loss="mean")
+        """Each candidate's mean loss on the examples at ``indices`` (no regulariser; see the module's
+        docstring for an example with an answer set) and, with ``score="generate"``, its number of exact
+        matches there."""
+        loss, _ = self.scored(candidates, indices)
+        correct = self._correct(candidates, indices)
+        return loss, correct
+
+    def scored(self, candidates: dict[str, list[float]], indices: Sequence[int]) -> tuple[dict, dict]:
+        """Each candidate's mean held-out loss on the examples at ``indices`` and, if some have an answer
+        set, its mean log-probability of the answer set on those (``{}`` otherwise)."""
         names, weights = list(candidates), list(candidates.values())
-        values = [v for s in range(0, len(weights), CHUNK) for v in objective.losses(weights[s : s + CHUNK])]
-        loss = {n: float(v) if math.isfinite(v) else math.inf for n, v in zip(names, values)}
+        if not any(self.answer_sets[i] for i in indices):
+            objective = self.objective(indices, loss="mean")
+            values = [v for s in range(0, len(weights), CHUNK) for v in objective.losses(weights[s : s + CHUNK])]
+            return {n: float(v) if math.isfinite(v) else math.inf for n, v in zip(names, values)}, {}
+        # every answer of every held-out example as a sequence of its own, all candidates at once
+        rows = [(i, a) for i in indices for a in (self.answer_sets[i] or (self.outputs[i],))]
+        family = self.composer.family
+        batches = family.loss_batches(self.tokenizer, [self.inputs[i] for i, _ in rows], [a for _, a in rows],
+                                      batch_size=self.batch_size, device=self.composer.device, template=self.template)
+        nll, tokens = [], []
+        for s in range(0, len(weights), CHUNK):
+            with torch.inference_mode(), self.composer.candidates(weights[s : s + CHUNK]) as count:
+                parts = [token_losses(self.composer.model, batch, count) for batch in batches]
+            nll.append(torch.cat([p[0] for p in parts], dim=1))
+            tokens.append(torch.cat([p[1] for p in parts], dim=1))
+        nll, tokens = torch.cat(nll), torch.cat(tokens)  # [candidates, rows]
+        losses, masses = torch.zeros(len(names), dtype=torch.float64), []
+        for i in indices:
+            at = [r for r, (j, _) in enumerate(rows) if j == i]
+            if self.answer_sets[i] is None:  # token-mean cross-entropy of the target
+                losses += nll[:, at[0]] / tokens[:, at[0]].clamp(min=1)
+                continue
+            right = at[[rows[r][1] for r in at].index(self.outputs[i].strip())]
+            mass = torch.logsumexp(-nll[:, at], dim=1)  # log P(answer set)
+            losses += nll[:, right] + mass  # -log P(right answer | answer set)
+            masses.append(mass)
+        losses /= len(indices)
+        loss = {n: float(v) if math.isfinite(v) else math.inf for n, v in zip(names, losses.tolist())}
+        mean_mass = torch.stack(masses).mean(0).tolist()
+        return loss, {n: float(v) for n, v in zip(names, mean_mass)}
+
+    def _correct(self, candidates: dict[str, list[float]], indices: Sequence[int]) -> dict[str, int]:
         correct = {}
         if self.config.score == "generate":
             inputs, targets = [self.inputs[i] for i in indices], [self.outputs[i] for i in indices]
@@ -231,7 +290,7 @@ class SelectionContext:
                 predictions = generate(self.composer.model, self.tokenizer, inputs,
                                        max_new_tokens=self.config.max_new_tokens, template=self.template)
                 correct[name] = sum(exact_match(p, t) for p, t in zip(predictions, targets))
-        return loss, correct
+        return correct
 
     def run_fold(self, task: FoldTask, advance: Callable[..., None] | None = None) -> FoldResult:
         """Fit every search candidate on the fold's fit examples and score every candidate on its held-out ones.
@@ -251,9 +310,10 @@ class SelectionContext:
                 warm[setting.start] = module
         advance(0, info=f"fold {task.fold + 1}: held-out scores")
         candidates.update(fitted)
-        loss, correct = self.held_out(candidates, task.held_out)
+        loss, mass = self.scored(candidates, task.held_out)
+        correct = self._correct(candidates, task.held_out)
         advance(len(candidates) - len(fitted))
-        return FoldResult(task.fold, list(task.held_out), loss, correct, fitted, [warm[r] for r in sorted(warm)],
+        return FoldResult(task.fold, list(task.held_out), loss, correct, mass, fitted, [warm[r] for r in sorted(warm)],
                           len(self.settings), evaluations, time.perf_counter() - start)
 
 
@@ -387,6 +447,9 @@ def choose(context: SelectionContext, results: Sequence[FoldResult], *, fold_sec
         row = {"name": name, "kind": BASE if name == BASE else "single" if name.startswith("single:") else "search",
                "fold_losses": losses, "cv_loss": sum(v * len(r.held_out) for v, r in zip(losses, results)) / n,
                "cv_loss_se": _standard_error(losses)}
+        masses = [r.answer_mass[name] for r in results if r.answer_mass]
+        if masses:
+            row["cv_answer_mass"] = sum(masses) / len(masses)
         if generate_score:
             row["fold_correct"] = [r.correct[name] for r in results]
             row["cv_accuracy"] = 100.0 * sum(row["fold_correct"]) / n
@@ -416,6 +479,7 @@ def choose(context: SelectionContext, results: Sequence[FoldResult], *, fold_sec
         "method": "cv", "score": context.config.score, "scheme": "leave-one-out" if n <= LEAVE_ONE_OUT_MAX else "k-fold",
         "folds": [r.held_out for r in results], "winner": winner["name"], "reason": _reason(context.config, ranked, len(results), threshold),
         "rule": None if context.config.score == "generate" else context.config.rule, "loss_threshold": threshold,
+        "answer_sets": [list(a) if a else None for a in context.answer_sets],
         "candidates": rows,  # in candidate order; "rank" gives the ranking (rank 1 is the winner)
         "fold_warm_starts": [r.warm_starts for r in results], "refit_warm_start": warm_start,
         "config": {**asdict(context.config), "l1": list(context.config.l1), "budget": context.budget,

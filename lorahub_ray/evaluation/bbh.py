@@ -46,6 +46,7 @@ bound to Ray Data workers, as the ``lorahub-ray bbh`` command does with ``--work
 
 from __future__ import annotations
 
+import difflib
 import json
 import random
 from collections.abc import Sequence
@@ -100,9 +101,10 @@ def resolve_task(entry: str) -> tuple[str, str]:
         return entry, bbh.SCHEME + entry
     if sources.is_source(entry):
         return sources.task_name(entry), entry
-    raise LoraHubError(f"task '{entry}' is neither a BBH task ({', '.join(bbh.TASKS)}) nor a task source "
-                       f"(bbh:TASK, reasoning-gym:NAME[?config], bigbench:TASK[/SUBTASK], a task.json or a task "
-                       f"folder) nor a suite ({', '.join(SUITES)})")
+    close = difflib.get_close_matches(entry, list(bbh.TASKS) + list(SUITES), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise LoraHubError(f"task '{entry}' is neither a BBH task nor a task source (bbh:TASK, reasoning-gym:NAME[?config], "
+                       f"bigbench:TASK[/SUBTASK], a task.json or a task folder) nor a suite ({', '.join(SUITES)}){hint}")
 
 
 def load_hub(hub: str, progress: bool = False):

@@ -22,7 +22,7 @@ from lorahub_ray.core.preselect import screen
 from lorahub_ray.evaluation.compare import InContextPrompt
 from lorahub_ray.evaluation.evaluate import EvaluationResult
 from lorahub_ray.evaluation.generate import normalize
-from lorahub_ray.evaluation.options import option_accuracy, option_letters
+from lorahub_ray.evaluation.options import answer_options, option_accuracy
 from lorahub_ray.io import storage
 from lorahub_ray.io.examples import Examples, read_examples
 
@@ -61,8 +61,8 @@ def baselines(test: str) -> dict[str, dict]:
 
     data = read_examples(test)
     n = len(data)
-    letters = [option_letters(x) for x in data.inputs]
-    chance = 100.0 * sum(1 / len(o) for o in letters if o) / n
+    offered = [answer_options(x) for x in data.inputs]
+    chance = 100.0 * sum(1 / len(o) for o in offered if o) / n
     top = Counter(normalize(y) for y in data.outputs).most_common(1)[0]
     cells = {}
     for name, accuracy, extra in (("chance", chance, {}), ("majority", 100.0 * top[1] / n, {"answer": top[0]})):
@@ -119,7 +119,7 @@ class TaskCells:
         """Option log-likelihood accuracy on ``data`` (in this process) with the ``(model, tokenizer)``
         that ``load()`` gives, for a multiple-choice task; a generative one loads nothing."""
         test = read_examples(data)
-        if not any(option_letters(x) for x in test.inputs):
+        if not any(answer_options(x) for x in test.inputs):
             return None
         inputs = [transform(x) for x in test.inputs] if transform else test.inputs
         model, tokenizer = load()

@@ -76,8 +76,8 @@ def _fetch(url: str) -> bytes | None:
     import fsspec
 
     try:
-        with fsspec.open(url, "rb") as fh:
-            return fh.read()
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.cat_file(path)  # one GET: a 404 is FileNotFoundError, a refused connection is not
     except FileNotFoundError:
         return None
     except Exception as exc:  # no network, refused connection, forbidden bucket: all the same to the user
@@ -86,10 +86,15 @@ def _fetch(url: str) -> bytes | None:
                         f"s3:// or https://") from None
 
 
+def cache_dir(root: str) -> Path:
+    """Where the release at the remote ``root`` is kept once downloaded."""
+    return storage.cache_root() / "bbh" / "release" / hashlib.sha256(root.encode()).hexdigest()[:16]
+
+
 def download(root: str) -> Path:
     """All 27 task files of the release at ``root`` (``bbh/<task>.json`` under it, or ``<task>.json``),
     downloaded once into the cache (written whole, then moved into place); returns their folder."""
-    dest = storage.cache_root() / "bbh" / "release" / hashlib.sha256(root.encode()).hexdigest()[:16]
+    dest = cache_dir(root)
     if (dest / COMPLETE).is_file():
         return dest
     base = root.rstrip("/")

@@ -158,13 +158,19 @@ def is_source(uri) -> bool:
     return uri is not None and scheme_of(uri) is not None
 
 
+def _query(query: str) -> dict[str, list[str]]:
+    """The options of a source's text: ``KEY=VALUE`` pairs joined by ``&``, ``%XX`` escapes decoded, and a
+    ``+`` kept as a plus (``operators=["+"]``), not read as a space as in a URL."""
+    return parse_qs(query.replace("+", "%2B"), keep_blank_values=True) if query else {}
+
+
 def parse_source(uri, *, default_split: str = "fewshot") -> Source:
     text = str(uri)
     scheme = scheme_of(text)
     if scheme is None:
         raise DataError(f"{text}: not a task source ({', '.join(s.prefix + 'TASK' for s in schemes())})")
     location, _, query = text.partition("?")
-    params = parse_qs(query, keep_blank_values=True) if query else {}
+    params = _query(query)
     split_keys = {"split": "split", "shots": "shots", scheme.seed_key: "seed", scheme.size_key: "size"}
     own = ("format",) if "format" in (scheme.options or ()) else ()
     if scheme.options is not None:
@@ -206,7 +212,7 @@ def with_split(uri, split: str | None = None, seed: int | None = None, **options
     scheme = scheme_of(uri)
     spelled = {"seed": scheme.seed_key, "size": scheme.size_key}
     location, _, query = str(uri).partition("?")
-    params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()} if query else {}
+    params = {k: v[-1] for k, v in _query(query).items()}
     params.update({spelled.get(k, k): str(v) for k, v in given.items()})
     text = location + "?" + "&".join(f"{k}={v}" for k, v in params.items())
     parse_source(text)  # checks split, seed and any other option now
