@@ -250,3 +250,22 @@ def test_help_renders(command):
     result = CliRunner().invoke(app, [command, "--help"])
     assert result.exit_code == 0, result.output
     assert "--split-seed" in result.output
+
+
+def test_evaluate_reads_bbh_and_reasoning_gym_sources(world, tmp_path, monkeypatch):
+    """`evaluate --data` reads a source's test split, for BBH and reasoning-gym as for BIG-bench."""
+    from lorahub_ray.io.examples import read_examples
+    from lorahub_ray.io.sources import with_split
+
+    monkeypatch.setenv("LORAHUB_RAY_BBH", str(BBH_FILES))
+    for data, split_seed, rows in (("bbh:sports_understanding", "3", 12 - 5),
+                                   ("reasoning-gym:spell_backward?size=12&test_size=4", "1", 4)):
+        out = tmp_path / data.split(":")[0]
+        result = CliRunner().invoke(app, ["evaluate", "--model", str(world["base"]), "--data", data, "--split-seed",
+                                          split_seed, "--max-new-tokens", "4", "--output", str(out)],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["examples"] == rows
+        inputs = set(pq.read_table(out / "predictions.parquet").column("input").to_pylist())
+        assert not inputs & set(read_examples(with_split(data, None, int(split_seed))).inputs)  # no few-shot one

@@ -129,11 +129,10 @@ def test_answer_options_come_from_the_last_options_list():
     assert answer_options("Is it valid?\nOptions:\n- valid \n- invalid") == ["valid", "invalid"]  # BBH's dashes
     assert answer_options("What is 2 plus 2?") == []
     # an example's options, else the examples' distinct targets when they repeat, else none
-    inputs = ["a\nOptions:\n- Yes\n- No", "b", "c", "d"]
-    assert answer_sets(inputs, ["No", "yes", "no", "yes"]) == [("Yes", "No"), ("yes", "no"), ("yes", "no"),
-                                                                ("yes", "no")]
-    assert answer_sets(inputs[1:], ["cat", "dog", "cow"]) == [None] * 3  # every target differs: generative
-    assert answer_sets(inputs[1:], ["yes", "yes", "yes"]) == [None] * 3  # one answer: no choice to score
+    inputs = ["a\nOptions:\n- Yes\n- No", "b", "c", "d", "e"]
+    assert answer_sets(inputs, ["No", "yes", "no", "yes", "yes"]) == [("Yes", "No")] + [("yes", "no")] * 4
+    assert answer_sets(inputs[1:], ["8", "12", "8", "5"]) == [None] * 4  # 3 numbers among 4: not a closed set
+    assert answer_sets(inputs[1:], ["yes"] * 4) == [None] * 4  # one answer: no choice to score
 
 
 def test_option_scores_are_the_log_likelihood_of_each_answer(chat_base):
@@ -211,3 +210,9 @@ def test_tasks_in_one_process_render_with_the_template_and_plan_the_ray_runners_
     names = sorted(p.name for p in hub.iterdir())
     plans = plan_restarts(3, 2, seed=42, optimizer="NGOpt")
     assert [t["modules"] for t in trials] == [[names[i] for i in p.modules] for p in plans]
+
+
+def test_hub_build_help_names_the_default_upstream():
+    result = CliRunner().invoke(app, ["hub", "build", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "reasoning-gym" in result.output and "--tasks" in result.output

@@ -273,7 +273,7 @@ def test_an_example_with_an_answer_set_is_scored_by_its_right_answer_among_them(
     context, tok = _context(world, YES_NO, "reference", budget=2, config=SelectionConfig(warm_starts=0))
     assert context.answer_sets == [("yes", "no")] * 5
     candidates = {k: v for k, v in list(context.fixed().items())[:3]}
-    loss, mass = context.scored(candidates, [1, 3])
+    loss, ce, mass = context.scored(candidates, [1, 3])
     composer = context.composer
     for name, weights in candidates.items():
         composer.compose(weights)
@@ -291,10 +291,11 @@ def test_an_example_with_an_answer_set_is_scored_by_its_right_answer_among_them(
         assert 0 < loss[name] and mass[name] <= 0
     plain, _ = _context(world, YES_NO, "reference", budget=2, config=SelectionConfig(warm_starts=0, answers=False))
     assert plain.answer_sets == [None] * 5
-    loss, mass = plain.scored(candidates, [1, 3])
+    plain_loss, plain_ce, plain_mass = plain.scored(candidates, [1, 3])
     direct = FewShotObjective(composer, tok, [YES_NO[i]["input"] for i in (1, 3)], [YES_NO[i]["output"] for i in (1, 3)],
-                              loss="mean")
-    assert list(loss.values()) == pytest.approx(direct.losses(list(candidates.values())), rel=1e-5) and mass == {}
+                              loss="mean").losses(list(candidates.values()))
+    assert list(plain_loss.values()) == pytest.approx(direct, rel=1e-5) and plain_mass == {}
+    assert plain_ce == plain_loss and list(ce.values()) == pytest.approx(direct, rel=1e-4)  # the CE, scored alongside
     selection = select(context)  # the report names the answer sets and each candidate's mass on them
     assert selection.report["answer_sets"] == [["yes", "no"]] * 5
     assert all(r["cv_answer_mass"] <= 0 for r in selection.report["candidates"])

@@ -96,7 +96,7 @@ def hub_validate(
 def hub_build(
     model: Annotated[str, typer.Option("--model", "-m", help="Base model, seq2seq or causal LM: Hub id, local directory, s3:// URI or .gguf file.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Hub folder: modules/<task>/, catalogue.parquet and build.json; rerun with the same settings to resume.")],
-    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated task sources, one module each: reasoning-gym:NAME[?KEY=VALUE&...] (any generator and config) or bigbench:TASK[/SUBTASK]. Default: the 25 reasoning-gym generators of the upstream hub, none of whose skills is a BBH task's; BBH itself (bbh:, and BIG-bench's sources of BBH tasks) is refused.")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated task sources, one module each: reasoning-gym:NAME or reasoning-gym:NAME?KEY=VALUE&... (any generator and config) or bigbench:TASK or bigbench:TASK/SUBTASK. Default: the 25 reasoning-gym generators of the upstream hub, none of whose skills is a BBH task's; BBH itself (bbh:, and BIG-bench's sources of BBH tasks) is refused.")] = None,
     steps: Annotated[int, typer.Option(help="Training steps per module.")] = 100,
     rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,

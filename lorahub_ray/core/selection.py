@@ -146,6 +146,7 @@ class FoldResult:
     held_out: list[int]
     loss: dict[str, float]  # candidate -> mean held-out loss
     correct: dict[str, int] = field(default_factory=dict)  # candidate -> exact matches (score="generate")
+    ce: dict[str, float] = field(default_factory=dict)  # candidate -> mean held-out token-mean cross-entropy
     answer_mass: dict[str, float] = field(default_factory=dict)  # candidate -> mean log P(answer set), if any
     weights: dict[str, list[float]] = field(default_factory=dict)  # search candidate -> weights fitted in the fold
     warm_starts: list[str] = field(default_factory=list)  # the fold's best single modules, best first
@@ -242,44 +243,48 @@ class SelectionContext:
         """Each candidate's mean loss on the examples at ``indices`` (no regulariser; see the module's
         docstring for an example with an answer set) and, with ``score="generate"``, its number of exact
         matches there."""
-        loss, _ = self.scored(candidates, indices)
-        correct = self._correct(candidates, indices)
-        return loss, correct
+        loss = self.scored(candidates, indices)[0]
+        return loss, self._correct(candidates, indices)
 
-    def scored(self, candidates: dict[str, list[float]], indices: Sequence[int]) -> tuple[dict, dict]:
-        """Each candidate's mean held-out loss on the examples at ``indices`` and, if some have an answer
+    def scored(self, candidates: dict[str, list[float]], indices: Sequence[int]) -> tuple[dict, dict, dict]:
+        """Each candidate's mean held-out loss on the examples at ``indices`` (see the module's docstring),
+        its mean token-mean cross-entropy there (the loss without answer sets) and, if some have an answer
         set, its mean log-probability of the answer set on those (``{}`` otherwise)."""
         names, weights = list(candidates), list(candidates.values())
+
+        def named(values) -> dict[str, float]:
+            return {n: float(v) if math.isfinite(v) else math.inf for n, v in zip(names, values)}
+
         if not any(self.answer_sets[i] for i in indices):
             objective = self.objective(indices, loss="mean")
-            values = [v for s in range(0, len(weights), CHUNK) for v in objective.losses(weights[s : s + CHUNK])]
-            return {n: float(v) if math.isfinite(v) else math.inf for n, v in zip(names, values)}, {}
+            ce = named(v for s in range(0, len(weights), CHUNK) for v in objective.losses(weights[s : s + CHUNK]))
+            return ce, ce, {}
         # every answer of every held-out example as a sequence of its own, all candidates at once
         rows = [(i, a) for i in indices for a in (self.answer_sets[i] or (self.outputs[i],))]
-        family = self.composer.family
-        batches = family.loss_batches(self.tokenizer, [self.inputs[i] for i, _ in rows], [a for _, a in rows],
-                                      batch_size=self.batch_size, device=self.composer.device, template=self.template)
+        batches = self.composer.family.loss_batches(self.tokenizer, [self.inputs[i] for i, _ in rows],
+                                                    [a for _, a in rows], batch_size=self.batch_size,
+                                                    device=self.composer.device, template=self.template)
         nll, tokens = [], []
         for s in range(0, len(weights), CHUNK):
             with torch.inference_mode(), self.composer.candidates(weights[s : s + CHUNK]) as count:
                 parts = [token_losses(self.composer.model, batch, count) for batch in batches]
             nll.append(torch.cat([p[0] for p in parts], dim=1))
             tokens.append(torch.cat([p[1] for p in parts], dim=1))
-        nll, tokens = torch.cat(nll), torch.cat(tokens)  # [candidates, rows]
-        losses, masses = torch.zeros(len(names), dtype=torch.float64), []
+        nll, tokens = torch.cat(nll), torch.cat(tokens)  # [candidates, rows]: each row's summed token CE
+        losses, ce, masses = torch.zeros(len(names), dtype=torch.float64), 0.0, []
         for i in indices:
             at = [r for r, (j, _) in enumerate(rows) if j == i]
-            if self.answer_sets[i] is None:  # token-mean cross-entropy of the target
-                losses += nll[:, at[0]] / tokens[:, at[0]].clamp(min=1)
+            right = at[0] if self.answer_sets[i] is None else at[[rows[r][1] for r in at].index(self.outputs[i].strip())]
+            token_mean = nll[:, right] / tokens[:, right].clamp(min=1)
+            ce = ce + token_mean
+            if self.answer_sets[i] is None:
+                losses += token_mean
                 continue
-            right = at[[rows[r][1] for r in at].index(self.outputs[i].strip())]
             mass = torch.logsumexp(-nll[:, at], dim=1)  # log P(answer set)
             losses += nll[:, right] + mass  # -log P(right answer | answer set)
             masses.append(mass)
-        losses /= len(indices)
-        loss = {n: float(v) if math.isfinite(v) else math.inf for n, v in zip(names, losses.tolist())}
-        mean_mass = torch.stack(masses).mean(0).tolist()
-        return loss, {n: float(v) for n, v in zip(names, mean_mass)}
+        mass = dict(zip(names, torch.stack(masses).mean(0).tolist()))
+        return named((losses / len(indices)).tolist()), named((ce / len(indices)).tolist()), mass
 
     def _correct(self, candidates: dict[str, list[float]], indices: Sequence[int]) -> dict[str, int]:
         correct = {}
@@ -310,11 +315,11 @@ class SelectionContext:
                 warm[setting.start] = module
         advance(0, info=f"fold {task.fold + 1}: held-out scores")
         candidates.update(fitted)
-        loss, mass = self.scored(candidates, task.held_out)
+        loss, ce, mass = self.scored(candidates, task.held_out)
         correct = self._correct(candidates, task.held_out)
         advance(len(candidates) - len(fitted))
-        return FoldResult(task.fold, list(task.held_out), loss, correct, mass, fitted, [warm[r] for r in sorted(warm)],
-                          len(self.settings), evaluations, time.perf_counter() - start)
+        return FoldResult(task.fold, list(task.held_out), loss, correct, ce, mass, fitted,
+                          [warm[r] for r in sorted(warm)], len(self.settings), evaluations, time.perf_counter() - start)
 
 
 MapFolds = Callable[[SelectionContext, Sequence[FoldTask]], Iterable[FoldResult]]
@@ -443,13 +448,15 @@ def choose(context: SelectionContext, results: Sequence[FoldResult], *, fold_sec
     names = context.candidate_names()
     rows = []
     for order, name in enumerate(names):
-        losses = [r.loss[name] for r in results]
+        # the loss as scored (answer sets), or without answer sets (answers=False): the cross-entropy
+        losses = [(r.loss if context.config.answers or not r.ce else r.ce)[name] for r in results]
         row = {"name": name, "kind": BASE if name == BASE else "single" if name.startswith("single:") else "search",
                "fold_losses": losses, "cv_loss": sum(v * len(r.held_out) for v, r in zip(losses, results)) / n,
                "cv_loss_se": _standard_error(losses)}
         masses = [r.answer_mass[name] for r in results if r.answer_mass]
         if masses:
             row["cv_answer_mass"] = sum(masses) / len(masses)
+            row["cv_ce"] = sum(r.ce[name] * len(r.held_out) for r in results) / n
         if generate_score:
             row["fold_correct"] = [r.correct[name] for r in results]
             row["cv_accuracy"] = 100.0 * sum(row["fold_correct"]) / n

@@ -21,7 +21,11 @@ the paper's draw, :data:`lorahub_ray.io.bbh.PAPER_SEED`). Then, one *cell* per m
 ``select_cv``     ``lorahub_learning(select="cv")`` over the whole hub, seed 0: the base model, each
                   module alone and three searches, chosen by leave-one-out loss on the few-shot
                   examples and refit on all of them (:mod:`lorahub_ray.core.selection`); the cell
-                  records the winner and its reason.
+                  records the winner and its reason;
+``select_cv_ce``  the same folds ranked by the token-mean cross-entropy alone (``answers=False``: select cv
+                  as it chose before it scored an example with an answer set by its right answer among
+                  them), to show what that change does on each task; it reuses select_cv's folds, and its
+                  winner's evaluation too where the two pick the same weights.
 
 Two baselines need no model: ``chance`` (the mean of 1/options over the test set; 0 for a generative
 task) and ``majority`` (always the test set's most common answer: the best any constant answer does).
@@ -103,8 +107,9 @@ def resolve_task(entry: str) -> tuple[str, str]:
         return sources.task_name(entry), entry
     close = difflib.get_close_matches(entry, list(bbh.TASKS) + list(SUITES), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise LoraHubError(f"task '{entry}' is neither a BBH task nor a task source (bbh:TASK, reasoning-gym:NAME[?config], "
-                       f"bigbench:TASK[/SUBTASK], a task.json or a task folder) nor a suite ({', '.join(SUITES)}){hint}")
+    raise LoraHubError(f"task '{entry}' is neither a BBH task nor a task source (bbh:TASK, "
+                       f"reasoning-gym:NAME[?config], bigbench:TASK[/SUBTASK], a task.json or a task folder) nor a "
+                       f"suite ({', '.join(SUITES)}){hint}")
 
 
 def load_hub(hub: str, progress: bool = False):
@@ -219,7 +224,7 @@ def plot(table: dict, path: Path) -> Path:
 
     rows = list(table["tasks"].items()) + [("macro average", table["macro"])]
     methods = [m for m in METHODS if any(m in cells for _, cells in rows)]
-    colors = dict(zip(METHODS, ["#9e9e9e", "#5c6bc0", "#ef6c00", "#ffb74d", "#26a69a", "#8e24aa"]))
+    colors = dict(zip(METHODS, ["#9e9e9e", "#5c6bc0", "#ef6c00", "#ffb74d", "#26a69a", "#8e24aa", "#ce93d8"]))
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.2))
     for k, method in enumerate(methods):

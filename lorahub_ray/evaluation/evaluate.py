@@ -21,7 +21,8 @@ Outputs
 Data
     ``data`` is one file (JSON Lines, Parquet or CSV) or a folder or prefix of many, one per
     task (the BBH layout), local or ``s3://``, or a task source (``bbh:TASK``, ``reasoning-gym:NAME``,
-    ``bigbench:TASK``: its test split, written once as a JSON Lines file, :mod:`lorahub_ray.io.sources`). Every file is checked before any model loads.
+    ``bigbench:TASK``: its test split, written once as a JSON Lines file, :mod:`lorahub_ray.io.sources`).
+    Every file is checked before any model loads.
 """
 
 from __future__ import annotations

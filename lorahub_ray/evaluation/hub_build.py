@@ -96,8 +96,8 @@ def check_upstream(tasks: Sequence[str]) -> None:
     for source in tasks:
         scheme = sources.scheme_of(source)
         if scheme is None:
-            raise LoraHubError(f"'{source}' is not a task source (reasoning-gym:NAME[?config], bigbench:TASK[/SUBTASK], "
-                               f"a task.json or a task folder)")
+            raise LoraHubError(f"'{source}' is not a task source (reasoning-gym:NAME[?config], "
+                               f"bigbench:TASK[/SUBTASK], a task.json or a task folder)")
         if scheme is bbh.BBH:
             bad.append(f"{source} (BBH itself)")
         elif scheme is bigbench.BIGBENCH:

@@ -14,8 +14,8 @@ Inputs without an options list (generative tasks) have no option accuracy: :func
 returns ``None`` when no input has options, and scores only the ones that do otherwise.
 
 :func:`answer_sets` extends this to a set of examples (the few-shot examples of select cv): an example's
-answer set is the options its input lists, else the distinct targets of the examples when they repeat
-(a closed answer set such as BBH's yes/no sports_understanding), else none.
+answer set is the options its input lists, else the distinct targets of the examples when they form a closed set
+(such as BBH's yes/no sports_understanding), else none.
 """
 
 from __future__ import annotations
@@ -40,13 +40,14 @@ def answer_options(text: str) -> list[str]:
 
 def answer_sets(inputs: Sequence[str], outputs: Sequence[str]) -> list[tuple[str, ...] | None]:
     """Each example's answer set: the options its input lists (when its target is one of them), else the
-    distinct targets of the examples without options when they repeat (fewer distinct targets than such
-    examples, at least two), else ``None`` (a generative example)."""
+    distinct targets of the examples without options when they form a closed set (at least two, and at most
+    half as many as such examples: yes/no over 5 examples, not 4 numbers among 5), else ``None`` (a
+    generative example)."""
     offered = [tuple(answer_options(text)) for text in inputs]
     listed = [len(o) >= 2 and t.strip() in o for o, t in zip(offered, outputs)]
     rest = [t.strip() for t, ok in zip(outputs, listed) if not ok]
     distinct = tuple(dict.fromkeys(rest))
-    closed = distinct if 2 <= len(distinct) < len(rest) else None
+    closed = distinct if 2 <= len(distinct) <= len(rest) / 2 else None
     return [o if ok else closed for o, ok in zip(offered, listed)]
 
 

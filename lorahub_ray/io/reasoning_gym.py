@@ -39,8 +39,8 @@ def _package():
     try:
         import reasoning_gym
     except ImportError:
-        raise LoraHubError(f'reasoning-gym sources need the reasoning-gym package: pip install "lorahub-ray[{EXTRA}]"') \
-            from None
+        raise LoraHubError(f'reasoning-gym sources need the reasoning-gym package: '
+                           f'pip install "lorahub-ray[{EXTRA}]"') from None
     return reasoning_gym
 
 

@@ -236,7 +236,8 @@ def task_name(uri) -> str:
     return source.scheme.name(source)
 
 
-def split_indices(items: list[Item], split: str, order_seed, shots: int, where: str, size: int = TEST_SIZE) -> list[int]:
+def split_indices(items: list[Item], split: str, order_seed, shots: int, where: str,
+                  size: int = TEST_SIZE) -> list[int]:
     if len(items) <= shots:
         raise DataError(f"{where}: {len(items)} examples, too few for {shots} few-shot examples and a test set")
     order = list(range(len(items)))
