@@ -17,19 +17,16 @@ greedy generations on the held-out examples, ties broken by the loss. Ties left 
 candidate (base, then single modules, then searches).
 
 The held-out loss of an example depends on its answers. An example with an *answer set*
-(:func:`lorahub_ray.evaluation.options.answer_sets`: the options its input lists, or the few-shot
-targets when they repeat, as a yes/no task's) is scored by the loss of its right answer among that set:
-``-log P(y | x) / Σ_a P(a | x)``, each answer's probability that of its whole token sequence, EOS included
-(``answers=True``, the default). Any other example is scored by its token-mean cross-entropy. Why: the
-token-mean cross-entropy of a short answer is mostly the answer's *form* (``(``, ``)``, EOS, the
-yes/no vocabulary), which every answer of the task shares, and little its *choice*. Measured on BBH's
-navigate (docs/bbh.md), a module that had learned to answer "Yes" to everything had the lowest
-leave-one-out cross-entropy of all candidates, because its answers had the right form, and it scored
-below the majority answer on the test set. Normalised over the answer set, the form cancels out and only
-the choice between the answers is scored: a constant answer scores as what it is, right on the examples
-whose answer it is and wrong on the others. ``answers=False`` keeps the token-mean cross-entropy
-everywhere. The report records each candidate's mean log-probability of the answer set (``cv_answer_mass``):
-how much of its output mass falls on well-formed answers.
+(:func:`lorahub_ray.evaluation.options.answer_sets`: the options its input lists, or the few-shot targets
+when they form a closed set, as a yes/no task's) is scored by the loss of its right answer among that set,
+``-log P(y | x) / Σ_a P(a | x)`` (:mod:`lorahub_ray.core.answer_loss`; ``answers=True``, the default); any
+other example by its token-mean cross-entropy. Why: the token-mean cross-entropy of a short answer is mostly
+its *form* (``(``, ``)``, EOS, the yes/no vocabulary), which every answer of the task shares, and little its
+*choice*, so a module that learned the form and answers one thing to everything can have the lowest
+held-out loss of all (docs/bbh.md: BBH's navigate). Over the answer set the form cancels out: a constant
+answer scores as what it is, right where the answer is its own and wrong elsewhere. ``answers=False``
+scores the token-mean cross-entropy everywhere, as before. Each candidate's row in the report also holds
+its mean held-out cross-entropy (``cv_ce``) and log-probability of the answer set (``cv_answer_mass``).
 
 With the loss, the winner follows the one-standard-error rule by default (``rule="one-se"``; Hastie,
 Tibshirani and Friedman, *Elements of Statistical Learning*, 7.10): the simplest candidate whose mean
@@ -57,10 +54,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
-import torch
-
+from lorahub_ray.core.answer_loss import answer_losses
 from lorahub_ray.core.compose import LoraComposer
-from lorahub_ray.core.objective import FewShotObjective, LossFn, l1_regularization, token_losses
+from lorahub_ray.core.objective import FewShotObjective, LossFn, l1_regularization
 from lorahub_ray.core.search import (DEFAULT_BUDGET, DEFAULT_OPTIMIZER, Evaluation, SearchResult, make_optimizer,
                                      minimize)
 from lorahub_ray.errors import LoraHubError
@@ -259,32 +255,10 @@ class SelectionContext:
             objective = self.objective(indices, loss="mean")
             ce = named(v for s in range(0, len(weights), CHUNK) for v in objective.losses(weights[s : s + CHUNK]))
             return ce, ce, {}
-        # every answer of every held-out example as a sequence of its own, all candidates at once
-        rows = [(i, a) for i in indices for a in (self.answer_sets[i] or (self.outputs[i],))]
-        batches = self.composer.family.loss_batches(self.tokenizer, [self.inputs[i] for i, _ in rows],
-                                                    [a for _, a in rows], batch_size=self.batch_size,
-                                                    device=self.composer.device, template=self.template)
-        nll, tokens = [], []
-        for s in range(0, len(weights), CHUNK):
-            with torch.inference_mode(), self.composer.candidates(weights[s : s + CHUNK]) as count:
-                parts = [token_losses(self.composer.model, batch, count) for batch in batches]
-            nll.append(torch.cat([p[0] for p in parts], dim=1))
-            tokens.append(torch.cat([p[1] for p in parts], dim=1))
-        nll, tokens = torch.cat(nll), torch.cat(tokens)  # [candidates, rows]: each row's summed token CE
-        losses, ce, masses = torch.zeros(len(names), dtype=torch.float64), 0.0, []
-        for i in indices:
-            at = [r for r, (j, _) in enumerate(rows) if j == i]
-            right = at[0] if self.answer_sets[i] is None else at[[rows[r][1] for r in at].index(self.outputs[i].strip())]
-            token_mean = nll[:, right] / tokens[:, right].clamp(min=1)
-            ce = ce + token_mean
-            if self.answer_sets[i] is None:
-                losses += token_mean
-                continue
-            mass = torch.logsumexp(-nll[:, at], dim=1)  # log P(answer set)
-            losses += nll[:, right] + mass  # -log P(right answer | answer set)
-            masses.append(mass)
-        mass = dict(zip(names, torch.stack(masses).mean(0).tolist()))
-        return named((losses / len(indices)).tolist()), named((ce / len(indices)).tolist()), mass
+        loss, ce, mass = answer_losses(self.composer, self.tokenizer, [self.inputs[i] for i in indices],
+                                       [self.outputs[i] for i in indices], [self.answer_sets[i] for i in indices],
+                                       weights, batch_size=self.batch_size, template=self.template, chunk=CHUNK)
+        return named(loss), named(ce), dict(zip(names, mass))
 
     def _correct(self, candidates: dict[str, list[float]], indices: Sequence[int]) -> dict[str, int]:
         correct = {}

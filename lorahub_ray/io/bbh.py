@@ -34,7 +34,7 @@ from pathlib import Path
 
 from lorahub_ray.errors import DataError
 from lorahub_ray.io import storage
-from lorahub_ray.io.sources import Item, Scheme, Source
+from lorahub_ray.io.splits import Item, Scheme, Source
 
 SCHEME = "bbh:"
 ENV = "LORAHUB_RAY_BBH"

@@ -38,10 +38,7 @@ from pathlib import Path
 
 from lorahub_ray.errors import DataError
 from lorahub_ray.io import bigbench_sdist, storage
-from lorahub_ray.io.sources import (  # noqa: F401  (the split machinery, shared by every source)
-    DEFAULT_SHOTS, LETTERS, SPLITS, TEST_SIZE, Item, Scheme, Source, count, load_split, materialize, parse_source,
-    train_shots, with_split,
-)
+from lorahub_ray.io.splits import DEFAULT_SHOTS, LETTERS, SPLITS, TEST_SIZE, Item, Scheme, Source  # noqa: F401
 
 SCHEME = "bigbench:"
 TASK_FILE = "task.json"
@@ -99,7 +96,7 @@ def _sdist_task(location: str) -> str:
 
 def sdist_task(uri) -> str | None:
     """The sdist task a ``bigbench:TASK[/SUBTASK][?...]`` source names (``TASK``); ``None`` for a path."""
-    location = parse_source(uri).location
+    location = str(uri).split("?", 1)[0]
     return _sdist_task(location) if location.startswith(SCHEME) else None
 
 

@@ -27,7 +27,7 @@ import hashlib
 import json
 
 from lorahub_ray.errors import DataError, LoraHubError
-from lorahub_ray.io.sources import Item, Scheme, Source
+from lorahub_ray.io.splits import Item, Scheme, Source
 
 SCHEME = "reasoning-gym:"
 DEFAULT_SIZE = 1000

@@ -36,121 +36,24 @@ import hashlib
 import json
 import os
 import random
-import string
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs
 
 from lorahub_ray.errors import DataError
-from lorahub_ray.io import storage
+from lorahub_ray.io import bbh, bigbench, reasoning_gym, storage
+from lorahub_ray.io.splits import (  # noqa: F401  (re-exported: the split machinery of every source)
+    DEFAULT_SHOTS, FORMAT_VERSION, SPLITS, TEST_SIZE, Item, Scheme, Source, Split, format_item, split_indices,
+)
 
-SPLITS = ("fewshot", "test")
-DEFAULT_SHOTS = 5
-TEST_SIZE = 250
-FORMAT_VERSION = 1  # of the materialised split files; bump when the formatting changes
-LETTERS = string.ascii_uppercase
-SPLIT_OPTIONS = ("split", "shots", "seed", "size")  # the logical names; a scheme spells seed and size
-
-
-@dataclass(frozen=True)
-class Item:
-    """One parsed example: a generative ``target``, or ``options`` with the index of the correct one."""
-
-    input: str
-    target: str | None = None
-    options: tuple[str, ...] | None = None
-    correct: int | None = None
-
-    @property
-    def key(self) -> tuple:
-        """What makes two examples the same question (the option order aside)."""
-        return (self.input, tuple(sorted(self.options)) if self.options else self.target)
-
-
-@dataclass(frozen=True)
-class Source:
-    """A parsed source: where the task is, the split options, and the scheme's own options (``params``,
-    in the order given; ``format`` is BIG-bench's)."""
-
-    location: str
-    split: str
-    seed: int = 0
-    shots: int = DEFAULT_SHOTS
-    format: str = "auto"
-    size: int = TEST_SIZE  # the test split's cap
-    params: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def scheme(self) -> Scheme:
-        return scheme_of(self.location)
-
-    @property
-    def uri(self) -> str:
-        """The canonical text of this source (every split option written, the scheme's spelling)."""
-        scheme = self.scheme
-        pairs = [("split", self.split), (scheme.seed_key, self.seed), ("shots", self.shots)]
-        if self.format != "auto":
-            pairs.append(("format", self.format))
-        if self.size != TEST_SIZE:
-            pairs.append((scheme.size_key, self.size))
-        pairs += list(self.params)
-        return self.location + "?" + "&".join(f"{k}={v}" for k, v in pairs)
-
-
-class Scheme:
-    """One kind of source. Subclasses read their tasks' examples; the splits are shared (this module)."""
-
-    prefix = ""  # "bbh:", "reasoning-gym:"
-    label = ""  # how errors name it: "BBH"
-    folder = ""  # its folder in the cache
-    seed_key, size_key = "seed", "size"  # how the source's text spells the split seed and the test cap
-    default_seed = 0
-    options: tuple[str, ...] | None = ()  # its own options; None: any other option is its own
-    formats: tuple[str, ...] = ("auto",)
-
-    def claims(self, location: str) -> bool:
-        return location.startswith(self.prefix)
-
-    def check(self, source: Source) -> None:
-        """Refuse bad options of the scheme's own, without reading any data (one line naming the source)."""
-
-    def prepare(self, sources: list[Source]) -> None:
-        """Fetch whatever ``sources`` need (a download, an extraction) at once, before any is read."""
-
-    def name(self, source: Source) -> str:
-        """The task's display name: a table's row, a module's name, the materialised file's name."""
-        raise NotImplementedError
-
-    def items(self, source: Source) -> list[Item]:
-        """Every example of the task, checked (errors name the file and the example's index)."""
-        raise NotImplementedError
-
-    def fingerprint(self, source: Source) -> bytes:
-        """What the examples depend on (file contents, a generator's version and config)."""
-        raise NotImplementedError
-
-    def order_seed(self, seed: int):
-        """The seed of the ``random.Random`` that shuffles the examples before they are split."""
-        return f"lorahub-ray {self.folder} split {seed}"
-
-    def option_seed(self, seed: int, index: int):
-        """The seed of the shuffle of one multiple-choice example's options."""
-        return f"lorahub-ray {self.folder} options {seed} {index}"
-
-
-def schemes() -> list[Scheme]:
-    """The known schemes, the path-claiming one (BIG-bench's task files) last."""
-    from lorahub_ray.io import bbh, bigbench, reasoning_gym
-
-    return [bbh.BBH, reasoning_gym.REASONING_GYM, bigbench.BIGBENCH]
+SCHEMES = (bbh.BBH, reasoning_gym.REASONING_GYM, bigbench.BIGBENCH)  # the path-claiming one (BIG-bench) last
 
 
 def scheme_of(uri) -> Scheme | None:
     """The scheme of a source (``None`` for anything else: a data file, a folder of them)."""
     location = str(uri).split("?", 1)[0]
-    return next((s for s in schemes() if s.claims(location)), None)
+    return next((s for s in SCHEMES if s.claims(location)), None)
 
 
 def is_source(uri) -> bool:
@@ -168,7 +71,7 @@ def parse_source(uri, *, default_split: str = "fewshot") -> Source:
     text = str(uri)
     scheme = scheme_of(text)
     if scheme is None:
-        raise DataError(f"{text}: not a task source ({', '.join(s.prefix + 'TASK' for s in schemes())})")
+        raise DataError(f"{text}: not a task source ({', '.join(s.prefix + 'TASK' for s in SCHEMES)})")
     location, _, query = text.partition("?")
     params = _query(query)
     split_keys = {"split": "split", "shots": "shots", scheme.seed_key: "seed", scheme.size_key: "size"}
@@ -197,7 +100,7 @@ def parse_source(uri, *, default_split: str = "fewshot") -> Source:
     if shots < 1 or size < 1:
         raise DataError(f"{text}: shots and {scheme.size_key} must be at least 1, got {shots} and {size}")
     rest = tuple((k, v[-1]) for k, v in params.items() if k not in split_keys and k not in own)
-    source = Source(location, split, seed, shots, fmt, size, rest)
+    source = Source(location, split, seed, shots, fmt, size, rest, scheme)
     scheme.check(source)
     return source
 
@@ -234,40 +137,6 @@ def task_name(uri) -> str:
     """The display name of a source's task."""
     source = parse_source(uri)
     return source.scheme.name(source)
-
-
-def split_indices(items: list[Item], split: str, order_seed, shots: int, where: str,
-                  size: int = TEST_SIZE) -> list[int]:
-    if len(items) <= shots:
-        raise DataError(f"{where}: {len(items)} examples, too few for {shots} few-shot examples and a test set")
-    order = list(range(len(items)))
-    random.Random(order_seed).shuffle(order)
-    fewshot = order[:shots]
-    if split == "fewshot":
-        return fewshot
-    seen = {items[i].key for i in fewshot}
-    test = [i for i in order[shots:] if items[i].key not in seen][:size]
-    if not test:
-        raise DataError(f"{where}: every example repeats a few-shot one; no test set is left")
-    return test
-
-
-def format_item(item: Item, rng: random.Random) -> tuple[str, str]:
-    """``(input, output)``: generative as is; multiple choice as a BBH prompt with shuffled options."""
-    if item.options is None:
-        return item.input, item.target
-    order = list(range(len(item.options)))
-    rng.shuffle(order)
-    lines = [f"({LETTERS[k]}) {item.options[j]}" for k, j in enumerate(order)]
-    answer = LETTERS[order.index(item.correct)]
-    return item.input + "\nOptions:\n" + "\n".join(lines), f"({answer})"
-
-
-@dataclass(frozen=True)
-class Split:
-    name: str  # the task's display name
-    inputs: list[str]
-    outputs: list[str]
 
 
 def load_split(uri, *, default_split: str = "fewshot") -> Split:
