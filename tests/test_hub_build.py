@@ -178,7 +178,7 @@ def test_select_cv_scores_folds_with_the_recipes_template(chat_base, tmp_path):
     for template in ("plain", "chat"):
         context = SelectionContext(composer, tok, INPUTS, OUTPUTS, names=["a", "b"], budget=2,
                                    config=SelectionConfig(warm_starts=0), template=template)
-        held[template], _ = context.held_out({"single:a": [1.0, 0.0]}, [0, 1])
+        held[template] = context.scored({"single:a": [1.0, 0.0]}, [0, 1])[0]
         direct = FewShotObjective(composer, tok, INPUTS[:2], OUTPUTS[:2], loss="mean", template=template)
         assert held[template]["single:a"] == pytest.approx(float(direct.losses([[1.0, 0.0]])[0]))
     assert held["plain"]["single:a"] != pytest.approx(held["chat"]["single:a"])

@@ -299,3 +299,39 @@ def test_an_example_with_an_answer_set_is_scored_by_its_right_answer_among_them(
     selection = select(context)  # the report names the answer sets and each candidate's mass on them
     assert selection.report["answer_sets"] == [["yes", "no"]] * 5
     assert all(r["cv_answer_mass"] <= 0 for r in selection.report["candidates"])
+
+
+_NAVIGATE = "If you follow these instructions, do you return to the starting point? {}\nOptions:\n- Yes\n- No"
+
+
+def _navigate(a: int, b: int, turn: bool = True) -> dict:
+    steps = f"Take {a} steps. {'Turn around. ' if turn else ''}Take {b} steps."
+    return {"input": _NAVIGATE.format(steps), "output": "Yes" if turn and a == b else "No"}
+
+
+def test_a_constant_answer_no_longer_wins_on_a_navigate_like_task(world, tmp_path):
+    """The issue's weakness on BBH navigate: a module that learned the yes/no form upstream answers "Yes" to
+    every question, so its token-mean cross-entropy on the held-out answers is low, and select cv chose it by that
+    (answers=False, as before). Scored by the right answer among the options (the default), it loses to the base
+    model, which is right as often and not sure of the wrong answer."""
+    from lorahub_ray.evaluation.generate import generate
+
+    hub = tmp_path / "hub"
+    make_module(world["base"], hub / "noise", seed=3, scale=0.5)
+    upstream = [{"input": f"Is {w} a colour?", "output": "No" if i % 5 == 0 else "Yes"}
+                for i, w in enumerate(["red", "blue", "green", "dog", "pink", "cyan", "cat", "teal", "gold", "lime"])]
+    _train_solver(world["base"], hub / "yes", upstream, steps=40)
+    fewshot = [_navigate(2, 2), _navigate(3, 1), _navigate(4, 4, turn=False), _navigate(5, 2), _navigate(6, 6)]
+    winners, tables = {}, {}
+    for answers in (False, True):
+        context, tok = _context({**world, "hub": hub}, fewshot, "reference", budget=3,
+                                config=SelectionConfig(warm_starts=0, answers=answers))
+        selection = select(context)
+        winners[answers] = selection.winner
+        tables[answers] = {c["name"]: c for c in selection.report["candidates"]}
+    context.composer.compose([1.0 if n == "yes" else 0.0 for n in context.names])
+    assert generate(context.composer.model, tok, [r["input"] for r in fewshot], max_new_tokens=5) == ["Yes"] * 5
+    assert winners[False] == "single:yes"  # chosen by its cross-entropy: the form, not the answer
+    assert tables[True]["single:yes"]["cv_ce"] == pytest.approx(tables[False]["single:yes"]["cv_loss"])
+    assert winners[True] != "single:yes"
+    assert tables[True]["single:yes"]["cv_loss"] > tables[True]["base"]["cv_loss"]

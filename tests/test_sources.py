@@ -119,12 +119,18 @@ def http_server(folder: Path):
         server.server_close()
 
 
-@pytest.mark.parametrize("layout", ["root", "bbh folder"])
+@pytest.mark.parametrize("layout", ["root", "bbh folder", "default release"])
 def test_bbh_downloads_the_27_files_once_over_http(tmp_path, monkeypatch, layout):
+    """$LORAHUB_RAY_BBH as an https:// (here http://) prefix, or unset: the public release (the authors'
+    repository, whose layout the loopback server copies)."""
     served = all_tasks_release(tmp_path / "served")
     with http_server(served) as (url, asked):
-        root = f"{url}/bbh" if layout == "bbh folder" else url
-        monkeypatch.setenv(bbh.ENV, root)
+        if layout == "default release":
+            assert bbh.RELEASE_URL == "https://raw.githubusercontent.com/suzgunmirac/BIG-Bench-Hard/main"
+            monkeypatch.delenv(bbh.ENV, raising=False)
+            monkeypatch.setattr(bbh, "RELEASE_URL", url)
+        else:
+            monkeypatch.setenv(bbh.ENV, f"{url}/bbh" if layout == "bbh folder" else url)
         fewshot = read_examples("bbh:causal_judgement")
         assert sorted(p for p in asked if (served / p.lstrip("/")).is_file()) == sorted(
             f"/bbh/{task}.json" for task in bbh.TASKS)  # each file once

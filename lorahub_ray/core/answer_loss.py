@@ -5,7 +5,10 @@ yes/no: :func:`lorahub_ray.evaluation.options.answer_sets`) is scored by ``-log 
 answer's probability that of its whole token sequence, EOS included (the family's loss batches, the template's
 rendering). What every answer of the task shares (the ``(``, ``)`` and EOS of ``(A)``, the yes/no vocabulary)
 cancels out, and what is left is the choice between the answers. :mod:`lorahub_ray.core.selection` scores held-out
-examples this way; see there for why.
+examples this way. Why: the token-mean cross-entropy of a short answer is mostly its *form*, which every answer
+of the task shares, and little its *choice*, so a module that learned the form and answers one thing to
+everything can have the lowest held-out loss of all (docs/bbh.md: BBH's navigate). Over the answer set a
+constant answer scores as what it is: right where the answer is its own, wrong elsewhere.
 """
 
 from __future__ import annotations

@@ -16,17 +16,10 @@ Scores are the held-out loss (no regulariser), and with ``score="generate"`` the
 greedy generations on the held-out examples, ties broken by the loss. Ties left go to the simpler
 candidate (base, then single modules, then searches).
 
-The held-out loss of an example depends on its answers. An example with an *answer set*
-(:func:`lorahub_ray.evaluation.options.answer_sets`: the options its input lists, or the few-shot targets
-when they form a closed set, as a yes/no task's) is scored by the loss of its right answer among that set,
-``-log P(y | x) / Σ_a P(a | x)`` (:mod:`lorahub_ray.core.answer_loss`; ``answers=True``, the default); any
-other example by its token-mean cross-entropy. Why: the token-mean cross-entropy of a short answer is mostly
-its *form* (``(``, ``)``, EOS, the yes/no vocabulary), which every answer of the task shares, and little its
-*choice*, so a module that learned the form and answers one thing to everything can have the lowest
-held-out loss of all (docs/bbh.md: BBH's navigate). Over the answer set the form cancels out: a constant
-answer scores as what it is, right where the answer is its own and wrong elsewhere. ``answers=False``
-scores the token-mean cross-entropy everywhere, as before. Each candidate's row in the report also holds
-its mean held-out cross-entropy (``cv_ce``) and log-probability of the answer set (``cv_answer_mass``).
+An example with an *answer set* (the options its input lists, or a closed set of few-shot targets such as
+yes/no) is scored by its right answer's loss among the set (``answers=True``; :mod:`lorahub_ray.core.answer_loss`
+says why), any other, and all with ``answers=False``, by its token-mean cross-entropy. A candidate's report row
+holds its mean held-out cross-entropy (``cv_ce``) and log-probability of the answer set (``cv_answer_mass``).
 
 With the loss, the winner follows the one-standard-error rule by default (``rule="one-se"``; Hastie,
 Tibshirani and Friedman, *Elements of Statistical Learning*, 7.10): the simplest candidate whose mean
@@ -234,31 +227,15 @@ class SelectionContext:
                           callback=callback)
         return result, None if start is None else self.names[start]
 
-    # --- scoring ---------------------------------------------------------------------------
-    def held_out(self, candidates: dict[str, list[float]], indices: Sequence[int]) -> tuple[dict, dict]:
-        """Each candidate's mean loss on the examples at ``indices`` (no regulariser; see the module's
-        docstring for an example with an answer set) and, with ``score="generate"``, its number of exact
-        matches there."""
-        loss = self.scored(candidates, indices)[0]
-        return loss, self._correct(candidates, indices)
-
     def scored(self, candidates: dict[str, list[float]], indices: Sequence[int]) -> tuple[dict, dict, dict]:
-        """Each candidate's mean held-out loss on the examples at ``indices`` (see the module's docstring),
-        its mean token-mean cross-entropy there (the loss without answer sets) and, if some have an answer
-        set, its mean log-probability of the answer set on those (``{}`` otherwise)."""
+        """Each candidate's mean held-out loss on the examples at ``indices``, its mean token-mean cross-entropy
+        there and, if some have an answer set, its mean log-probability of the answer set (``{}`` otherwise)."""
         names, weights = list(candidates), list(candidates.values())
-
-        def named(values) -> dict[str, float]:
-            return {n: float(v) if math.isfinite(v) else math.inf for n, v in zip(names, values)}
-
-        if not any(self.answer_sets[i] for i in indices):
-            objective = self.objective(indices, loss="mean")
-            ce = named(v for s in range(0, len(weights), CHUNK) for v in objective.losses(weights[s : s + CHUNK]))
-            return ce, ce, {}
         loss, ce, mass = answer_losses(self.composer, self.tokenizer, [self.inputs[i] for i in indices],
                                        [self.outputs[i] for i in indices], [self.answer_sets[i] for i in indices],
                                        weights, batch_size=self.batch_size, template=self.template, chunk=CHUNK)
-        return named(loss), named(ce), dict(zip(names, mass))
+        loss, ce = ({n: float(v) if math.isfinite(v) else math.inf for n, v in zip(names, x)} for x in (loss, ce))
+        return loss, ce, dict(zip(names, mass)) if any(self.answer_sets[i] for i in indices) else {}
 
     def _correct(self, candidates: dict[str, list[float]], indices: Sequence[int]) -> dict[str, int]:
         correct = {}
