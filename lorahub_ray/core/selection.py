@@ -16,9 +16,9 @@ Scores are the held-out loss (no regulariser), and with ``score="generate"`` the
 greedy generations on the held-out examples, ties broken by the loss. Ties left go to the simpler
 candidate (base, then single modules, then searches).
 
-An example with an *answer set* (the options its input lists, or a closed set of few-shot targets such as
-yes/no) is scored by its right answer's loss among the set (``answers=True``; :mod:`lorahub_ray.core.answer_loss`
-says why), any other, and all with ``answers=False``, by its token-mean cross-entropy. A candidate's report row
+A held-out example is scored by its token-mean cross-entropy; with ``answers=True``, one with an *answer set*
+(its input's options, or a closed set of few-shot targets such as yes/no) by its right answer among the set
+(:mod:`lorahub_ray.core.answer_loss`; not the default: on real BBH navigate it failed, docs/bbh.md). A report row
 holds its mean held-out cross-entropy (``cv_ce``) and log-probability of the answer set (``cv_answer_mass``).
 
 With the loss, the winner follows the one-standard-error rule by default (``rule="one-se"``; Hastie,
@@ -85,7 +85,7 @@ class SelectionConfig:
     folds: int = K_FOLDS  # k of k-fold, above LEAVE_ONE_OUT_MAX examples
     max_new_tokens: int = 64  # with score="generate"
     rule: str = "one-se"  # with score="loss": see RULES
-    answers: bool = True  # an example with an answer set: the loss of its right answer among them
+    answers: bool = False  # True: an example with an answer set is scored by its right answer among them
 
     def check(self) -> None:
         if self.score not in SCORES:

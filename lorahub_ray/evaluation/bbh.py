@@ -22,10 +22,10 @@ the paper's draw, :data:`lorahub_ray.io.bbh.PAPER_SEED`). Then, one *cell* per m
                   module alone and three searches, chosen by leave-one-out loss on the few-shot
                   examples and refit on all of them (:mod:`lorahub_ray.core.selection`); the cell
                   records the winner and its reason;
-``select_cv_ce``  the same folds ranked by the token-mean cross-entropy alone (``answers=False``: select cv
-                  as it chose before it scored an example with an answer set by its right answer among
-                  them), to show what that change does on each task; it reuses select_cv's folds, and its
-                  winner's evaluation too where the two pick the same weights.
+``select_cv_answers``  the same folds ranked with each example that has an answer set scored by its
+                  right answer among them (``answers=True``, not the default: see docs/bbh.md), to show
+                  what that scoring does on each task; it reuses select_cv's folds, and its winner's
+                  evaluation too where the two pick the same weights.
 
 Two baselines need no model: ``chance`` (the mean of 1/options over the test set; 0 for a generative
 task) and ``majority`` (always the test set's most common answer: the best any constant answer does).

@@ -27,7 +27,7 @@ from lorahub_ray.evaluation.options import answer_options, option_accuracy
 from lorahub_ray.io import storage
 from lorahub_ray.io.examples import Examples, read_examples
 
-METHODS = ("zero_shot", "icl", "lorahub_mean", "lorahub_best", "best_single", "select_cv", "select_cv_ce")
+METHODS = ("zero_shot", "icl", "lorahub_mean", "lorahub_best", "best_single", "select_cv", "select_cv_answers")
 BASELINES = ("chance", "majority")
 CELL_FILE = "cell.json"
 PREDICTIONS_FILE = "predictions.parquet"
@@ -165,11 +165,12 @@ class TaskCells:
         advance(info=f"{name} lorahub_best")
         cells["best_single"] = _read_cell(where / "best_single") or self._best_single(where, fewshot, test)
         advance(info=f"{name} best_single")
-        cells["select_cv"], cells["select_cv_ce"] = _read_cell(where / "select_cv"), _read_cell(where / "select_cv_ce")
-        if cells["select_cv"] is None or cells["select_cv_ce"] is None:
-            cells["select_cv"], cells["select_cv_ce"] = self._select_cv(where, fewshot, test, cells["select_cv"])
+        cells["select_cv"] = _read_cell(where / "select_cv")
+        cells["select_cv_answers"] = _read_cell(where / "select_cv_answers")
+        if cells["select_cv"] is None or cells["select_cv_answers"] is None:
+            cells["select_cv"], cells["select_cv_answers"] = self._select_cv(where, fewshot, test, cells["select_cv"])
         advance(info=f"{name} select_cv")
-        advance(info=f"{name} select_cv_ce")
+        advance(info=f"{name} select_cv_answers")
         return cells
 
     def _timed(self, folder: Path, fn) -> dict:
@@ -223,12 +224,12 @@ class TaskCells:
         return _write_cell(where / "best_single", cell, result.predictions)
 
     def _select_cv(self, where: Path, fewshot: Examples, test: str, done: dict | None) -> tuple[dict, dict]:
-        """``select_cv``, and ``select_cv_ce``: the same folds ranked by the token-mean cross-entropy alone
-        (``answers=False``, as select cv chose before answer sets), which reuses the folds and costs the
+        """``select_cv``, and ``select_cv_answers``: the same folds ranked with each example that has an answer
+        set scored by its right answer among them (``answers=True``), which reuses the folds and costs the
         refit and evaluation of its winner only where that winner differs."""
         folds = _KeptFolds(self.map_folds or sequential)
         cells = {}
-        for method, config in (("select_cv", SelectionConfig()), ("select_cv_ce", SelectionConfig(answers=False))):
+        for method, config in (("select_cv", SelectionConfig()), ("select_cv_answers", SelectionConfig(answers=True))):
             if method == "select_cv" and done is not None:
                 cells[method] = done
                 continue
@@ -237,7 +238,7 @@ class TaskCells:
             report = learned.recipe.search["selection"]
             extra = dict(winner=report["winner"], reason=report["reason"], weights=learned.weights)
             same = cells.get("select_cv")
-            if method == "select_cv_ce" and same is not None and same["weights"] == learned.weights:
+            if method == "select_cv_answers" and same is not None and same["weights"] == learned.weights:
                 columns = _predictions(where / "select_cv")  # the same model: its evaluation, not another
                 cells[method] = _write_cell(where / method, {**same, **extra, "seconds": time.perf_counter() - start},
                                             columns, extra=_run_files(learned))
@@ -245,7 +246,7 @@ class TaskCells:
             result, options = self._eval_merged(learned.model, learned.tokenizer, test, where / method)
             cell = _cell(result, time.perf_counter() - start, options, **extra)
             cells[method] = _write_cell(where / method, cell, result.predictions, extra=_run_files(learned))
-        return cells["select_cv"], cells["select_cv_ce"]
+        return cells["select_cv"], cells["select_cv_answers"]
 
 
 class _KeptFolds:
