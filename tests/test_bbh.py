@@ -15,6 +15,7 @@ from lorahub_ray.evaluation.bbh import BASELINES, METHODS, run_subsets
 
 DATA = Path(__file__).parent / "data" / "bigbench"
 TASKS = f"{DATA / 'tiny_reverse'},{DATA / 'tiny_first_letter'}"
+BBH_FILES = Path(__file__).parent / "data" / "bbh"  # hand-written files in the BBH release's format
 
 
 def run_bbh(world, out, *extra):
@@ -125,13 +126,61 @@ def test_other_settings_or_foreign_directory_refused(world, table_dir, tmp_path)
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
-def test_bad_task_fails_before_any_model(world, tmp_path):
+def test_bad_task_fails_before_any_model(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAHUB_RAY_BBH", str(BBH_FILES))  # holds navigate, sports_understanding, date_understanding
     args = ["bbh", "--model", str(tmp_path / "no-model"), "--hub", str(world["hub"]), "--output", str(tmp_path / "o"),
-            "--tasks", "boolean_expressions"]
+            "--tasks", "navigate,boolean_expressions"]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2 and "programmatic" in result.output
-    result = CliRunner().invoke(app, args[:-1] + ["not_a_task"])
-    assert result.exit_code == 2 and "neither a BBH task" in result.output
+    assert result.exit_code == 2 and "boolean_expressions.json: no such file" in result.output
+    result = CliRunner().invoke(app, args[:-1] + ["navigat"])
+    assert result.exit_code == 2 and "neither a BBH task" in result.output and "did you mean navigate" in result.output
+    result = CliRunner().invoke(app, args[:-1] + ["reasoning-gym:lcm?max_value=x"])
+    assert result.exit_code == 2 and "refused the config of 'lcm'" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_default_suite_is_the_27_real_bbh_tasks():
+    from lorahub_ray.evaluation.bbh import SUITES, TRANSFER_SUITE, expand_tasks, resolve_task
+    from lorahub_ray.io import bbh
+
+    assert expand_tasks(None) == expand_tasks(["bbh"]) == list(bbh.TASKS) and len(bbh.TASKS) == 27
+    assert resolve_task("web_of_lies") == ("web_of_lies", "bbh:web_of_lies")
+    assert "bigbench:logical_deduction/three_objects" in SUITES["bbh-bigbench"]  # the rebuild, by its own names
+    assert len(SUITES["bbh-bigbench"]) == 24 and expand_tasks(["transfer"]) == list(TRANSFER_SUITE)
+    assert resolve_task(TRANSFER_SUITE[0]) == ("word_sequence_reversal-max_words=12-min_words=9", TRANSFER_SUITE[0])
+
+
+def test_the_table_on_bbh_files(world, tmp_path, monkeypatch):
+    """The contract: with $LORAHUB_RAY_BBH naming a release, `bbh --tasks sports_understanding,navigate --seeds 1
+    --modules-per-run 6` writes table.json and <TASK>/<METHOD>/predictions.parquet, on the release's own inputs
+    and targets, with every column."""
+    monkeypatch.setenv("LORAHUB_RAY_BBH", str(BBH_FILES))
+    out = tmp_path / "table"
+    args = ["bbh", "--model", str(world["base"]), "--hub", str(world["hub"]), "--output", str(out), "--tasks",
+            "sports_understanding,navigate", "--seeds", "1", "--modules-per-run", "6", "--budget", "4",
+            "--max-new-tokens", "6", "--batch-size", "8"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    table = json.loads((out / "table.json").read_text())
+    assert list(table["tasks"]) == ["sports_understanding", "navigate"]
+    for task, cells in table["tasks"].items():
+        released = {(e["input"], e["target"]) for e in json.loads((BBH_FILES / "bbh" / f"{task}.json").read_text())[
+            "examples"]}
+        random.seed(42)  # the paper's draw of the five few-shot examples
+        shuffled = sorted(released, key=lambda e: [x["input"] for x in json.loads(
+            (BBH_FILES / "bbh" / f"{task}.json").read_text())["examples"]].index(e[0]))
+        random.shuffle(shuffled)
+        assert set(cells) == set(METHODS) | set(BASELINES)
+        for method in METHODS:
+            cell = cells[method]
+            assert {"accuracy", "ci95", "tokens_per_example", "seconds", "examples"} <= set(cell)
+            assert ("option_accuracy" in cell) == (task == "navigate")  # navigate lists "- Yes" / "- No"
+            preds = pq.read_table(out / task / method / "predictions.parquet").to_pydict()
+            pairs = set(zip(preds["input"], preds["target"]))
+            assert pairs == released - set(shuffled[:5]) and cell["examples"] == 12 - 5  # the rest, as released
+        assert cells["majority"]["accuracy"] > 0 and cells["chance"]["accuracy"] == (50.0 if task == "navigate" else 0)
+    settings = json.loads((out / "bbh.json").read_text())
+    assert settings["split_seed"] is None and settings["modules_per_run"] == 6
 
 
 def test_run_subsets_seeded_and_bounded():
@@ -201,3 +250,22 @@ def test_help_renders(command):
     result = CliRunner().invoke(app, [command, "--help"])
     assert result.exit_code == 0, result.output
     assert "--split-seed" in result.output
+
+
+def test_evaluate_reads_bbh_and_reasoning_gym_sources(world, tmp_path, monkeypatch):
+    """`evaluate --data` reads a source's test split, for BBH and reasoning-gym as for BIG-bench."""
+    from lorahub_ray.io.examples import read_examples
+    from lorahub_ray.io.sources import with_split
+
+    monkeypatch.setenv("LORAHUB_RAY_BBH", str(BBH_FILES))
+    for data, split_seed, rows in (("bbh:sports_understanding", "3", 12 - 5),
+                                   ("reasoning-gym:spell_backward?size=12&test_size=4", "1", 4)):
+        out = tmp_path / data.split(":")[0]
+        result = CliRunner().invoke(app, ["evaluate", "--model", str(world["base"]), "--data", data, "--split-seed",
+                                          split_seed, "--max-new-tokens", "4", "--output", str(out)],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["examples"] == rows
+        inputs = set(pq.read_table(out / "predictions.parquet").column("input").to_pylist())
+        assert not inputs & set(read_examples(with_split(data, None, int(split_seed))).inputs)  # no few-shot one

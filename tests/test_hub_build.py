@@ -1,5 +1,5 @@
-"""`lorahub-ray hub build` (one module per BIG-bench task, scored on its held-out split), option
-log-likelihood accuracy, and select cv under a chat template, on the tiny Llama."""
+"""`lorahub-ray hub build` (one module per task source, reasoning-gym generators by default, scored on its
+held-out split), option log-likelihood accuracy, and select cv under a chat template, on the tiny Llama."""
 
 from __future__ import annotations
 
@@ -15,11 +15,14 @@ from helpers import EXAMPLES, make_llama_base, make_llama_module
 from lorahub_ray.cli import app
 from lorahub_ray.errors import LoraHubError
 from lorahub_ray.evaluation import hub_build
-from lorahub_ray.io import bigbench, catalogue, storage
+from lorahub_ray.io import catalogue, sources, storage
 
 DATA = Path(__file__).parent / "data" / "bigbench"
 INPUTS, OUTPUTS = [e["input"] for e in EXAMPLES], [e["output"] for e in EXAMPLES]
-TASKS = [str(DATA / "tiny_reverse"), str(DATA / "tiny_first_letter")]
+BIGBENCH_TASKS = [str(DATA / "tiny_reverse"), str(DATA / "tiny_first_letter")]
+# two reasoning-gym generators, 14 examples each, one with its config passed through
+TASKS = ["reasoning-gym:spell_backward?size=14&seed=3", "reasoning-gym:gcd?size=14&max_value=20"]
+NAMES = ["spell_backward", "gcd-max_value=20"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def built(chat_base, tmp_path_factory):
 
 def test_build_trains_one_module_per_task_hashed_into_the_catalogue(built):
     manifest = json.loads((built / "build.json").read_text())
-    assert list(manifest["modules"]) == ["tiny_reverse", "tiny_first_letter"]
+    assert list(manifest["modules"]) == NAMES
     rows = {r["id"]: r for r in catalogue.read_catalogue(str(built / "catalogue.parquet"))}
     assert set(rows) == set(manifest["modules"])
     for name, entry in manifest["modules"].items():
@@ -51,77 +54,85 @@ def test_build_trains_one_module_per_task_hashed_into_the_catalogue(built):
     assert manifest["settings"]["template"] == "chat"
 
 
-def test_the_training_split_and_the_held_out_split_are_disjoint():
-    for task in TASKS:
-        shots = bigbench.train_shots(task, train_size=1000, test_size=4)
-        train = bigbench.load_split(bigbench.with_split(task, "fewshot", shots=shots, size=4))
-        test = bigbench.load_split(bigbench.with_split(task, "test", shots=shots, size=4))
-        assert len(test.inputs) == 2 and len(train.inputs) == shots == 12
-        assert not set(train.inputs) & set(test.inputs)
+@pytest.mark.parametrize("task", TASKS + BIGBENCH_TASKS)
+def test_the_training_split_and_the_held_out_split_are_disjoint(task):
+    shots = sources.train_shots(task, train_size=1000, test_size=4)
+    train = sources.load_split(sources.with_split(task, "fewshot", shots=shots, size=4))
+    test = sources.load_split(sources.with_split(task, "test", shots=shots, size=4))
+    assert len(test.inputs) == 2 and len(train.inputs) == shots == 12
+    assert not set(train.inputs) & set(test.inputs)
 
 
 def test_a_rerun_resumes_and_other_settings_are_refused(built, chat_base):
     stamp = {p: p.stat().st_mtime_ns for p in (built / "modules").glob("*/adapter_model.safetensors")}
     again = hub_build.build_hub(str(chat_base), built, tasks=TASKS, steps=3, test_size=4, template="chat", progress=False)
-    assert list(again["modules"]) == ["tiny_reverse", "tiny_first_letter"]
+    assert list(again["modules"]) == NAMES
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp  # nothing trained again
     with pytest.raises(LoraHubError, match="other settings \\(steps\\)"):
         hub_build.build_hub(str(chat_base), built, tasks=TASKS, steps=4, test_size=4, template="chat", progress=False)
 
 
-def test_bbh_sources_are_refused_before_anything_loads(tmp_path):
-    with pytest.raises(LoraHubError, match="must not be trained on BBH data.*bigbench:date_understanding "
-                                           "\\(the source of BBH's date_understanding\\)"):
+def test_bbh_data_is_refused_before_anything_loads(tmp_path):
+    with pytest.raises(LoraHubError, match="must not be trained on BBH data.*bbh:navigate \\(BBH itself\\), "
+                                           "bigbench:date_understanding \\(the source of BBH's date_understanding\\)"):
         hub_build.build_hub(str(tmp_path / "no-model"), tmp_path / "hub",
-                            tasks=[TASKS[0], "bigbench:date_understanding"], progress=False)
+                            tasks=[TASKS[0], "bbh:navigate", "bigbench:date_understanding"], progress=False)
+    with pytest.raises(LoraHubError, match="'tasks/x.jsonl' is not a task source"):
+        hub_build.build_hub(str(tmp_path / "no-model"), tmp_path / "hub", tasks=["tasks/x.jsonl"], progress=False)
+    with pytest.raises(LoraHubError, match="refused the config of 'gcd'"):  # generated and checked first
+        hub_build.build_hub(str(tmp_path / "no-model"), tmp_path / "hub", tasks=[TASKS[0], "reasoning-gym:gcd?x=1"],
+                            progress=False)
     assert not (tmp_path / "hub").exists()
 
 
-def test_the_upstream_hub_holds_no_transfer_task_and_none_that_contains_one():
+def test_the_upstream_hub_leaves_out_bbh_skills_and_the_transfer_suite():
+    import reasoning_gym.factory
+
     from lorahub_ray.evaluation.bbh import TRANSFER_SUITE
+    from lorahub_ray.io import bbh
 
-    def location(source):
-        return bigbench.parse_source(source).location.removeprefix(bigbench.SCHEME)
+    generators = {sources.parse_source(s).location.removeprefix("reasoning-gym:") for s in hub_build.UPSTREAM}
+    assert len(generators) == len(hub_build.UPSTREAM) >= 24 and generators <= set(reasoning_gym.factory.DATASETS)
+    hub_build.check_upstream(hub_build.UPSTREAM)
+    assert set(hub_build.BBH_OVERLAP) <= set(reasoning_gym.factory.DATASETS)
+    assert {t for tasks in hub_build.BBH_OVERLAP.values() for t in tasks} <= set(bbh.TASKS)
+    assert not generators & set(hub_build.BBH_OVERLAP)  # e.g. word_sorting, against BBH's word_sorting
+    assert hub_build.BBH_OVERLAP["word_sorting"] == ("word_sorting",)
+    names = {sources.task_name(s) for s in hub_build.UPSTREAM}
+    for source in TRANSFER_SUITE:  # a held-out generator, or a config of a hub task that the hub does not hold
+        assert sources.task_name(source) not in names
+        generator = sources.parse_source(source).location.removeprefix("reasoning-gym:")
+        assert generator not in generators or sources.parse_source(source).params
 
-    upstream = {location(s) for s in hub_build.BIGBENCH_UPSTREAM}
-    assert len(upstream) == len(hub_build.BIGBENCH_UPSTREAM) >= 20
-    hub_build.check_upstream(hub_build.BIGBENCH_UPSTREAM)  # no BBH source among them
-    for held_out in map(location, TRANSFER_SUITE):
-        task, _, sub = held_out.partition("/")
-        assert held_out not in upstream and task not in upstream  # neither it nor its whole task
-    # plural_json is plural_regular_json plus plural_irregular_json
-    assert "linguistic_mappings/plural_json" not in upstream
 
-
-@pytest.mark.slow
 def test_no_transfer_test_example_is_in_the_upstream_training_data():
-    """On the real sdist: the transfer suite's test inputs never appear in an upstream task's examples."""
+    """The transfer suite's test questions never appear among the hub's training examples."""
     from lorahub_ray.evaluation.bbh import TRANSFER_SUITE
-    from lorahub_ray.io import bigbench_sdist
 
-    if bigbench_sdist.tree_dir() is None and not (bigbench_sdist.sdist_dir() / bigbench_sdist.SDIST).is_file():
-        pytest.skip(f"no BIG-bench sdist at {bigbench_sdist.sdist_dir()} and no BIG-bench tree named by "
-                    "$LORAHUB_RAY_BIGBENCH (PyPI no longer serves bigbench==1.0.0)")
-    bigbench_sdist.extract_tasks(sorted({bigbench.sdist_task(s) for s in hub_build.BIGBENCH_UPSTREAM + TRANSFER_SUITE}))
     seen = set()
-    for source in hub_build.BIGBENCH_UPSTREAM:
-        fmt = bigbench.parse_source(source).format
-        for f in bigbench.task_files(bigbench.parse_source(source).location)[1]:
-            seen |= {item.input for item in bigbench.parse_task(f, fmt)}
+    for source in hub_build.UPSTREAM:
+        shots = sources.train_shots(source, train_size=1000, test_size=100)
+        seen |= set(sources.load_split(sources.with_split(source, "fewshot", shots=shots)).inputs)
     for source in TRANSFER_SUITE:
-        test = bigbench.load_split(bigbench.with_split(source, "test"))
-        assert not seen & {x.split("\nOptions:\n")[0] for x in test.inputs}, source
+        test = sources.load_split(sources.with_split(source, "test"))
+        assert len(test.inputs) >= 80 and not seen & set(test.inputs), source
 
 
 # --- option log-likelihood accuracy ------------------------------------------------------------------
 
 
-def test_option_letters_come_from_the_last_options_list():
-    from lorahub_ray.evaluation.options import option_letters
+def test_answer_options_come_from_the_last_options_list():
+    from lorahub_ray.evaluation.options import answer_options, answer_sets
 
     prompt = "Q: x?\nOptions:\n(A) one\n(B) two\nA: (B)\n\nQ: y?\nOptions:\n(A) red\n(B) blue\n(C) green"
-    assert option_letters(prompt) == ["A", "B", "C"]
-    assert option_letters("What is 2 plus 2?") == []
+    assert answer_options(prompt) == ["(A)", "(B)", "(C)"]
+    assert answer_options("Is it valid?\nOptions:\n- valid \n- invalid") == ["valid", "invalid"]  # BBH's dashes
+    assert answer_options("What is 2 plus 2?") == []
+    # an example's options, else the examples' distinct targets when they repeat, else none
+    inputs = ["a\nOptions:\n- Yes\n- No", "b", "c", "d", "e"]
+    assert answer_sets(inputs, ["No", "yes", "no", "yes", "yes"]) == [("Yes", "No")] + [("yes", "no")] * 4
+    assert answer_sets(inputs[1:], ["8", "12", "8", "5"]) == [None] * 4  # 3 numbers among 4: not a closed set
+    assert answer_sets(inputs[1:], ["yes"] * 4) == [None] * 4  # one answer: no choice to score
 
 
 def test_option_scores_are_the_log_likelihood_of_each_answer(chat_base):
@@ -130,21 +141,23 @@ def test_option_scores_are_the_log_likelihood_of_each_answer(chat_base):
     from lorahub_ray.evaluation.options import option_accuracy, option_log_likelihoods
 
     model, tok = load_model(str(chat_base))
-    inputs = ["Pick one.\nOptions:\n(A) a\n(B) b", "Which?\nOptions:\n(A) x\n(B) y\n(C) z", "no options here"]
+    inputs = ["Pick one.\nOptions:\n(A) a\n(B) b", "Which?\nOptions:\n(A) x\n(B) y\n(C) z", "no options here",
+              "Go?\nOptions:\n- Yes\n- No"]
     scores = option_log_likelihoods(model, tok, inputs, template="chat", batch_size=2)
-    assert [len(s) for s in scores] == [2, 3, 0]
+    assert [len(s) for s in scores] == [2, 3, 0, 2]
     family = family_of_model(model)
     with torch.no_grad():
-        for text, row in zip(inputs, scores):
-            for letter, score in zip("ABC", row):  # one sequence at a time, no padding: the same sum
-                ids, labels = family.sequences(tok, [text], [f"({letter})"], template="chat")[0]
+        for text, row, answers in zip(inputs, scores, [["(A)", "(B)"], ["(A)", "(B)", "(C)"], [], ["Yes", "No"]]):
+            for answer, score in zip(answers, row):  # one sequence at a time, no padding: the same sum
+                ids, labels = family.sequences(tok, [text], [answer], template="chat")[0]
                 logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
                 want = sum(logp[t - 1, y] for t, y in enumerate(labels) if y != -100 and t > 0)
                 assert score == pytest.approx(float(want), abs=1e-4)
-    result = option_accuracy(model, tok, inputs, ["(B)", "(C)", "x"], template="chat")
+    result = option_accuracy(model, tok, inputs, ["(B)", "(C)", "x", "No"], template="chat")
     best = ["(" + "ABC"[max(range(len(s)), key=s.__getitem__)] + ")" for s in scores[:2]]
-    assert result["predictions"] == best + [None] and result["examples"] == 2
-    assert result["accuracy"] == 50.0 * ((best[0] == "(B)") + (best[1] == "(C)"))
+    best.append(["Yes", "No"][max(range(2), key=scores[3].__getitem__)])
+    assert result["predictions"] == best[:2] + [None] + best[2:] and result["examples"] == 3
+    assert result["accuracy"] == pytest.approx(100 / 3 * ((best[0] == "(B)") + (best[1] == "(C)") + (best[2] == "No")))
     assert option_accuracy(model, tok, ["a", "b"], ["x", "y"]) is None
 
 
@@ -165,7 +178,7 @@ def test_select_cv_scores_folds_with_the_recipes_template(chat_base, tmp_path):
     for template in ("plain", "chat"):
         context = SelectionContext(composer, tok, INPUTS, OUTPUTS, names=["a", "b"], budget=2,
                                    config=SelectionConfig(warm_starts=0), template=template)
-        held[template], _ = context.held_out({"single:a": [1.0, 0.0]}, [0, 1])
+        held[template] = context.scored({"single:a": [1.0, 0.0]}, [0, 1])[0]
         direct = FewShotObjective(composer, tok, INPUTS[:2], OUTPUTS[:2], loss="mean", template=template)
         assert held[template]["single:a"] == pytest.approx(float(direct.losses([[1.0, 0.0]])[0]))
     assert held["plain"]["single:a"] != pytest.approx(held["chat"]["single:a"])
@@ -197,3 +210,9 @@ def test_tasks_in_one_process_render_with_the_template_and_plan_the_ray_runners_
     names = sorted(p.name for p in hub.iterdir())
     plans = plan_restarts(3, 2, seed=42, optimizer="NGOpt")
     assert [t["modules"] for t in trials] == [[names[i] for i in p.modules] for p in plans]
+
+
+def test_hub_build_help_names_the_default_upstream():
+    result = CliRunner().invoke(app, ["hub", "build", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "reasoning-gym" in result.output and "--tasks" in result.output

@@ -259,3 +259,80 @@ def test_a_warm_start_is_the_first_point_asked_and_must_lie_in_bounds():
     assert make_optimizer("NGOpt", 2, budget=5, seed=42).ask().value.tolist() == [0.0, 0.0]
     with pytest.raises(lr.LoraHubError, match="init must be 3 weights"):
         make_optimizer("NGOpt", 3, budget=5, seed=42, init=[0.0, 2.0, 0.0])
+
+
+YES_NO = [{"input": f"is {n} even?", "output": "yes" if n % 2 == 0 else "no"} for n in (2, 3, 5, 8, 7)]
+
+
+def test_an_example_with_an_answer_set_is_scored_by_its_right_answer_among_them(world):
+    """A yes/no example's held-out loss is -log P(right answer) / Σ P(answer) over its answer set, each answer's
+    probability that of its whole sequence; the form shared by the answers cancels out. Without an answer set
+    (or with answers=False) it stays the token-mean cross-entropy."""
+    from lorahub_ray.core.objective import FewShotObjective, token_losses
+
+    context, tok = _context(world, YES_NO, "reference", budget=2, config=SelectionConfig(warm_starts=0, answers=True))
+    assert context.answer_sets == [("yes", "no")] * 5
+    candidates = {k: v for k, v in list(context.fixed().items())[:3]}
+    loss, ce, mass = context.scored(candidates, [1, 3])
+    composer = context.composer
+    for name, weights in candidates.items():
+        composer.compose(weights)
+        want, masses = 0.0, 0.0
+        for i in (1, 3):
+            nll = {}
+            for answer in ("yes", "no"):  # one sequence at a time
+                [batch] = composer.family.loss_batches(tok, [YES_NO[i]["input"]], [answer], batch_size=None)
+                with torch.inference_mode():
+                    nll[answer] = float(token_losses(composer.model, batch)[0][0, 0])
+            log_set = float(torch.logsumexp(-torch.tensor(list(nll.values()), dtype=torch.float64), 0))
+            want += (nll[YES_NO[i]["output"]] + log_set) / 2
+            masses += log_set / 2
+        assert loss[name] == pytest.approx(want, rel=1e-4) and mass[name] == pytest.approx(masses, rel=1e-4)
+        assert 0 < loss[name] and mass[name] <= 0
+    plain, _ = _context(world, YES_NO, "reference", budget=2, config=SelectionConfig(warm_starts=0, answers=False))
+    assert plain.answer_sets == [None] * 5
+    plain_loss, plain_ce, plain_mass = plain.scored(candidates, [1, 3])
+    direct = FewShotObjective(composer, tok, [YES_NO[i]["input"] for i in (1, 3)], [YES_NO[i]["output"] for i in (1, 3)],
+                              loss="mean").losses(list(candidates.values()))
+    assert list(plain_loss.values()) == pytest.approx(direct, rel=1e-5) and plain_mass == {}
+    assert plain_ce == plain_loss and list(ce.values()) == pytest.approx(direct, rel=1e-4)  # the CE, scored alongside
+    selection = select(context)  # the report names the answer sets and each candidate's mass on them
+    assert selection.report["answer_sets"] == [["yes", "no"]] * 5
+    assert all(r["cv_answer_mass"] <= 0 for r in selection.report["candidates"])
+
+
+_NAVIGATE = "If you follow these instructions, do you return to the starting point? {}\nOptions:\n- Yes\n- No"
+
+
+def _navigate(a: int, b: int, turn: bool = True) -> dict:
+    steps = f"Take {a} steps. {'Turn around. ' if turn else ''}Take {b} steps."
+    return {"input": _NAVIGATE.format(steps), "output": "Yes" if turn and a == b else "No"}
+
+
+def test_a_constant_answer_no_longer_wins_on_a_navigate_like_task(world, tmp_path):
+    """The issue's weakness on BBH navigate: a module that learned the yes/no form upstream answers "Yes" to
+    every question, so its token-mean cross-entropy on the held-out answers is low, and select cv chose it by that
+    (answers=False, the default). Scored by the right answer among the options (answers=True), it loses to the
+    base model, which is right as often and not sure of the wrong answer. (On the real navigate that scoring fails
+    the other way, docs/bbh.md: the default stays the cross-entropy.)"""
+    from lorahub_ray.evaluation.generate import generate
+
+    hub = tmp_path / "hub"
+    make_module(world["base"], hub / "noise", seed=3, scale=0.5)
+    upstream = [{"input": f"Is {w} a colour?", "output": "No" if i % 5 == 0 else "Yes"}
+                for i, w in enumerate(["red", "blue", "green", "dog", "pink", "cyan", "cat", "teal", "gold", "lime"])]
+    _train_solver(world["base"], hub / "yes", upstream, steps=40)
+    fewshot = [_navigate(2, 2), _navigate(3, 1), _navigate(4, 4, turn=False), _navigate(5, 2), _navigate(6, 6)]
+    winners, tables = {}, {}
+    for answers in (False, True):
+        context, tok = _context({**world, "hub": hub}, fewshot, "reference", budget=3,
+                                config=SelectionConfig(warm_starts=0, answers=answers))
+        selection = select(context)
+        winners[answers] = selection.winner
+        tables[answers] = {c["name"]: c for c in selection.report["candidates"]}
+    context.composer.compose([1.0 if n == "yes" else 0.0 for n in context.names])
+    assert generate(context.composer.model, tok, [r["input"] for r in fewshot], max_new_tokens=5) == ["Yes"] * 5
+    assert winners[False] == "single:yes"  # chosen by its cross-entropy: the form, not the answer
+    assert tables[True]["single:yes"]["cv_ce"] == pytest.approx(tables[False]["single:yes"]["cv_loss"])
+    assert winners[True] != "single:yes"
+    assert tables[True]["single:yes"]["cv_loss"] > tables[True]["base"]["cv_loss"]

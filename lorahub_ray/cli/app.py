@@ -41,8 +41,8 @@ OptimizerOpt = Annotated[str, typer.Option(help="nevergrad optimizer by name: NG
 InputFieldOpt = Annotated[str, typer.Option(help="Name of the input column/field in the data files.")]
 OutputFieldOpt = Annotated[str, typer.Option(help="Name of the target column/field in the data files.")]
 TemplateOpt = Annotated[Optional[str], typer.Option(help="How inputs become prompts: 'plain' (the text as it is) or 'chat' (the tokenizer's chat template, the input as the user turn, for instruct models). Default: the recipe's, else plain.")]
-SplitOpt = Annotated[Optional[str], typer.Option(help="For a BIG-bench source (bigbench:TASK or bigbench:TASK/SUBTASK, a task.json or a task folder): the seeded split to read, fewshot (5 examples) or test (the rest, disjoint, at most 250); default: fewshot for --examples, test for --data.", rich_help_panel="BIG-bench")]
-SplitSeedOpt = Annotated[Optional[int], typer.Option(help="For a BIG-bench source: the seed of the few-shot/test split and of the option shuffle (default 0).", rich_help_panel="BIG-bench")]
+SplitOpt = Annotated[Optional[str], typer.Option(help="For a task source (bbh:TASK, reasoning-gym:NAME, bigbench:TASK or bigbench:TASK/SUBTASK, a task.json or a task folder): the seeded split to read, fewshot (5 examples) or test (the rest, disjoint, at most 250); default: fewshot for --examples, test for --data.", rich_help_panel="Task sources")]
+SplitSeedOpt = Annotated[Optional[int], typer.Option(help="For a task source: the seed of the few-shot/test split (and of BIG-bench's option shuffle); default: the source's own, 42 for bbh: (the paper's draw), 0 otherwise.", rich_help_panel="Task sources")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")]
 
 

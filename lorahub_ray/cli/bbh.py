@@ -19,13 +19,13 @@ def bbh(
     model: Annotated[str, typer.Option("--model", "-m", help="The base model, seq2seq or causal LM: Hub id, local directory, s3:// URI or .gguf file.")],
     hub: Annotated[str, typer.Option("--hub", help="The LoRA modules: a folder of adapters (or any module URI), or a hub catalogue (.parquet).")],
     output: Annotated[str, typer.Option("--output", "-o", help="Directory for table.json, table.png, bbh.json and <TASK>/<METHOD>/predictions.parquet; rerun with the same settings to resume.")],
-    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated BBH task names, BIG-bench sources (bigbench:TASK or bigbench:TASK/SUBTASK, a task.json or a task folder) or suites: 'bbh' (the default: the 24 BBH tasks with source data in bigbench==1.0.0) and 'transfer' (held-out neighbours of the tasks 'hub build' trains on).")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated BBH task names (the authors' release, read from $LORAHUB_RAY_BBH or downloaded once), task sources (bbh:TASK, reasoning-gym:NAME or reasoning-gym:NAME?KEY=VALUE&..., bigbench:TASK or bigbench:TASK/SUBTASK, a task.json or a task folder) or suites: 'bbh' (the default: all 27 BBH tasks), 'transfer' (reasoning-gym neighbours of the tasks 'hub build' trains on, held out of it) and 'bbh-bigbench' (24 BBH tasks rebuilt from BIG-bench's sources).")] = None,
     seeds: Annotated[int, typer.Option(help="LoraHub runs per task (seeds 0..N-1); the table reports their mean and best.")] = 5,
     modules_per_run: Annotated[int, typer.Option(help="Each run searches a random subset of this many hub modules, drawn with its seed (the paper: 20).")] = 20,
     workers: Annotated[int, typer.Option("--workers", "-w", help="Evaluate on this many Ray Data workers and run select_cv's folds on this many Ray actors (0: all in this process; the LoraHub searches run in this process either way).")] = 0,
     address: AddressOpt = None,
     shots: Annotated[int, typer.Option(help="Few-shot examples per task (the paper: 5).")] = 5,
-    split_seed: Annotated[int, typer.Option(help="Seed of the few-shot/test split and of the option shuffle.")] = 0,
+    split_seed: Annotated[Optional[int], typer.Option(help="Seed of the few-shot/test split (and of BIG-bench's option shuffle); default: each source's own, 42 for BBH (the paper's draw), 0 otherwise.")] = None,
     test_size: Annotated[int, typer.Option(help="Test examples per task, at most 250 (BBH's size).")] = 250,
     template: Annotated[str, typer.Option(help="'plain' or 'chat' (the tokenizer's chat template, for instruct models), for every prompt and search.")] = "plain",
     budget: BudgetOpt = 40,
@@ -34,7 +34,7 @@ def bbh(
     max_new_tokens: MaxNewTokensOpt = 64,
     device: DeviceOpt = None,
 ):
-    """The paper's table on BBH tasks rebuilt from BIG-bench's sources: zero-shot, 5-shot ICL, LoraHub
+    """The paper's table on BIG-Bench Hard (the authors' release) or other task sources: zero-shot, 5-shot ICL, LoraHub
     (mean and best over --seeds runs of --modules-per-run modules), the best single module and
     --select cv, beside the chance and majority baselines, with accuracy and its 95% interval, option
     log-likelihood accuracy on multiple-choice tasks, input tokens per example and seconds per cell,
@@ -43,6 +43,7 @@ def bbh(
     Example:
 
         lorahub-ray bbh --model google/flan-t5-large --hub hub/ --output runs/bbh --tasks date_understanding,navigate
+        lorahub-ray bbh --model SmolLM2-135M-Instruct.Q4_1.gguf --hub hubs/smollm2 --template chat --tasks transfer
     """
     quiet_libraries()
     from lorahub_ray.api import bbh_table  # torch and transformers load with the command, not with the CLI

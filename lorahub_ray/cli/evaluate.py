@@ -10,7 +10,7 @@ from rich.console import Console
 from lorahub_ray.cli.app import (DeviceOpt, InputFieldOpt, OutputFieldOpt, SplitOpt, SplitSeedOpt, TemplateOpt, app,
                                  console,
                                  fail_cleanly, quiet_libraries)
-from lorahub_ray.io.bigbench import with_split
+from lorahub_ray.io.sources import with_split
 
 
 WorkersOpt = Annotated[int, typer.Option("--workers", "-w", help="Shard generation across this many Ray Data actor workers (one model per actor); 0: in this process. Results are the same either way.")]

@@ -1,4 +1,5 @@
-"""``lorahub-ray hub add|list|validate|build``: the module hub catalogue, and a hub trained on BIG-bench tasks."""
+"""``lorahub-ray hub add|list|validate|build``: the module hub catalogue, and a hub trained on task sources
+(reasoning-gym generators by default)."""
 
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def hub_validate(
 def hub_build(
     model: Annotated[str, typer.Option("--model", "-m", help="Base model, seq2seq or causal LM: Hub id, local directory, s3:// URI or .gguf file.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Hub folder: modules/<task>/, catalogue.parquet and build.json; rerun with the same settings to resume.")],
-    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated BIG-bench sources, one module each (default: the 20 upstream tasks of the BBH and transfer tables; BBH's own sources are refused).")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated task sources, one module each: reasoning-gym:NAME or reasoning-gym:NAME?KEY=VALUE&... (any generator and config) or bigbench:TASK or bigbench:TASK/SUBTASK. Default: the 25 reasoning-gym generators of the upstream hub, none of whose skills is a BBH task's; BBH itself (bbh:, and BIG-bench's sources of BBH tasks) is refused.")] = None,
     steps: Annotated[int, typer.Option(help="Training steps per module.")] = 100,
     rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
@@ -107,7 +108,8 @@ def hub_build(
     template: Annotated[str, typer.Option(help="'plain' or 'chat' (use the same in search and evaluation).")] = "plain",
     device: DeviceOpt = None,
 ):
-    """Train one LoRA module per BIG-bench task into a hub, each scored on its own held-out split.
+    """Train one LoRA module per task (a reasoning-gym generator by default) into a hub, each scored on its own
+    held-out split.
 
     Example:
 
@@ -115,10 +117,10 @@ def hub_build(
     """
     from rich.table import Table
 
-    from lorahub_ray.evaluation.hub_build import BIGBENCH_UPSTREAM, build_hub
+    from lorahub_ray.evaluation.hub_build import UPSTREAM, build_hub
 
     quiet_libraries()
-    entries = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else list(BIGBENCH_UPSTREAM)
+    entries = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else list(UPSTREAM)
     manifest = build_hub(model, output, tasks=entries, steps=steps, rank=rank, lr=lr, batch_size=batch_size, seed=seed,
                          split_seed=split_seed, train_size=train_size, test_size=test_size, template=template,
                          device=device)

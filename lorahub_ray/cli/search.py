@@ -8,7 +8,7 @@ import typer
 
 from lorahub_ray.cli.app import (BudgetOpt, DeviceOpt, InputFieldOpt, OptimizerOpt, OutputFieldOpt, SeedOpt, SplitOpt,
                                  SplitSeedOpt, TemplateOpt, app, console, fail_cleanly, quiet_libraries)
-from lorahub_ray.io.bigbench import with_split
+from lorahub_ray.io.sources import with_split
 
 
 def _expand_modules(modules: list[str]) -> list[str]:

@@ -12,9 +12,14 @@ Here several candidates are compared by how well they do on examples they were n
 Folds: leave-one-out for at most 5 examples, k-fold (round-robin, k=5) for more. A fold refits
 every search candidate on its fit examples (the warm starts are ranked on them too) and scores
 every candidate on its held-out examples; fixed candidates (base, single modules) need no refit.
-Scores are the held-out loss (mean per-example token cross-entropy, no regulariser), and with
-``score="generate"`` the exact match of greedy generations on the held-out examples, ties broken
-by the loss. Ties left go to the simpler candidate (base, then single modules, then searches).
+Scores are the held-out loss (no regulariser), and with ``score="generate"`` the exact match of
+greedy generations on the held-out examples, ties broken by the loss. Ties left go to the simpler
+candidate (base, then single modules, then searches).
+
+A held-out example is scored by its token-mean cross-entropy; with ``answers=True``, one with an *answer set*
+(its input's options, or a closed set of few-shot targets such as yes/no) by its right answer among the set
+(:mod:`lorahub_ray.core.answer_loss`; not the default: on real BBH navigate it failed, docs/bbh.md). A report row
+holds its mean held-out cross-entropy (``cv_ce``) and log-probability of the answer set (``cv_answer_mass``).
 
 With the loss, the winner follows the one-standard-error rule by default (``rule="one-se"``; Hastie,
 Tibshirani and Friedman, *Elements of Statistical Learning*, 7.10): the simplest candidate whose mean
@@ -42,12 +47,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
+from lorahub_ray.core.answer_loss import answer_losses
 from lorahub_ray.core.compose import LoraComposer
 from lorahub_ray.core.objective import FewShotObjective, LossFn, l1_regularization
 from lorahub_ray.core.search import (DEFAULT_BUDGET, DEFAULT_OPTIMIZER, Evaluation, SearchResult, make_optimizer,
                                      minimize)
 from lorahub_ray.errors import LoraHubError
 from lorahub_ray.evaluation.generate import exact_match, generate
+from lorahub_ray.evaluation.options import answer_sets
 
 SELECT_METHODS = ("reference", "cv")
 SCORES = ("loss", "generate")
@@ -78,6 +85,7 @@ class SelectionConfig:
     folds: int = K_FOLDS  # k of k-fold, above LEAVE_ONE_OUT_MAX examples
     max_new_tokens: int = 64  # with score="generate"
     rule: str = "one-se"  # with score="loss": see RULES
+    answers: bool = False  # True: an example with an answer set is scored by its right answer among them
 
     def check(self) -> None:
         if self.score not in SCORES:
@@ -127,6 +135,8 @@ class FoldResult:
     held_out: list[int]
     loss: dict[str, float]  # candidate -> mean held-out loss
     correct: dict[str, int] = field(default_factory=dict)  # candidate -> exact matches (score="generate")
+    ce: dict[str, float] = field(default_factory=dict)  # candidate -> mean held-out token-mean cross-entropy
+    answer_mass: dict[str, float] = field(default_factory=dict)  # candidate -> mean log P(answer set), if any
     weights: dict[str, list[float]] = field(default_factory=dict)  # search candidate -> weights fitted in the fold
     warm_starts: list[str] = field(default_factory=list)  # the fold's best single modules, best first
     searches: int = 0
@@ -158,6 +168,8 @@ class SelectionContext:
         self.budget, self.optimizer, self.seed, self.asks = budget, optimizer, seed, asks
         self.config = config
         self.settings = config.settings(len(self.names))
+        # each example's answer set (None: scored by its token-mean cross-entropy)
+        self.answer_sets = answer_sets(self.inputs, self.outputs) if config.answers else [None] * len(self.inputs)
         self._rankings: dict[tuple[int, ...], list[int]] = {}  # fit examples -> modules by their loss alone
 
     def spec(self) -> dict:
@@ -215,14 +227,17 @@ class SelectionContext:
                           callback=callback)
         return result, None if start is None else self.names[start]
 
-    # --- scoring ---------------------------------------------------------------------------
-    def held_out(self, candidates: dict[str, list[float]], indices: Sequence[int]) -> tuple[dict, dict]:
-        """Each candidate's mean loss on the examples at ``indices`` (token-mean CE per example, no
-        regulariser) and, with ``score="generate"``, its number of exact matches there."""
-        objective = self.objective(indices, loss="mean")
+    def scored(self, candidates: dict[str, list[float]], indices: Sequence[int]) -> tuple[dict, dict, dict]:
+        """Each candidate's mean held-out loss on the examples at ``indices``, its mean token-mean cross-entropy
+        there and, if some have an answer set, its mean log-probability of the answer set (``{}`` otherwise)."""
         names, weights = list(candidates), list(candidates.values())
-        values = [v for s in range(0, len(weights), CHUNK) for v in objective.losses(weights[s : s + CHUNK])]
-        loss = {n: float(v) if math.isfinite(v) else math.inf for n, v in zip(names, values)}
+        loss, ce, mass = answer_losses(self.composer, self.tokenizer, [self.inputs[i] for i in indices],
+                                       [self.outputs[i] for i in indices], [self.answer_sets[i] for i in indices],
+                                       weights, batch_size=self.batch_size, template=self.template, chunk=CHUNK)
+        loss, ce = ({n: float(v) if math.isfinite(v) else math.inf for n, v in zip(names, x)} for x in (loss, ce))
+        return loss, ce, dict(zip(names, mass)) if any(self.answer_sets[i] for i in indices) else {}
+
+    def _correct(self, candidates: dict[str, list[float]], indices: Sequence[int]) -> dict[str, int]:
         correct = {}
         if self.config.score == "generate":
             inputs, targets = [self.inputs[i] for i in indices], [self.outputs[i] for i in indices]
@@ -231,7 +246,7 @@ class SelectionContext:
                 predictions = generate(self.composer.model, self.tokenizer, inputs,
                                        max_new_tokens=self.config.max_new_tokens, template=self.template)
                 correct[name] = sum(exact_match(p, t) for p, t in zip(predictions, targets))
-        return loss, correct
+        return correct
 
     def run_fold(self, task: FoldTask, advance: Callable[..., None] | None = None) -> FoldResult:
         """Fit every search candidate on the fold's fit examples and score every candidate on its held-out ones.
@@ -251,10 +266,11 @@ class SelectionContext:
                 warm[setting.start] = module
         advance(0, info=f"fold {task.fold + 1}: held-out scores")
         candidates.update(fitted)
-        loss, correct = self.held_out(candidates, task.held_out)
+        loss, ce, mass = self.scored(candidates, task.held_out)
+        correct = self._correct(candidates, task.held_out)
         advance(len(candidates) - len(fitted))
-        return FoldResult(task.fold, list(task.held_out), loss, correct, fitted, [warm[r] for r in sorted(warm)],
-                          len(self.settings), evaluations, time.perf_counter() - start)
+        return FoldResult(task.fold, list(task.held_out), loss, correct, ce, mass, fitted,
+                          [warm[r] for r in sorted(warm)], len(self.settings), evaluations, time.perf_counter() - start)
 
 
 MapFolds = Callable[[SelectionContext, Sequence[FoldTask]], Iterable[FoldResult]]
@@ -383,10 +399,15 @@ def choose(context: SelectionContext, results: Sequence[FoldResult], *, fold_sec
     names = context.candidate_names()
     rows = []
     for order, name in enumerate(names):
-        losses = [r.loss[name] for r in results]
+        # the loss as scored (answer sets), or without answer sets (answers=False): the cross-entropy
+        losses = [(r.loss if context.config.answers or not r.ce else r.ce)[name] for r in results]
         row = {"name": name, "kind": BASE if name == BASE else "single" if name.startswith("single:") else "search",
                "fold_losses": losses, "cv_loss": sum(v * len(r.held_out) for v, r in zip(losses, results)) / n,
                "cv_loss_se": _standard_error(losses)}
+        masses = [r.answer_mass[name] for r in results if r.answer_mass]
+        if masses:
+            row["cv_answer_mass"] = sum(masses) / len(masses)
+            row["cv_ce"] = sum(r.ce[name] * len(r.held_out) for r in results) / n
         if generate_score:
             row["fold_correct"] = [r.correct[name] for r in results]
             row["cv_accuracy"] = 100.0 * sum(row["fold_correct"]) / n
@@ -416,6 +437,7 @@ def choose(context: SelectionContext, results: Sequence[FoldResult], *, fold_sec
         "method": "cv", "score": context.config.score, "scheme": "leave-one-out" if n <= LEAVE_ONE_OUT_MAX else "k-fold",
         "folds": [r.held_out for r in results], "winner": winner["name"], "reason": _reason(context.config, ranked, len(results), threshold),
         "rule": None if context.config.score == "generate" else context.config.rule, "loss_threshold": threshold,
+        "answer_sets": [list(a) if a else None for a in context.answer_sets],
         "candidates": rows,  # in candidate order; "rank" gives the ranking (rank 1 is the winner)
         "fold_warm_starts": [r.warm_starts for r in results], "refit_warm_start": warm_start,
         "config": {**asdict(context.config), "l1": list(context.config.l1), "budget": context.budget,

@@ -1,13 +1,15 @@
 """The paper's BBH table in one call: zero-shot, ICL, LoraHub (mean and best over seeds), the best
-single module and ``--select cv``, for each task, rebuilt from BIG-bench's sources (see
-:mod:`lorahub_ray.io.bigbench`), beside the chance and majority baselines.
+single module and ``--select cv``, for each task, beside the chance and majority baselines.
 
-``tasks`` are BBH task names, BIG-bench sources, or a suite: ``bbh`` (every BBH task with source data)
-or ``transfer`` (:data:`TRANSFER_SUITE`: held-out neighbours of the tasks that
-:data:`lorahub_ray.evaluation.hub_build.BIGBENCH_UPSTREAM` trains modules on, where a small model can
-show skill transfer). For every task: the few-shot examples (``shots``, 5) and the test set (up to
-``test_size``, at most 250) are the seeded, disjoint splits of its BIG-bench source, with
-``split_seed``. Then, one *cell* per method:
+``tasks`` are BBH task names (the authors' release, ``bbh:TASK``, :mod:`lorahub_ray.io.bbh`), any task
+source (:mod:`lorahub_ray.io.sources`: ``reasoning-gym:NAME[?config]``, ``bigbench:TASK[/SUBTASK]``, ...),
+or a suite: ``bbh`` (the default: all 27 BBH tasks), ``transfer`` (:data:`TRANSFER_SUITE`: held-out
+neighbours of the reasoning-gym tasks that :data:`lorahub_ray.evaluation.hub_build.UPSTREAM` trains modules
+on, where a small model can show skill transfer) or ``bbh-bigbench`` (the earlier rebuild of 24 BBH tasks
+from BIG-bench's sources, :data:`BBH_SOURCES`, for those who have that data). For every task: the
+few-shot examples (``shots``, 5) and the test set (up to ``test_size``, at most 250) are the seeded,
+disjoint splits of its source, with ``split_seed`` (``None``: each source's own default, which for BBH is
+the paper's draw, :data:`lorahub_ray.io.bbh.PAPER_SEED`). Then, one *cell* per method:
 
 ``zero_shot``     the base model on each test input;
 ``icl``           the base model with the few-shot examples prepended (:func:`.compare.icl_prompt`);
@@ -19,7 +21,11 @@ show skill transfer). For every task: the few-shot examples (``shots``, 5) and t
 ``select_cv``     ``lorahub_learning(select="cv")`` over the whole hub, seed 0: the base model, each
                   module alone and three searches, chosen by leave-one-out loss on the few-shot
                   examples and refit on all of them (:mod:`lorahub_ray.core.selection`); the cell
-                  records the winner and its reason.
+                  records the winner and its reason;
+``select_cv_answers``  the same folds ranked with each example that has an answer set scored by its
+                  right answer among them (``answers=True``, not the default: see docs/bbh.md), to show
+                  what that scoring does on each task; it reuses select_cv's folds, and its winner's
+                  evaluation too where the two pick the same weights.
 
 Two baselines need no model: ``chance`` (the mean of 1/options over the test set; 0 for a generative
 task) and ``majority`` (always the test set's most common answer: the best any constant answer does).
@@ -44,6 +50,7 @@ bound to Ray Data workers, as the ``lorahub-ray bbh`` command does with ``--work
 
 from __future__ import annotations
 
+import difflib
 import json
 import random
 from collections.abc import Sequence
@@ -54,14 +61,15 @@ from lorahub_ray.core.templates import check_template
 from lorahub_ray.errors import LoraHubError
 from lorahub_ray.evaluation.bbh_cells import BASELINES, METHODS, Evaluate, TaskCells
 from lorahub_ray.evaluation.evaluate import evaluate_local
-from lorahub_ray.io import bigbench, bigbench_sdist, catalogue, storage
+from lorahub_ray.io import bbh, bigbench, catalogue, sources, storage
 from lorahub_ray.io.examples import read_examples
 from lorahub_ray.progress import progress_bar
 
 SETTINGS_FILE = "bbh.json"
 TABLE_FILE = "table.json"
 PLOT_FILE = "table.png"
-# BBH's 27 tasks and their sources in bigbench==1.0.0; three are programmatic there (task.py only)
+# the sources in bigbench==1.0.0 of 24 of BBH's 27 tasks (the rest are programmatic there, task.py only): a
+# rebuild, not BBH's own sets (those are bbh:TASK)
 BBH_SOURCES = {
     "causal_judgement": "causal_judgment", "date_understanding": "date_understanding",
     "disambiguation_qa": "disambiguation_qa", "dyck_languages": "dyck_languages",
@@ -79,29 +87,29 @@ BBH_SOURCES = {
     "word_sorting": "word_sorting",
 }
 BBH_PROGRAMMATIC = ("boolean_expressions", "multistep_arithmetic_two", "web_of_lies")
-# unseen neighbours of the upstream hub's tasks (hub_build.BIGBENCH_UPSTREAM holds none of them)
+# unseen neighbours of the upstream hub's tasks (hub_build.UPSTREAM holds none of these generators)
 TRANSFER_SUITE = (
-    "bigbench:arithmetic/3_digit_addition?format=generate",  # the hub: 1- and 2-digit addition, subtraction
-    "bigbench:arithmetic/4_digit_addition?format=generate",
-    "bigbench:linguistic_mappings/plural_regular_json",  # the hub: its sibling mappings, not plural_json
-    "bigbench:word_unscrambling",  # the hub: other word-level tasks
+    "reasoning-gym:word_sequence_reversal?min_words=9&max_words=12",  # the hub: 3 to 8 words
+    "reasoning-gym:lcm",  # held out; the hub: gcd, prime_factorization
+    "reasoning-gym:chain_sum?max_terms=3&max_digits=2",  # held out (BBH's arithmetic); the hub: products, ...
+    "reasoning-gym:ransom_note",  # held out; the hub: isomorphic_strings, another True/False string test
 )
-SUITES = {"bbh": tuple(BBH_SOURCES), "transfer": TRANSFER_SUITE}
-
+SUITES = {"bbh": tuple(bbh.TASKS), "transfer": TRANSFER_SUITE,
+          "bbh-bigbench": tuple(bigbench.SCHEME + source for source in BBH_SOURCES.values())}
 
 
 def resolve_task(entry: str) -> tuple[str, str]:
-    """``(table name, BIG-bench source)`` of a ``--tasks`` entry: a BBH task name, or any BIG-bench
-    source (``bigbench:TASK[/SUBTASK]``, a ``task.json`` or a task folder)."""
-    if entry in BBH_SOURCES:
-        return entry, bigbench.SCHEME + BBH_SOURCES[entry]
-    if entry in BBH_PROGRAMMATIC:
-        raise LoraHubError(f"BBH task '{entry}' has no source data in bigbench==1.0.0 (it is a programmatic "
-                           f"task.py there; BBH generated its own examples)")
-    if bigbench.is_bigbench(entry):
-        return bigbench.task_files(bigbench.parse_source(entry).location)[0], entry
-    raise LoraHubError(f"task '{entry}' is neither a BBH task with data ({', '.join(BBH_SOURCES)}) nor a BIG-bench "
-                       f"source (bigbench:TASK[/SUBTASK], a task.json or a task folder)")
+    """``(table name, task source)`` of a ``--tasks`` entry: a BBH task name (its release, ``bbh:TASK``),
+    or any task source."""
+    if entry in bbh.TASKS:
+        return entry, bbh.SCHEME + entry
+    if sources.is_source(entry):
+        return sources.task_name(entry), entry
+    close = difflib.get_close_matches(entry, list(bbh.TASKS) + list(SUITES), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise LoraHubError(f"task '{entry}' is neither a BBH task nor a task source (bbh:TASK, "
+                       f"reasoning-gym:NAME[?config], bigbench:TASK[/SUBTASK], a task.json or a task folder) nor a "
+                       f"suite ({', '.join(SUITES)}){hint}")
 
 
 def load_hub(hub: str, progress: bool = False):
@@ -158,16 +166,17 @@ def expand_tasks(tasks: Sequence[str] | None) -> list[str]:
 
 
 def bbh_table(model: str, hub: str, output: str | Path, *, tasks: Sequence[str] | None = None, seeds: int = 5,
-              modules_per_run: int = 20, shots: int = bigbench.DEFAULT_SHOTS, split_seed: int = 0, budget: int = 40,
+              modules_per_run: int = 20, shots: int = sources.DEFAULT_SHOTS, split_seed: int | None = None,
+              budget: int = 40,
               optimizer: str = "NGOpt", batch_size: int = 32, max_new_tokens: int = 64, device: str | None = None,
-              template: str = "plain", test_size: int = bigbench.TEST_SIZE, evaluate: Evaluate = evaluate_local,
+              template: str = "plain", test_size: int = sources.TEST_SIZE, evaluate: Evaluate = evaluate_local,
               workers: int = 0, map_folds=None, progress: bool = True) -> dict:
     """Write the BBH table for ``model`` and the modules of ``hub`` under ``output`` and return it
-    (see the module's docstring). ``tasks`` default to every BBH task that has source data."""
+    (see the module's docstring). ``tasks`` default to all 27 BBH tasks."""
     if seeds < 1 or modules_per_run < 1:
         raise LoraHubError(f"seeds and modules per run must be at least 1, got {seeds} and {modules_per_run}")
-    if not 1 <= test_size <= bigbench.TEST_SIZE:
-        raise LoraHubError(f"test size must be between 1 and {bigbench.TEST_SIZE}, got {test_size}")
+    if not 1 <= test_size <= sources.TEST_SIZE:
+        raise LoraHubError(f"test size must be between 1 and {sources.TEST_SIZE}, got {test_size}")
     check_template(template)
     output = Path(output).expanduser()
     settings = {"model": str(model), "hub": str(hub), "seeds": seeds, "modules_per_run": modules_per_run,
@@ -177,18 +186,15 @@ def bbh_table(model: str, hub: str, output: str | Path, *, tasks: Sequence[str] 
     _check_settings(output, settings)
     # every input read and checked before any model loads
     entries = expand_tasks(tasks)
-    in_sdist = [bigbench.sdist_task(bigbench.SCHEME + BBH_SOURCES[e] if e in BBH_SOURCES else e) for e in entries
-                if e in BBH_SOURCES or e.startswith(bigbench.SCHEME)]
-    if in_sdist:
-        bigbench_sdist.extract_tasks(in_sdist)  # one pass through the sdist for all of them
+    resolved = [resolve_task(entry) for entry in entries]
+    sources.prepare([source for _, source in resolved])  # one download or extraction for all of them
     plan = []
-    for entry in entries:
-        name, source = resolve_task(entry)
+    for name, source in resolved:
         if any(name == p[0] for p in plan):
             raise LoraHubError(f"task '{name}' is listed twice")
         split = dict(seed=split_seed, shots=shots, size=test_size)
-        fewshot = read_examples(bigbench.with_split(source, "fewshot", **split))
-        test = str(bigbench.materialize(bigbench.with_split(source, "test", **split)))
+        fewshot = read_examples(sources.with_split(source, "fewshot", **split))
+        test = str(sources.materialize(sources.with_split(source, "test", **split)))
         plan.append((name, fewshot, test))
     modules = load_hub(hub, progress)
     subsets = run_subsets(len(modules), seeds, modules_per_run)
@@ -218,7 +224,7 @@ def plot(table: dict, path: Path) -> Path:
 
     rows = list(table["tasks"].items()) + [("macro average", table["macro"])]
     methods = [m for m in METHODS if any(m in cells for _, cells in rows)]
-    colors = dict(zip(METHODS, ["#9e9e9e", "#5c6bc0", "#ef6c00", "#ffb74d", "#26a69a", "#8e24aa"]))
+    colors = dict(zip(METHODS, ["#9e9e9e", "#5c6bc0", "#ef6c00", "#ffb74d", "#26a69a", "#8e24aa", "#ce93d8"]))
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.2))
     for k, method in enumerate(methods):
@@ -234,7 +240,7 @@ def plot(table: dict, path: Path) -> Path:
     ax.set_ylabel("exact-match accuracy (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8, ncol=len(methods), loc="upper left")
-    ax.set_title("BIG-bench tasks: zero-shot, ICL, LoraHub, best single module, select cv (lines: baselines)")
+    ax.set_title("zero-shot, ICL, LoraHub, best single module, select cv (lines: baselines)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -19,14 +19,15 @@ from lorahub_ray.core.learning import lorahub_learning, write_run
 from lorahub_ray.core.model import load_base_model, load_model
 from lorahub_ray.core.objective import FewShotObjective
 from lorahub_ray.core.preselect import screen
+from lorahub_ray.core.selection import SelectionConfig, sequential
 from lorahub_ray.evaluation.compare import InContextPrompt
 from lorahub_ray.evaluation.evaluate import EvaluationResult
 from lorahub_ray.evaluation.generate import normalize
-from lorahub_ray.evaluation.options import option_accuracy, option_letters
+from lorahub_ray.evaluation.options import answer_options, option_accuracy
 from lorahub_ray.io import storage
 from lorahub_ray.io.examples import Examples, read_examples
 
-METHODS = ("zero_shot", "icl", "lorahub_mean", "lorahub_best", "best_single", "select_cv")
+METHODS = ("zero_shot", "icl", "lorahub_mean", "lorahub_best", "best_single", "select_cv", "select_cv_answers")
 BASELINES = ("chance", "majority")
 CELL_FILE = "cell.json"
 PREDICTIONS_FILE = "predictions.parquet"
@@ -61,8 +62,8 @@ def baselines(test: str) -> dict[str, dict]:
 
     data = read_examples(test)
     n = len(data)
-    letters = [option_letters(x) for x in data.inputs]
-    chance = 100.0 * sum(1 / len(o) for o in letters if o) / n
+    offered = [answer_options(x) for x in data.inputs]
+    chance = 100.0 * sum(1 / len(o) for o in offered if o) / n
     top = Counter(normalize(y) for y in data.outputs).most_common(1)[0]
     cells = {}
     for name, accuracy, extra in (("chance", chance, {}), ("majority", 100.0 * top[1] / n, {"answer": top[0]})):
@@ -119,7 +120,7 @@ class TaskCells:
         """Option log-likelihood accuracy on ``data`` (in this process) with the ``(model, tokenizer)``
         that ``load()`` gives, for a multiple-choice task; a generative one loads nothing."""
         test = read_examples(data)
-        if not any(option_letters(x) for x in test.inputs):
+        if not any(answer_options(x) for x in test.inputs):
             return None
         inputs = [transform(x) for x in test.inputs] if transform else test.inputs
         model, tokenizer = load()
@@ -164,8 +165,12 @@ class TaskCells:
         advance(info=f"{name} lorahub_best")
         cells["best_single"] = _read_cell(where / "best_single") or self._best_single(where, fewshot, test)
         advance(info=f"{name} best_single")
-        cells["select_cv"] = _read_cell(where / "select_cv") or self._select_cv(where, fewshot, test)
+        cells["select_cv"] = _read_cell(where / "select_cv")
+        cells["select_cv_answers"] = _read_cell(where / "select_cv_answers")
+        if cells["select_cv"] is None or cells["select_cv_answers"] is None:
+            cells["select_cv"], cells["select_cv_answers"] = self._select_cv(where, fewshot, test, cells["select_cv"])
         advance(info=f"{name} select_cv")
+        advance(info=f"{name} select_cv_answers")
         return cells
 
     def _timed(self, folder: Path, fn) -> dict:
@@ -189,11 +194,9 @@ class TaskCells:
         return _write_cell(folder, cell, result.predictions, extra=_run_files(learned))
 
     def _mean(self, where: Path, runs: list[dict]) -> dict:
-        import pyarrow.parquet as pq
-
         columns: dict[str, list] = {}
         for run in runs:
-            part = pq.read_table(where / RUNS_DIR / f"seed_{run['seed']}" / PREDICTIONS_FILE).to_pydict()
+            part = _predictions(where / RUNS_DIR / f"seed_{run['seed']}")
             part["seed"] = [run["seed"]] * len(part["input"])
             for k, v in part.items():
                 columns.setdefault(k, []).extend(v)
@@ -205,10 +208,7 @@ class TaskCells:
         return _write_cell(where / "lorahub_mean", cell, columns)
 
     def _copy_run(self, where: Path, seed: int, run: dict) -> dict:
-        import pyarrow.parquet as pq
-
-        columns = pq.read_table(where / RUNS_DIR / f"seed_{seed}" / PREDICTIONS_FILE).to_pydict()
-        return _write_cell(where / "lorahub_best", dict(run), columns)
+        return _write_cell(where / "lorahub_best", dict(run), _predictions(where / RUNS_DIR / f"seed_{seed}"))
 
     def _best_single(self, where: Path, fewshot: Examples, test: str) -> dict:
         start = time.perf_counter()
@@ -223,14 +223,52 @@ class TaskCells:
         cell = _cell(result, time.perf_counter() - start, options, module=self.modules[best].name, loss=losses[best])
         return _write_cell(where / "best_single", cell, result.predictions)
 
-    def _select_cv(self, where: Path, fewshot: Examples, test: str) -> dict:
-        start = time.perf_counter()
-        learned = self._learn(self.modules, fewshot, 0, select="cv", map_folds=self.map_folds)
-        result, options = self._eval_merged(learned.model, learned.tokenizer, test, where / "select_cv")
-        report = learned.recipe.search["selection"]
-        cell = _cell(result, time.perf_counter() - start, options, winner=report["winner"], reason=report["reason"],
-                     weights=learned.weights)
-        return _write_cell(where / "select_cv", cell, result.predictions, extra=_run_files(learned))
+    def _select_cv(self, where: Path, fewshot: Examples, test: str, done: dict | None) -> tuple[dict, dict]:
+        """``select_cv``, and ``select_cv_answers``: the same folds ranked with each example that has an answer
+        set scored by its right answer among them (``answers=True``), which reuses the folds and costs the
+        refit and evaluation of its winner only where that winner differs."""
+        folds = _KeptFolds(self.map_folds or sequential)
+        cells = {}
+        for method, config in (("select_cv", SelectionConfig()), ("select_cv_answers", SelectionConfig(answers=True))):
+            if method == "select_cv" and done is not None:
+                cells[method] = done
+                continue
+            start = time.perf_counter()
+            learned = self._learn(self.modules, fewshot, 0, select="cv", selection=config, map_folds=folds)
+            report = learned.recipe.search["selection"]
+            extra = dict(winner=report["winner"], reason=report["reason"], weights=learned.weights)
+            same = cells.get("select_cv")
+            if method == "select_cv_answers" and same is not None and same["weights"] == learned.weights:
+                columns = _predictions(where / "select_cv")  # the same model: its evaluation, not another
+                cells[method] = _write_cell(where / method, {**same, **extra, "seconds": time.perf_counter() - start},
+                                            columns, extra=_run_files(learned))
+                continue
+            result, options = self._eval_merged(learned.model, learned.tokenizer, test, where / method)
+            cell = _cell(result, time.perf_counter() - start, options, **extra)
+            cells[method] = _write_cell(where / method, cell, result.predictions, extra=_run_files(learned))
+        return cells["select_cv"], cells["select_cv_answers"]
+
+
+class _KeptFolds:
+    """A ``map_folds`` that runs the folds once (through ``inner``) and gives the same results to a second
+    selection over the same examples (whose cell's seconds then leave the folds out)."""
+
+    def __init__(self, inner):
+        self.inner, self.results = inner, None
+
+    def __call__(self, context, tasks):
+        if self.results is None:
+            self.results = list(self.inner(context, tasks))
+        return self.results
+
+    def __getattr__(self, name):  # describe() and the like: the inner backend's
+        return getattr(self.inner, name)
+
+
+def _predictions(folder: Path) -> dict[str, list]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(folder / PREDICTIONS_FILE).to_pydict()
 
 
 def _run_files(learned) -> Callable[[Path], None]:

@@ -20,8 +20,9 @@ Outputs
 
 Data
     ``data`` is one file (JSON Lines, Parquet or CSV) or a folder or prefix of many, one per
-    task (the BBH layout), local or ``s3://``, or a BIG-bench source (its test split, written once
-    as a JSON Lines file: :mod:`lorahub_ray.io.bigbench`). Every file is checked before any model loads.
+    task (the BBH layout), local or ``s3://``, or a task source (``bbh:TASK``, ``reasoning-gym:NAME``,
+    ``bigbench:TASK``: its test split, written once as a JSON Lines file, :mod:`lorahub_ray.io.sources`).
+    Every file is checked before any model loads.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import fsspec
 
-from lorahub_ray.io import bigbench, storage
+from lorahub_ray.io import sources, storage
 from lorahub_ray.io.examples import FORMATS, Examples, as_examples, data_format, read_examples
 from lorahub_ray.errors import DataError, LoraHubError
 from lorahub_ray.core.templates import check_template, prompt_ids
@@ -70,11 +71,11 @@ def task_name(uri: str) -> str:
 
 def list_data_files(uri: str) -> list[str]:
     """``uri`` itself if it is a file, else the data files (known suffixes) in the folder or
-    under the prefix ``uri``, sorted. Local paths or fsspec URLs (``s3://bucket/prefix``). A BIG-bench
+    under the prefix ``uri``, sorted. Local paths or fsspec URLs (``s3://bucket/prefix``). A task
     source is its ``test`` split (unless it names another), written once as a JSON Lines file."""
     uri = str(uri)
-    if bigbench.is_bigbench(uri):
-        return [str(bigbench.materialize(uri, default_split="test"))]
+    if sources.is_source(uri):
+        return [str(sources.materialize(uri, default_split="test"))]
     if storage.is_remote(uri):
         fs, root = fsspec.core.url_to_fs(uri)
         protocol = uri.split("://", 1)[0]

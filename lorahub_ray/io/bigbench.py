@@ -1,13 +1,14 @@
-"""BIG-bench task files as a source of few-shot examples and test sets.
+"""BIG-bench task files as a task source (:mod:`.sources`): few-shot examples and test sets.
 
 A source is one of
     ``bigbench:TASK`` or ``bigbench:TASK/SUBTASK``   a task of the ``bigbench==1.0.0`` sdist (fetched once
                                                       and extracted by name, see :mod:`.bigbench_sdist`);
     ``path/to/task.json``                             one BIG-bench task file;
     ``path/to/task_dir``                              a folder with a ``task.json`` (and subtask folders);
-each optionally followed by ``?split=fewshot|test&seed=N&shots=K&format=F&size=M`` (the CLI's
-``--split`` and ``--split-seed`` write split and seed). A task whose top ``task.json`` has no examples is the union of its
-subtasks (``<task>/<subtask>/task.json``), as BIG-bench scores it.
+each optionally followed by ``?split=fewshot|test&seed=N&shots=K&format=F&size=M`` (the split options are
+every source's, :mod:`.sources`; the CLI's ``--split`` and ``--split-seed`` write split and seed). A task whose
+top ``task.json`` has no examples is the union of its subtasks (``<task>/<subtask>/task.json``), as BIG-bench
+scores it.
 
 Examples
     *Generative* (``input``/``target``): the pair ``(input, target)``; a list of targets keeps its
@@ -20,72 +21,61 @@ Examples
     date_understanding), so the options are **shuffled**, seeded by the split seed and the example's
     index. Every input starts with the task's ``task_prefix`` and ``example_input_prefix``.
 
-Splits
+Splits (:mod:`.sources`)
     The examples are shuffled with the seed; ``fewshot`` is the first ``shots`` (5) of them, ``test``
     the rest, without any example whose question and options equal a few-shot one, capped at 250 (as
-    BBH's test sets) or at ``size``. A hub trained on a task uses ``shots`` as its training set
-    (:func:`train_shots`), so that its ``test`` split stays held out. The same seed gives the same split on any machine; the two never overlap.
+    BBH's test sets) or at ``size``. The same seed gives the same split on any machine; the two never overlap.
 
-A malformed task file is an error that names the file and the example's index.
+This is *not* BBH: BBH's own 250-example sets are the ``bbh:`` source (:mod:`.bbh`). A malformed task file
+is an error that names the file and the example's index.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import random
-import string
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs
 
 from lorahub_ray.errors import DataError
 from lorahub_ray.io import bigbench_sdist, storage
+from lorahub_ray.io.splits import DEFAULT_SHOTS, LETTERS, SPLITS, TEST_SIZE, Item, Scheme, Source  # noqa: F401
 
 SCHEME = "bigbench:"
 TASK_FILE = "task.json"
-SPLITS = ("fewshot", "test")
 FORMATS = ("auto", "generate", "choice")
-DEFAULT_SHOTS = 5
-TEST_SIZE = 250
-FORMAT_VERSION = 1  # of the materialised split files; bump when the formatting changes
-LETTERS = string.ascii_uppercase
 
 
-@dataclass(frozen=True)
-class Item:
-    """One parsed example: a generative ``target``, or ``options`` with the index of the correct one."""
+class BigBench(Scheme):
+    prefix, label, folder = SCHEME, "BIG-bench", "bigbench"
+    options = ("format",)
+    formats = FORMATS
 
-    input: str
-    target: str | None = None
-    options: tuple[str, ...] | None = None
-    correct: int | None = None
+    def claims(self, location: str) -> bool:
+        return is_bigbench(location)
 
-    @property
-    def key(self) -> tuple:
-        """What makes two examples the same question (the option order aside)."""
-        return (self.input, tuple(sorted(self.options)) if self.options else self.target)
+    def check(self, source: Source) -> None:
+        if source.location.startswith(SCHEME) and not source.location[len(SCHEME):].strip("/"):
+            raise DataError(f"{source.location}: name a task, as bigbench:TASK or bigbench:TASK/SUBTASK")
 
+    def prepare(self, sources: list[Source]) -> None:
+        tasks = sorted({_sdist_task(s.location) for s in sources if s.location.startswith(SCHEME)})
+        if tasks:
+            bigbench_sdist.extract_tasks(tasks)  # one pass through the sdist for all of them
 
-@dataclass(frozen=True)
-class Source:
-    location: str  # bigbench:TASK[/SUBTASK] or a path
-    split: str
-    seed: int = 0
-    shots: int = DEFAULT_SHOTS
-    format: str = "auto"
-    size: int = TEST_SIZE  # the test split's cap
+    def name(self, source: Source) -> str:
+        return task_files(source.location)[0]
 
-    @property
-    def uri(self) -> str:
-        extra = "".join(f"&{k}={v}" for k, v, default in (("format", self.format, "auto"),
-                                                           ("size", self.size, TEST_SIZE)) if v != default)
-        return f"{self.location}?split={self.split}&seed={self.seed}&shots={self.shots}{extra}"
+    def items(self, source: Source) -> list[Item]:
+        return [item for f in task_files(source.location)[1] for item in parse_task(f, source.format)]
+
+    def fingerprint(self, source: Source) -> bytes:
+        digest = hashlib.sha256()
+        for f in task_files(source.location)[1]:
+            digest.update(hashlib.sha256(Path(f).read_bytes()).digest())
+        return digest.digest()
 
 
-# --- sources ---------------------------------------------------------------------------------------
+BIGBENCH = BigBench()
 
 
 def is_bigbench(uri) -> bool:
@@ -100,58 +90,14 @@ def is_bigbench(uri) -> bool:
     return path.name == TASK_FILE or (path.is_dir() and (path / TASK_FILE).is_file())
 
 
-def parse_source(uri, *, default_split: str = "fewshot") -> Source:
-    text = str(uri)
-    location, _, query = text.partition("?")
-    params = parse_qs(query, keep_blank_values=True, strict_parsing=False) if query else {}
-    unknown = sorted(set(params) - set(OPTIONS))
-    if unknown:
-        raise DataError(f"{text}: unknown option(s) {', '.join(unknown)}; a BIG-bench source takes "
-                        f"{', '.join(OPTIONS)}")
-
-    def one(name, default):
-        values = params.get(name)
-        return values[-1] if values else default
-
-    split = one("split", default_split)
-    if split not in SPLITS:
-        raise DataError(f"{text}: split must be one of {', '.join(SPLITS)}, got '{split}'")
-    fmt = one("format", "auto")
-    if fmt not in FORMATS:
-        raise DataError(f"{text}: format must be one of {', '.join(FORMATS)}, got '{fmt}'")
-    try:
-        seed, shots, size = int(one("seed", 0)), int(one("shots", DEFAULT_SHOTS)), int(one("size", TEST_SIZE))
-    except ValueError:
-        raise DataError(f"{text}: seed, shots and size must be integers") from None
-    if shots < 1 or size < 1:
-        raise DataError(f"{text}: shots and size must be at least 1, got {shots} and {size}")
-    if location.startswith(SCHEME) and not location[len(SCHEME):].strip("/"):
-        raise DataError(f"{text}: name a task, as bigbench:TASK or bigbench:TASK/SUBTASK")
-    return Source(location, split, seed, shots, fmt, size)
-
-
-OPTIONS = ("split", "seed", "shots", "format", "size")
+def _sdist_task(location: str) -> str:
+    return location[len(SCHEME):].strip("/").split("/")[0]
 
 
 def sdist_task(uri) -> str | None:
     """The sdist task a ``bigbench:TASK[/SUBTASK][?...]`` source names (``TASK``); ``None`` for a path."""
-    location = parse_source(uri).location
-    return location[len(SCHEME):].strip("/").split("/")[0] if location.startswith(SCHEME) else None
-
-
-def with_split(uri, split: str | None = None, seed: int | None = None, **options):
-    """``uri`` with ``split``, ``seed`` and any other of :data:`OPTIONS` set if it is a BIG-bench source
-    (what is not given is kept, so an unset split still takes its reader's default); other sources are
-    returned unchanged."""
-    given = {k: v for k, v in {"split": split, "seed": seed, **options}.items() if v is not None}
-    if uri is None or not given or not is_bigbench(uri):
-        return uri
-    location, _, query = str(uri).partition("?")
-    params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()} if query else {}
-    params.update({k: str(v) for k, v in given.items()})
-    text = location + "?" + "&".join(f"{k}={v}" for k, v in params.items())
-    parse_source(text)  # checks split, seed and any other option now
-    return text
+    location = str(uri).split("?", 1)[0]
+    return _sdist_task(location) if location.startswith(SCHEME) else None
 
 
 def task_files(location: str) -> tuple[str, list[Path]]:
@@ -258,90 +204,3 @@ def _choice(scores, text: str, where: str) -> Item:
     return Item(text, options=options, correct=best)
 
 
-def format_item(item: Item, rng: random.Random) -> tuple[str, str]:
-    """``(input, output)``: generative as is; multiple choice as a BBH prompt with shuffled options."""
-    if item.options is None:
-        return item.input, item.target
-    order = list(range(len(item.options)))
-    rng.shuffle(order)
-    lines = [f"({LETTERS[k]}) {item.options[j]}" for k, j in enumerate(order)]
-    answer = LETTERS[order.index(item.correct)]
-    return item.input + "\nOptions:\n" + "\n".join(lines), f"({answer})"
-
-
-# --- splits ----------------------------------------------------------------------------------------
-
-
-def split_indices(items: list[Item], split: str, seed: int, shots: int, where: str,
-                  size: int = TEST_SIZE) -> list[int]:
-    if len(items) <= shots:
-        raise DataError(f"{where}: {len(items)} examples, too few for {shots} few-shot examples and a test set")
-    order = list(range(len(items)))
-    random.Random(f"lorahub-ray bigbench split {seed}").shuffle(order)
-    fewshot = order[:shots]
-    if split == "fewshot":
-        return fewshot
-    seen = {items[i].key for i in fewshot}
-    test = [i for i in order[shots:] if items[i].key not in seen][:size]
-    if not test:
-        raise DataError(f"{where}: every example repeats a few-shot one; no test set is left")
-    return test
-
-
-@dataclass(frozen=True)
-class Split:
-    name: str  # the task's display name
-    inputs: list[str]
-    outputs: list[str]
-    files: tuple[Path, ...]
-
-
-def load_split(uri, *, default_split: str = "fewshot") -> Split:
-    """The examples of one split of a BIG-bench source (see the module's docstring)."""
-    source = parse_source(uri, default_split=default_split)
-    name, files = task_files(source.location)
-    items = [item for f in files for item in parse_task(f, source.format)]
-    chosen = split_indices(items, source.split, source.seed, source.shots, str(uri), source.size)
-    inputs, outputs = [], []
-    for i in chosen:
-        x, y = format_item(items[i], random.Random(f"lorahub-ray bigbench options {source.seed} {i}"))
-        inputs.append(x)
-        outputs.append(y)
-    return Split(name, inputs, outputs, tuple(files))
-
-
-def materialize(uri, *, default_split: str = "test") -> Path:
-    """The split written once as ``<cache>/bigbench/splits/<key>/<task>.jsonl`` (``input``/``output``),
-    so that every reader of data files (Ray Data included) reads it as any other test set. The key
-    hashes the task files' content, the split, seed and shots, and the format version."""
-    source = parse_source(uri, default_split=default_split)
-    split = load_split(source.uri)
-    digest = hashlib.sha256(f"{FORMAT_VERSION} {source.split} {source.seed} {source.shots} {source.format} "
-                            f"{source.size}".encode())
-    for f in split.files:
-        digest.update(hashlib.sha256(Path(f).read_bytes()).digest())
-    path = storage.cache_root() / "bigbench" / "splits" / digest.hexdigest()[:16] / f"{split.name}.jsonl"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-        tmp.write_text("".join(json.dumps({"input": i, "output": o}) + "\n"
-                               for i, o in zip(split.inputs, split.outputs)), encoding="utf-8")
-        os.replace(tmp, path)
-    return path
-
-
-def count(uri) -> int:
-    """How many examples the BIG-bench source ``uri`` holds (all splits), in its ``format``."""
-    source = parse_source(uri)
-    return sum(len(parse_task(f, source.format)) for f in task_files(source.location)[1])
-
-
-def train_shots(uri, *, train_size: int, test_size: int) -> int:
-    """The ``shots`` that make the ``fewshot`` split a training set of up to ``train_size`` examples
-    while at least ``min(test_size, a fifth of the task)`` stay for the held-out ``test`` split."""
-    n = count(uri)
-    held_out = max(1, min(test_size, n // 5))
-    shots = min(train_size, n - held_out)
-    if shots < 1:
-        raise DataError(f"{uri}: {n} examples, too few to train on and hold some out")
-    return shots

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import fsspec
 
 from lorahub_ray.errors import DataError
-from lorahub_ray.io import bigbench
+from lorahub_ray.io import sources
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 
@@ -79,10 +79,10 @@ def read_examples(
     require_output: bool = True,
 ) -> Examples:
     """Read ``(input, output)`` pairs from a JSON Lines, Parquet or CSV file (local or ``s3://``), or a
-    BIG-bench source (``bigbench:TASK[/SUBTASK]``, a ``task.json`` or a task folder; its ``fewshot`` split
-    unless the source names another; see :mod:`lorahub_ray.io.bigbench`)."""
-    if bigbench.is_bigbench(uri):
-        split = bigbench.load_split(uri, default_split="fewshot")
+    task source (``bbh:TASK``, ``reasoning-gym:NAME``, ``bigbench:TASK[/SUBTASK]``, a ``task.json`` or a task
+    folder; its ``fewshot`` split unless the source names another; see :mod:`lorahub_ray.io.sources`)."""
+    if sources.is_source(uri):
+        split = sources.load_split(uri, default_split="fewshot")
         return Examples(split.inputs, split.outputs, str(uri))
     fmt = data_format(uri)
     rows = _rows(uri, fmt)
