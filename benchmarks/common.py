@@ -99,3 +99,18 @@ def draws_of(task, draws: int):
         yield (Examples(test.inputs[lo:hi], test.outputs[lo:hi], f"{task.test} rows {lo}-{hi - 1}"),
                Examples(test.inputs[:lo] + test.inputs[hi:], test.outputs[:lo] + test.outputs[hi:],
                         f"{task.test} without rows {lo}-{hi - 1}"))
+
+
+def run_against(checkout: str, script: str, args: dict, timeout: float) -> dict:
+    """Run ``script`` (Python code that prints ``RESULT <json>``) with another checkout of the package first on the
+    path, in its own process (and so its own Ray), and return the JSON it printed."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(checkout).resolve()))
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(args)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"the run with {checkout} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))

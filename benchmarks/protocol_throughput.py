@@ -24,13 +24,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import run_against  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -56,13 +57,7 @@ print("RESULT " + json.dumps({"seconds": time.perf_counter() - start,
 
 
 def against(checkout: str, args: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(Path(checkout).resolve()))
-    done = subprocess.run([sys.executable, "-c", AGAINST, json.dumps(args)], env=env, capture_output=True, text=True,
-                          timeout=7200)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"the run with {checkout} failed:\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    return run_against(checkout, AGAINST, args, timeout=7200)
 
 
 def make_tasks(hub, count: int, root: Path) -> list[tuple[str, str]]:

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from common import run_against  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # the same search with another checkout of the package (run in its own process and Ray)
@@ -108,13 +110,7 @@ def reference(base: Path, modules: list[Path], inputs, outputs, budget: int):
 
 
 def against(checkout: str, args: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(Path(checkout).resolve()))
-    done = subprocess.run([sys.executable, "-c", AGAINST, json.dumps(args)], env=env, capture_output=True, text=True,
-                          timeout=3600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"the run with {checkout} failed:\n{done.stderr[-3000:]}")
-    return {int(k): v for k, v in json.loads(lines[-1].removeprefix("RESULT ")).items()}
+    return {int(k): v for k, v in run_against(checkout, AGAINST, args, timeout=3600).items()}
 
 
 def main() -> None:
