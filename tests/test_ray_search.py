@@ -99,7 +99,8 @@ def test_candidates_of_different_restarts_share_one_call_and_get_their_own_objec
     subsets = [[0, 1, 2, 3], [1, 3], [0, 2, 3]]
     shared = objective.evaluate_subsets(candidates, subsets)
     alone = [objective.evaluate_many([w], s)[0] for w, s in zip(candidates, subsets)]
-    assert shared == pytest.approx(alone, rel=1e-6, abs=1e-6)
+    # a candidate alone may run its layers merged (core/compose.py): float32 rounding apart, within 1e-5
+    assert shared == pytest.approx(alone, rel=1e-5, abs=1e-5)
     assert objective.evaluate_subsets([candidates[0]], [subsets[0]]) == [objective(candidates[0])]
     assert alone[1] != pytest.approx(objective([0.0, 0.7, 0.0, -0.3]), abs=1e-6)  # the regulariser: own weights
 
