@@ -12,8 +12,8 @@ from helpers import EXAMPLES, make_module, write_jsonl
 from lorahub_ray.core.compose import LoraComposer
 from lorahub_ray.core.model import load_base_model
 from lorahub_ray.core.objective import reference_loss
-from lorahub_ray.core.selection import (SelectionConfig, SelectionContext, _reason, _standard_error, make_folds, rank_keys,
-                                       select, sequential)
+from lorahub_ray.core.selection import (SelectionConfig, SelectionContext, _reason, _standard_error, choose,
+                                       fold_tasks, make_folds, rank_keys, select, sequential)
 
 MORE = [{"input": "reverse: moto", "output": "otom"}, {"input": "reverse: peft", "output": "tfep"}]
 
@@ -336,3 +336,8 @@ def test_a_constant_answer_no_longer_wins_on_a_navigate_like_task(world, tmp_pat
     assert tables[True]["single:yes"]["cv_ce"] == pytest.approx(tables[False]["single:yes"]["cv_loss"])
     assert winners[True] != "single:yes"
     assert tables[True]["single:yes"]["cv_loss"] > tables[True]["base"]["cv_loss"]
+    # folds run once with answer sets (as the BBH table's two select cv columns share them) serve both rankings
+    kept = list(sequential(context, fold_tasks(len(fewshot), context.config.folds)))
+    plain, _ = _context({**world, "hub": hub}, fewshot, "reference", budget=3,
+                        config=SelectionConfig(warm_starts=0))
+    assert choose(plain, kept).winner == winners[False] and choose(context, kept).winner == winners[True]

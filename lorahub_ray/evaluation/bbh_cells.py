@@ -225,21 +225,23 @@ class TaskCells:
 
     def _select_cv(self, where: Path, fewshot: Examples, test: str, done: dict | None) -> tuple[dict, dict]:
         """``select_cv``, and ``select_cv_answers``: the same folds ranked with each example that has an answer
-        set scored by its right answer among them (``answers=True``), which reuses the folds and costs the
-        refit and evaluation of its winner only where that winner differs."""
+        set scored by its right answer among them (``answers=True``). The folds run once, with answer sets: their
+        results hold each candidate's token-mean cross-entropy too, which ``select_cv`` ranks by (folds run
+        without answer sets would hold no answer-set loss to rank). The second winner costs its refit, and its
+        evaluation only where it differs from the first."""
         folds = _KeptFolds(self.map_folds or sequential)
-        cells = {}
-        for method, config in (("select_cv", SelectionConfig()), ("select_cv_answers", SelectionConfig(answers=True))):
-            if method == "select_cv" and done is not None:
-                cells[method] = done
+        cells = {"select_cv": done}
+        for method, config in (("select_cv_answers", SelectionConfig(answers=True)), ("select_cv", SelectionConfig())):
+            if cells.get(method) is not None:
                 continue
             start = time.perf_counter()
             learned = self._learn(self.modules, fewshot, 0, select="cv", selection=config, map_folds=folds)
             report = learned.recipe.search["selection"]
             extra = dict(winner=report["winner"], reason=report["reason"], weights=learned.weights)
-            same = cells.get("select_cv")
-            if method == "select_cv_answers" and same is not None and same["weights"] == learned.weights:
-                columns = _predictions(where / "select_cv")  # the same model: its evaluation, not another
+            other = "select_cv" if method == "select_cv_answers" else "select_cv_answers"
+            same = cells.get(other)
+            if same is not None and same["weights"] == learned.weights:
+                columns = _predictions(where / other)  # the same model: its evaluation, not another
                 cells[method] = _write_cell(where / method, {**same, **extra, "seconds": time.perf_counter() - start},
                                             columns, extra=_run_files(learned))
                 continue
