@@ -24,8 +24,8 @@ the paper's draw, :data:`lorahub_ray.io.bbh.PAPER_SEED`). Then, one *cell* per m
                   records the winner and its reason;
 ``select_cv_answers``  the same folds ranked with each example that has an answer set scored by its
                   right answer among them (``answers=True``, not the default: see docs/bbh.md), to show
-                  what that scoring does on each task; it reuses select_cv's folds, and its winner's
-                  evaluation too where the two pick the same weights.
+                  what that scoring does on each task; the two share one run of the folds, and one
+                  evaluation where they pick the same weights.
 
 Two baselines need no model: ``chance`` (the mean of 1/options over the test set; 0 for a generative
 task) and ``majority`` (always the test set's most common answer: the best any constant answer does).
