@@ -183,6 +183,11 @@ class _LeanLoraForward:
         return result
 
 
+def _check_merge_into_weights(value: str) -> None:
+    if value not in MERGE_INTO_WEIGHTS:
+        raise ValueError(f"unknown merge_into_weights {value!r}; choose from {list(MERGE_INTO_WEIGHTS)}")
+
+
 def _contiguous_input(module, args):
     """A forward pre-hook: the first argument in contiguous memory (see the module's docstring)."""
     if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
@@ -208,8 +213,7 @@ class LoraComposer:
 
         if merge_method not in MERGE_METHODS:
             raise ValueError(f"unknown merge method {merge_method!r}; choose from {sorted(MERGE_METHODS)}")
-        if merge_into_weights not in MERGE_INTO_WEIGHTS:
-            raise ValueError(f"unknown merge_into_weights {merge_into_weights!r}; choose from {list(MERGE_INTO_WEIGHTS)}")
+        _check_merge_into_weights(merge_into_weights)  # before the model is wrapped
         self.modules = list(modules)
         self.merge_method = merge_method
         self._merge = MERGE_METHODS[merge_method]
@@ -309,8 +313,7 @@ class LoraComposer:
 
     @merge_into_weights.setter
     def merge_into_weights(self, value: str) -> None:
-        if value not in MERGE_INTO_WEIGHTS:
-            raise ValueError(f"unknown merge_into_weights {value!r}; choose from {list(MERGE_INTO_WEIGHTS)}")
+        _check_merge_into_weights(value)
         self._batch.merge_into_weights = value
 
     def _weights(self, weights: Sequence[float], modules: Sequence[int] | None = None):
