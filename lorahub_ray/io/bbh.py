@@ -28,8 +28,6 @@ import difflib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from lorahub_ray.errors import DataError
@@ -106,9 +104,7 @@ def download(root: str) -> Path:
     if first is None:
         raise DataError(f"no BBH release at {root}: neither {base}/bbh/{TASKS[0]}.json nor {base}/{TASKS[0]}.json "
                         f"exists; set ${ENV} to a folder that holds the release")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
-    try:
+    with storage.atomic_directory(dest, overwrite=True) as staging:  # the cache's own folder: replaced whole
         (staging / f"{TASKS[0]}.json").write_bytes(first)
         for task in TASKS[1:]:
             data = _fetch(f"{prefix}/{task}.json")
@@ -117,11 +113,6 @@ def download(root: str) -> Path:
             (staging / f"{task}.json").write_bytes(data)
         (staging / "SOURCE").write_text(prefix + "\n")
         (staging / COMPLETE).write_text("")
-        if dest.exists():  # an earlier download that stopped half-way
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return dest
 
 
