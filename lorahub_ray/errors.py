@@ -1,5 +1,14 @@
 """Errors raised on bad input. Each names its culprit (module, file, row, field)."""
 
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """``"; did you mean a, b?"`` with the choices closest to ``name`` (up to 3), or ``""`` when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=3)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
 
 class LoraHubError(ValueError):
     """Base class of the errors lorahub-ray raises for bad input."""

@@ -50,7 +50,6 @@ bound to Ray Data workers, as the ``lorahub-ray bbh`` command does with ``--work
 
 from __future__ import annotations
 
-import difflib
 import json
 import random
 from collections.abc import Sequence
@@ -58,7 +57,7 @@ from pathlib import Path
 
 from lorahub_ray.core.learning import load_module_list
 from lorahub_ray.core.templates import check_template
-from lorahub_ray.errors import LoraHubError
+from lorahub_ray.errors import LoraHubError, did_you_mean
 from lorahub_ray.evaluation.bbh_cells import BASELINES, METHODS, Evaluate, TaskCells
 from lorahub_ray.evaluation.evaluate import evaluate_local
 from lorahub_ray.io import bbh, bigbench, catalogue, sources, storage
@@ -105,8 +104,7 @@ def resolve_task(entry: str) -> tuple[str, str]:
         return entry, bbh.SCHEME + entry
     if sources.is_source(entry):
         return sources.task_name(entry), entry
-    close = difflib.get_close_matches(entry, list(bbh.TASKS) + list(SUITES), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    hint = did_you_mean(entry, [*bbh.TASKS, *SUITES])
     raise LoraHubError(f"task '{entry}' is neither a BBH task nor a task source (bbh:TASK, "
                        f"reasoning-gym:NAME[?config], bigbench:TASK[/SUBTASK], a task.json or a task folder) nor a "
                        f"suite ({', '.join(SUITES)}){hint}")

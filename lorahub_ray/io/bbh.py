@@ -24,13 +24,12 @@ example's index; a release that cannot be downloaded is an error that names the 
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
 from pathlib import Path
 
-from lorahub_ray.errors import DataError
+from lorahub_ray.errors import DataError, did_you_mean
 from lorahub_ray.io import storage
 from lorahub_ray.io.splits import Item, Scheme, Source
 
@@ -118,8 +117,7 @@ def download(root: str) -> Path:
 
 def task_file(task: str) -> Path:
     if task not in TASKS:
-        close = difflib.get_close_matches(task, TASKS, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        hint = did_you_mean(task, TASKS)
         raise DataError(f"no BBH task '{task}' (BBH has {len(TASKS)} tasks){hint}")
     path = task_dir() / f"{task}.json"
     if not path.is_file():

@@ -18,7 +18,6 @@ nothing downloaded or extracted. (PyPI stopped serving ``bigbench==1.0.0``: on 2
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from lorahub_ray.errors import DataError
+from lorahub_ray.errors import DataError, did_you_mean
 from lorahub_ray.io import storage
 
 VERSION = "1.0.0"
@@ -125,8 +124,7 @@ def unknown_task(task: str, index: dict[str, bool], where: str = f"bigbench=={VE
         return DataError(f"BIG-bench task '{task}' is programmatic (a task.py, no task.json) in {where}: it has no "
                          f"examples to read (BBH generated its own for boolean_expressions, multistep_arithmetic "
                          f"and web_of_lies)")
-    close = difflib.get_close_matches(task, [t for t, has in index.items() if has], n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    hint = did_you_mean(task, [t for t, has in index.items() if has])
     return DataError(f"no BIG-bench task '{task}' in {where} ({sum(index.values())} JSON tasks){hint}")
 
 

@@ -22,11 +22,10 @@ example.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 
-from lorahub_ray.errors import DataError, LoraHubError
+from lorahub_ray.errors import DataError, LoraHubError, did_you_mean
 from lorahub_ray.io.splits import Item, Scheme, Source
 
 SCHEME = "reasoning-gym:"
@@ -78,8 +77,7 @@ class ReasoningGym(Scheme):
         _package()
         known = generators()
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            hint = did_you_mean(name, known)
             raise DataError(f"no reasoning-gym generator '{name}' ({len(known)} generators){hint}")
         params = dict(source.params)
         try:
