@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from lorahub_ray.core.compose import LoraComposer
-from lorahub_ray.core.objective import token_losses
+from lorahub_ray.core.objective import SHARED_PASS_ROWS, token_losses
 
 
 def answer_losses(composer: LoraComposer, tokenizer, inputs: Sequence[str], outputs: Sequence[str],
@@ -28,10 +28,12 @@ def answer_losses(composer: LoraComposer, tokenizer, inputs: Sequence[str], outp
     """For each candidate (a weight vector), means over the examples of: the loss (an example with an answer set:
     its right answer's loss among the set; one without: its token-mean cross-entropy), the token-mean
     cross-entropy of the target, and the log-probability of the answer set (over the examples that have one;
-    ``nan`` if none has). The candidates share forward passes, ``chunk`` at a time."""
+    ``nan`` if none has). The candidates share forward passes, ``chunk`` at a time, and no more than keep a pass
+    within :data:`~lorahub_ray.core.objective.SHARED_PASS_ROWS` tokens, as the objective's own shared passes."""
     rows = [(k, a) for k, answers in enumerate(answer_sets) for a in (answers or (outputs[k],))]
     batches = composer.family.loss_batches(tokenizer, [inputs[k] for k, _ in rows], [a for _, a in rows],
                                            batch_size=batch_size, device=composer.device, template=template)
+    chunk = max(1, min(chunk, SHARED_PASS_ROWS // max(batch["input_ids"].numel() for batch in batches)))
     nll, tokens = [], []
     for start in range(0, len(candidates), chunk):
         with torch.inference_mode(), composer.candidates(candidates[start : start + chunk]) as count:
