@@ -8,7 +8,8 @@ Prints ratios measured side by side in this one run:
     Every round runs the passes in a shuffled order; the step also runs with every adapted layer
     unmerged and with every one merged (``merge_into_weights``), to check the rule that picks a path,
     and as it ran before docs/step-cost.md (every layer unmerged, the output projection's input as
-    PEFT leaves it); and the step's parts: compose, and the adapted layers' low-rank work
+    PEFT leaves it); and the step's parts: compose (against one read of the stacked modules, its floor) and the rest,
+    the adapted layers' low-rank work
 (d) candidates sharing forward passes (``FewShotObjective.evaluate_many``, as lockstep restarts, ``--asks``,
     screening and ``select cv``'s folds run them): time per candidate / one search step alone
 (b) our load of the 20 modules (files + checks + stacking + wrapping) / the reference's way
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
-from common import step_runs  # noqa: E402
+from common import parts_line, step_runs  # noqa: E402
 
 K, RANK, STEPS = 20, 8, 10
 PROMPT = "Read the two sentences and name the colour they mention, in one word. "
@@ -263,10 +264,7 @@ def main() -> None:
           f"layers) {med['step'] * 1e3:.0f} ms, all unmerged {med['unmerged'] * 1e3:.0f} ms (ratio "
           f"{med['unmerged'] / med['like']:.3f}), all merged {med['merged'] * 1e3:.0f} ms (ratio "
           f"{med['merged'] / med['like']:.3f})")
-    lora_work = med["step"] - med["compose"] - med["lora_off"]
-    print(f"    the step's parts: compose {med['compose'] * 1e3:.1f} ms ({med['compose'] / med['like']:.1%} of the "
-          f"like-for-like pass); the rest above the composed model with its LoRA off ({med['lora_off'] * 1e3:.0f} ms), "
-          f"the adapted layers' low-rank work: {lora_work * 1e3:.1f} ms ({lora_work / med['like']:.1%})")
+    print(parts_line(med["step"], med["compose"], med["read_stack"], med["like"]))
     rng = random.Random(0)
     with torch.inference_mode():
         for count in (2, 4):

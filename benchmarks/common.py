@@ -65,9 +65,7 @@ def timeit(fn, *, repeat: int, warmup: int = 1) -> float:
 def step_runs(objective, weights, batch) -> dict:
     """The passes of the composed model that the step benchmarks time (docs/step-cost.md): one search step with
     ``weights`` on each path of its adapted layers (``step``: chosen per layer, ``unmerged``, ``merged``), and
-    ``lora_off``, the composed model's forward and loss on ``batch`` with its LoRA layers off: the step's other floor."""
-    from lorahub_ray.core.objective import token_losses
-
+    ``read_stack``, one read of the stacked modules (``torch.sum``): the floor of a compose, which reads them once."""
     composer = objective.composer
 
     def step(path):
@@ -76,11 +74,18 @@ def step_runs(objective, weights, batch) -> dict:
             objective(weights)
         return run
 
-    def lora_off():
-        with torch.inference_mode(), composer.model.disable_adapter():
-            token_losses(composer.model, batch)
+    return {"step": step("auto"), "unmerged": step("never"), "merged": step("always"),
+            "read_stack": lambda: float(composer.stacked.sum())}
 
-    return {"step": step("auto"), "unmerged": step("never"), "merged": step("always"), "lora_off": lora_off}
+
+def parts_line(step: float, compose: float, read_stack: float, like: float) -> str:
+    """The step above the like-for-like pass, in two parts: compose (against its floor, one read of the stack) and
+    the rest, the adapted layers' low-rank work with the wrapper's per-call cost (the step minus compose minus the
+    like-for-like pass). Times in seconds, medians of the same rounds."""
+    rest = step - compose - like
+    return (f"    the step's parts above the like-for-like pass: compose {compose * 1e3:.1f} ms ({compose / like:.1%}; "
+            f"its floor, one read of the stacked modules, {read_stack * 1e3:.1f} ms), the rest (the adapted layers' "
+            f"low-rank work and the wrapper) {rest * 1e3:.1f} ms ({rest / like:.1%})")
 
 
 def default_root() -> Path:

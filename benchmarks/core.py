@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
-from common import EXAMPLES, build_world, default_root, step_runs, timeit  # noqa: E402
+from common import EXAMPLES, build_world, default_root, parts_line, step_runs, timeit  # noqa: E402
 
 INPUTS = [e["input"] for e in EXAMPLES]
 OUTPUTS = [e["output"] for e in EXAMPLES]
@@ -272,11 +272,7 @@ def main() -> None:
     print(f"    the step's paths: chosen per layer (merged {composer.merged_layers()} of {len(composer.keys) // 2} layers) "
           f"{step_time * 1e3:.1f} ms, all unmerged {unmerged * 1e3:.1f} ms (like for like {unmerged / fwd_like:.3f}), "
           f"all merged {merged * 1e3:.1f} ms (like for like {merged / fwd_like:.3f})")
-    off = statistics.median(times["lora_off"])
-    work = step_time - comp - off
-    print(f"    the step's parts: compose {comp * 1e3:.1f} ms ({comp / fwd_like:.1%} of the like-for-like pass); the rest "
-          f"above the composed model with its LoRA off ({off * 1e3:.1f} ms), the adapted layers' low-rank work: "
-          f"{work * 1e3:.1f} ms ({work / fwd_like:.1%})")
+    print(parts_line(step_time, comp, statistics.median(times["read_stack"]), fwd_like))
     rng = random.Random(0)
     print("\n(d) candidates sharing forward passes: time per candidate / one step alone (median of 5)")
     for count in (2, 4):
