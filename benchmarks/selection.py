@@ -64,7 +64,10 @@ def _same_folds(a, b) -> bool:
                for ra, rb in zip(a, b))
 
 
-ARMS = {"one-se": ("loss", "one-se"), "min": ("loss", "min"), "generate": ("generate", "one-se")}  # cv's rankings
+ARMS = {"one-se": ("loss", "one-se"), "paired": ("loss", "paired"), "min": ("loss", "min"),
+        "generate": ("generate", "one-se")}  # cv's rankings of the same folds
+LABELS = {"one-se": "cv, loss, one-SE rule", "paired": "cv, loss, paired vs LoraHub", "min": "cv, loss, lowest",
+          "generate": "cv, generate"}
 
 
 def run(seeds, budget: int, warm_starts: int, workers: int = 0, draws: int = 1) -> dict:
@@ -151,9 +154,9 @@ def print_table(report: dict) -> None:
     print(f"embedded default, budget {report['budget']}, {report['warm_starts']} warm starts, seeds {report['seeds']}, "
           f"{report['draws']} few-shot draw(s) per task (task-d: the d-th other draw); held-out exact match % on the "
           "test examples")
-    print("| task | seed | zero-shot | LoraHub | best single (few-shot loss) | cv, loss, one-SE rule (winner) "
-          "| cv, loss, lowest (winner) | cv, generate (winner) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| task | seed | zero-shot | LoraHub | best single (few-shot loss) | "
+          + " | ".join(f"{LABELS[a]} (winner)" for a in ARMS) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(ARMS))
     for r in report["rows"]:
         cv = r["cv"]
         print(f"| {r['task']} | {r['seed']} | {r['zero_shot']:.1f} | {r['lorahub']:.1f} | {r['best_single']:.1f} "

@@ -81,6 +81,8 @@ def test_table_has_every_task_method_and_column(table_dir):
     for cells in (choice, generative):
         winner = cells["select_cv"]["winner"]
         assert winner == "base" or winner.startswith(("single:", "lorahub", "from-best-"))
+        paired = cells["select_cv_paired"]  # the same folds, ranked against the reference search
+        assert "fold by fold" in paired["reason"] and paired["reason"].startswith(paired["winner"] + " has")
 
 
 def test_saved_runs_are_run_directories_with_the_adapter_of_their_cell(table_dir):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import math
+
 import pytest
 import torch
 
@@ -12,8 +14,9 @@ from helpers import EXAMPLES, make_module, write_jsonl
 from lorahub_ray.core.compose import LoraComposer
 from lorahub_ray.core.model import load_base_model
 from lorahub_ray.core.objective import reference_loss
-from lorahub_ray.core.selection import (SelectionConfig, SelectionContext, _reason, _standard_error, choose,
-                                       fold_tasks, make_folds, rank_keys, select, sequential)
+from lorahub_ray.core.selection import (SelectionConfig, SelectionContext, choose, fold_tasks, make_folds, select,
+                                       sequential)
+from lorahub_ray.core.selection_rules import rank_keys, reason, standard_error
 
 MORE = [{"input": "reverse: moto", "output": "otom"}, {"input": "reverse: peft", "output": "tfep"}]
 
@@ -173,13 +176,13 @@ def test_generate_score_counts_exact_matches_on_held_out_examples(world, planted
 
 def _row(name: str, kind: str, losses: list[float]) -> dict:
     return {"name": name, "kind": kind, "fold_losses": losses, "cv_loss": sum(losses) / len(losses),
-            "cv_loss_se": _standard_error(losses)}
+            "cv_loss_se": standard_error(losses)}
 
 
 def _winner(config: SelectionConfig, rows: list[dict]) -> str:
     keys, threshold = rank_keys(config, rows)
     ranked = [r for _, r in sorted(zip(keys, rows), key=lambda kr: kr[0])]
-    assert ranked[0]["name"] in _reason(config, ranked, 5, threshold)
+    assert ranked[0]["name"] in reason(config, ranked, 5, threshold)
     return ranked[0]["name"]
 
 
@@ -190,7 +193,7 @@ def test_the_one_se_rule_prefers_the_simpler_candidate_within_the_noise():
     noisy = [0.2, 1.8, 0.3, 1.6, 0.4]  # mean 0.86, standard error 0.35
     rows = [_row("base", "base", [3.0] * 5), _row("single:a", "single", [1.0] * 5),
             _row("single:b", "single", [1.1] * 5), _row("lorahub", "search", noisy)]
-    assert _standard_error(noisy) == pytest.approx(0.3458, abs=1e-4)
+    assert standard_error(noisy) == pytest.approx(0.3458, abs=1e-4)
     assert _winner(SelectionConfig(), rows) == "single:a"
     assert _winner(SelectionConfig(rule="min"), rows) == "lorahub"
     clear = rows[:3] + [_row("lorahub", "search", [0.5, 0.52, 0.48, 0.5, 0.5])]  # far below, with little spread
@@ -201,6 +204,29 @@ def test_the_one_se_rule_prefers_the_simpler_candidate_within_the_noise():
     assert _winner(SelectionConfig(), broken) == "single:a"
     with pytest.raises(lr.LoraHubError, match="unknown selection rule 'median'"):
         SelectionConfig(rule="median").check()
+
+
+def test_the_paired_rule_keeps_the_reference_search_unless_a_candidate_beats_it_fold_by_fold():
+    """Under 'paired', a module alone whose mean held-out loss is lower than the reference search's by less than the
+    noise of the fold-by-fold differences (what a module answering one thing to everything does, right on some folds
+    and wrong on others) loses to it; one that is lower on every fold by a steady margin wins, as does a search that
+    is; among those that beat it, the lowest loss; an infinite fold loss never beats it and a broken reference
+    search is beaten by any finite candidate."""
+    lorahub = [0.5, 0.5, 0.6, 0.4, 0.5]
+    constant = [0.1, 0.1, 0.1, 1.2, 0.4]  # mean 0.38 < 0.5, but the differences swing: 0.4, 0.4, 0.5, -0.8, 0.1
+    rows = [_row("base", "base", [3.0] * 5), _row("single:yes", "single", constant),
+            _row("lorahub", "search", lorahub), _row("from-best-1", "search", [0.6] * 5)]
+    paired = SelectionConfig(rule="paired")
+    assert _winner(paired, rows) == "lorahub"
+    assert _winner(SelectionConfig(rule="min"), rows) == "single:yes" == _winner(SelectionConfig(), rows)
+    steady = rows[:3] + [_row("from-best-1", "search", [v - 0.1 for v in lorahub])]
+    assert _winner(paired, steady) == "from-best-1"
+    both = steady + [_row("single:skill", "single", [v - 0.2 + 0.01 * i for i, v in enumerate(lorahub)])]
+    assert _winner(paired, both) == "single:skill"  # both beat it: the lower loss wins
+    broken = rows[:2] + [_row("lorahub", "search", [0.5, math.inf, 0.5, 0.5, 0.5]), rows[3]]
+    assert _winner(paired, broken) == "single:yes"  # every finite candidate beats it: the lowest loss
+    infinite = [rows[0], _row("single:bad", "single", [0.0, 0.0, 0.0, 0.0, math.inf]), rows[2]]
+    assert _winner(paired, infinite) == "lorahub"
 
 
 def test_stronger_l1_is_a_candidate_setting(world):
@@ -246,6 +272,13 @@ def test_cli_search_select_cv(world, tmp_path):
     by_min = lr.Recipe.load(tmp_path / "min").search["selection"]
     assert by_min["rule"] == "min" and by_min["loss_threshold"] is None
     assert by_min["winner"] == min(by_min["candidates"], key=lambda c: c["cv_loss"])["name"]
+    paired = CliRunner().invoke(app, ["search", "--model", str(world["base"]), "--modules", str(world["hub"]),
+                                      "--examples", str(world["examples"]), "--output", str(tmp_path / "paired"),
+                                      "--budget", "3", "--select", "cv", "--select-rule", "paired"])
+    assert paired.exit_code == 0, paired.output
+    by_pairs = lr.Recipe.load(tmp_path / "paired").search["selection"]
+    assert by_pairs["rule"] == "paired" and "fold by fold" in by_pairs["reason"]
+    assert all("paired_gain" in c for c in by_pairs["candidates"])
     refused = CliRunner().invoke(app, ["search", "--model", "m", "--modules", "x", "--examples", str(world["examples"]),
                                        "--output", str(tmp_path / "never"), "--select", "cv", "--restarts", "2"])
     assert refused.exit_code == 2 and "--select cv does not take --restarts" in refused.output  # before any loading

@@ -21,12 +21,9 @@ A held-out example is scored by its token-mean cross-entropy; with ``answers=Tru
 (:mod:`lorahub_ray.core.answer_loss`; not the default: on real BBH navigate it failed, docs/bbh.md). A report row
 holds its mean held-out cross-entropy (``cv_ce``) and log-probability of the answer set (``cv_answer_mass``).
 
-With the loss, the winner follows the one-standard-error rule by default (``rule="one-se"``; Hastie,
-Tibshirani and Friedman, *Elements of Statistical Learning*, 7.10): the simplest candidate whose mean
-held-out loss is within one standard error (over the folds) of the lowest, and among those of one
-kind the lowest loss. Five held-out examples make the mean loss noisy; a composition fitted on four
-of them must beat the best single module by more than that noise to be chosen. ``rule="min"`` takes
-the lowest mean held-out loss as it is. The winner is refit on all examples.
+The winner is picked from the candidates' fold scores by a rule chosen by name
+(:mod:`lorahub_ray.core.selection_rules`: ``one-se``, the default, ``paired`` or ``min``).
+The winner is refit on all examples.
 
 The folds are independent: :func:`select` runs them through ``map_folds(context, tasks)``, which
 yields one :class:`FoldResult` per task in any order; :func:`sequential` (the default) runs them one
@@ -50,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from lorahub_ray.core.answer_loss import answer_losses
 from lorahub_ray.core.compose import LoraComposer
 from lorahub_ray.core.objective import FewShotObjective, LossFn, l1_regularization
+from lorahub_ray.core.selection_rules import RULES, rank_keys, reason, standard_error
 from lorahub_ray.core.search import (DEFAULT_BUDGET, DEFAULT_OPTIMIZER, Evaluation, SearchResult, make_optimizer,
                                      minimize)
 from lorahub_ray.errors import LoraHubError
@@ -58,8 +56,6 @@ from lorahub_ray.evaluation.options import answer_sets
 
 SELECT_METHODS = ("reference", "cv")
 SCORES = ("loss", "generate")
-RULES = ("one-se", "min")  # with the loss: the one-standard-error rule, or the lowest mean held-out loss
-KINDS = {"base": 0, "single": 1, "search": 2}  # simpler first
 LEAVE_ONE_OUT_MAX = 5  # leave-one-out up to this many examples, k-fold above
 K_FOLDS = 5
 CHUNK = 16  # fixed candidates per shared forward pass
@@ -84,7 +80,10 @@ class SelectionConfig:
     l1: tuple[float, ...] = ()  # stronger L1 strengths, each tried with every start
     folds: int = K_FOLDS  # k of k-fold, above LEAVE_ONE_OUT_MAX examples
     max_new_tokens: int = 64  # with score="generate"
-    rule: str = "one-se"  # with score="loss": see RULES
+    # with score="loss": "one-se", the simplest candidate within one standard error of the lowest mean held-out
+    # loss; "paired", the reference search unless a candidate beats it fold by fold by more than the noise;
+    # "min", the lowest mean held-out loss
+    rule: str = "one-se"
     answers: bool = False  # True: an example with an answer set is scored by its right answer among them
 
     def check(self) -> None:
@@ -295,51 +294,6 @@ class Selection:
     report: dict  # recipe.search["selection"]
 
 
-def _standard_error(values: Sequence[float]) -> float:
-    """The standard error of the mean of the fold scores (0 for one fold; inf when one is infinite)."""
-    if len(values) < 2:
-        return 0.0
-    if not all(math.isfinite(v) for v in values):
-        return math.inf
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
-
-
-def rank_keys(config: SelectionConfig, rows: list[dict]) -> tuple[list[tuple], float | None]:
-    """Each row's sort key (rank 1 is the winner) and, under the one-SE rule, the loss threshold."""
-    if config.score == "generate":
-        return [(-r["cv_accuracy"], r["cv_loss"], i) for i, r in enumerate(rows)], None
-    if config.rule == "min":
-        return [(r["cv_loss"], i) for i, r in enumerate(rows)], None
-    best = min(rows, key=lambda r: r["cv_loss"])
-    threshold = best["cv_loss"] + best["cv_loss_se"] if math.isfinite(best["cv_loss_se"]) else best["cv_loss"]
-    # within the threshold: the simpler kind first, then the lower loss; the rest after, by loss
-    return [(0, KINDS[r["kind"]], r["cv_loss"], i) if r["cv_loss"] <= threshold else (1, 0, r["cv_loss"], i)
-            for i, r in enumerate(rows)], threshold
-
-
-def _reason(config: SelectionConfig, rows: list[dict], folds: int, threshold: float | None) -> str:
-    best = rows[0]
-    if config.score == "generate":
-        what = (f"the highest held-out exact match over {folds} folds ({best['cv_accuracy']:.1f}%, mean held-out "
-                f"loss {best['cv_loss']:.4f} breaks ties)")
-        other = lambda r: f"{r['name']} ({r['cv_accuracy']:.1f}%, loss {r['cv_loss']:.4f})"  # noqa: E731
-    elif threshold is None:
-        what = f"the lowest mean held-out loss over {folds} folds ({best['cv_loss']:.4f})"
-        other = lambda r: f"{r['name']} ({r['cv_loss']:.4f})"  # noqa: E731
-    else:
-        lowest = min(rows, key=lambda r: r["cv_loss"])
-        what = (f"a mean held-out loss over {folds} folds of {best['cv_loss']:.4f}, within one standard error of the "
-                f"lowest ({lowest['name']}: {lowest['cv_loss']:.4f} + {lowest['cv_loss_se']:.4f}), and is the "
-                f"simplest such candidate")
-        if lowest is best:
-            what = (f"the lowest mean held-out loss over {folds} folds ({best['cv_loss']:.4f} ± "
-                    f"{best['cv_loss_se']:.4f}), and no simpler candidate is within one standard error of it")
-        other = lambda r: f"{r['name']} ({r['cv_loss']:.4f})"  # noqa: E731
-    runner_up = f"; runner-up {other(rows[1])}" if len(rows) > 1 else ""
-    return f"{best['name']} has {what}{runner_up}"
-
-
 def fold_tasks(n: int, k: int = K_FOLDS) -> list[FoldTask]:
     """The folds of ``n`` examples (:func:`make_folds`) as tasks: fit on the others, score the held-out."""
     return [FoldTask(f, tuple(i for i in range(n) if i not in set(held)), tuple(held))
@@ -403,7 +357,7 @@ def choose(context: SelectionContext, results: Sequence[FoldResult], *, fold_sec
         losses = [(r.loss if context.config.answers or not r.ce else r.ce)[name] for r in results]
         row = {"name": name, "kind": BASE if name == BASE else "single" if name.startswith("single:") else "search",
                "fold_losses": losses, "cv_loss": sum(v * len(r.held_out) for v, r in zip(losses, results)) / n,
-               "cv_loss_se": _standard_error(losses)}
+               "cv_loss_se": standard_error(losses)}
         masses = [r.answer_mass[name] for r in results if r.answer_mass]
         if masses:
             row["cv_answer_mass"] = sum(masses) / len(masses)
@@ -435,7 +389,7 @@ def choose(context: SelectionContext, results: Sequence[FoldResult], *, fold_sec
         weights, regularizer = search.weights, setting.l1
     report = {
         "method": "cv", "score": context.config.score, "scheme": "leave-one-out" if n <= LEAVE_ONE_OUT_MAX else "k-fold",
-        "folds": [r.held_out for r in results], "winner": winner["name"], "reason": _reason(context.config, ranked, len(results), threshold),
+        "folds": [r.held_out for r in results], "winner": winner["name"], "reason": reason(context.config, ranked, len(results), threshold),
         "rule": None if context.config.score == "generate" else context.config.rule, "loss_threshold": threshold,
         "answer_sets": [list(a) if a else None for a in context.answer_sets],
         "candidates": rows,  # in candidate order; "rank" gives the ranking (rank 1 is the winner)

@@ -22,9 +22,12 @@ the paper's draw, :data:`lorahub_ray.io.bbh.PAPER_SEED`). Then, one *cell* per m
                   module alone and three searches, chosen by leave-one-out loss on the few-shot
                   examples and refit on all of them (:mod:`lorahub_ray.core.selection`); the cell
                   records the winner and its reason;
+``select_cv_paired``   the same folds ranked by ``rule="paired"``: the reference search (``lorahub``)
+                  unless a candidate's held-out loss beats it fold by fold by more than one standard
+                  error of the differences (docs/bbh.md);
 ``select_cv_answers``  the same folds ranked with each example that has an answer set scored by its
                   right answer among them (``answers=True``, not the default: see docs/bbh.md), to show
-                  what that scoring does on each task; the two share one run of the folds, and one
+                  what that scoring does on each task; the three share one run of the folds, and one
                   evaluation where they pick the same weights.
 
 Two baselines need no model: ``chance`` (the mean of 1/options over the test set; 0 for a generative
@@ -222,7 +225,7 @@ def plot(table: dict, path: Path) -> Path:
 
     rows = list(table["tasks"].items()) + [("macro average", table["macro"])]
     methods = [m for m in METHODS if any(m in cells for _, cells in rows)]
-    colors = dict(zip(METHODS, ["#9e9e9e", "#5c6bc0", "#ef6c00", "#ffb74d", "#26a69a", "#8e24aa", "#ce93d8"]))
+    colors = dict(zip(METHODS, ["#9e9e9e", "#5c6bc0", "#ef6c00", "#ffb74d", "#26a69a", "#8e24aa", "#ab47bc", "#ce93d8"]))
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.2))
     for k, method in enumerate(methods):

@@ -27,7 +27,12 @@ from lorahub_ray.evaluation.options import answer_options, option_accuracy
 from lorahub_ray.io import storage
 from lorahub_ray.io.examples import Examples, read_examples
 
-METHODS = ("zero_shot", "icl", "lorahub_mean", "lorahub_best", "best_single", "select_cv", "select_cv_answers")
+# select cv's cells: one set of folds ranked by each config, computed in this order (the folds run with answer sets
+# first: their results also hold the token-mean cross-entropy that the other rankings use)
+SELECT_CELLS = (("select_cv_answers", SelectionConfig(answers=True)), ("select_cv", SelectionConfig()),
+                ("select_cv_paired", SelectionConfig(rule="paired")))
+METHODS = ("zero_shot", "icl", "lorahub_mean", "lorahub_best", "best_single", "select_cv", "select_cv_paired",
+           "select_cv_answers")
 BASELINES = ("chance", "majority")
 CELL_FILE = "cell.json"
 PREDICTIONS_FILE = "predictions.parquet"
@@ -165,12 +170,12 @@ class TaskCells:
         advance(info=f"{name} lorahub_best")
         cells["best_single"] = _read_cell(where / "best_single") or self._best_single(where, fewshot, test)
         advance(info=f"{name} best_single")
-        cells["select_cv"] = _read_cell(where / "select_cv")
-        cells["select_cv_answers"] = _read_cell(where / "select_cv_answers")
-        if cells["select_cv"] is None or cells["select_cv_answers"] is None:
-            cells["select_cv"], cells["select_cv_answers"] = self._select_cv(where, fewshot, test, cells["select_cv"])
-        advance(info=f"{name} select_cv")
-        advance(info=f"{name} select_cv_answers")
+        select = {method: _read_cell(where / method) for method, _ in SELECT_CELLS}
+        if any(cell is None for cell in select.values()):
+            select = self._select_cv(where, fewshot, test, select)
+        for method in METHODS[METHODS.index("select_cv"):]:
+            cells[method] = select[method]
+            advance(info=f"{name} {method}")
         return cells
 
     def _timed(self, folder: Path, fn) -> dict:
@@ -223,32 +228,31 @@ class TaskCells:
         cell = _cell(result, time.perf_counter() - start, options, module=self.modules[best].name, loss=losses[best])
         return _write_cell(where / "best_single", cell, result.predictions)
 
-    def _select_cv(self, where: Path, fewshot: Examples, test: str, done: dict | None) -> tuple[dict, dict]:
-        """``select_cv``, and ``select_cv_answers``: the same folds ranked with each example that has an answer
-        set scored by its right answer among them (``answers=True``). The folds run once, with answer sets: their
-        results hold each candidate's token-mean cross-entropy too, which ``select_cv`` ranks by (folds run
-        without answer sets would hold no answer-set loss to rank). The second winner costs its refit, and its
-        evaluation only where it differs from the first."""
+    def _select_cv(self, where: Path, fewshot: Examples, test: str, done: dict[str, dict | None]) -> dict[str, dict]:
+        """The cells of :data:`SELECT_CELLS` not ``done`` yet: ``lorahub_learning(select="cv")`` with each config, on
+        folds that run once (with answer sets: their results hold each candidate's token-mean cross-entropy too,
+        which the other configs rank by; folds run without answer sets would hold no answer-set loss to rank). A
+        later winner costs its refit, and its evaluation only where its weights differ from every earlier one's."""
         folds = _KeptFolds(self.map_folds or sequential)
-        cells = {"select_cv": done}
-        for method, config in (("select_cv_answers", SelectionConfig(answers=True)), ("select_cv", SelectionConfig())):
+        cells = dict(done)
+        for method, config in SELECT_CELLS:
             if cells.get(method) is not None:
                 continue
             start = time.perf_counter()
             learned = self._learn(self.modules, fewshot, 0, select="cv", selection=config, map_folds=folds)
             report = learned.recipe.search["selection"]
             extra = dict(winner=report["winner"], reason=report["reason"], weights=learned.weights)
-            other = "select_cv" if method == "select_cv_answers" else "select_cv_answers"
-            same = cells.get(other)
-            if same is not None and same["weights"] == learned.weights:
-                columns = _predictions(where / other)  # the same model: its evaluation, not another
-                cells[method] = _write_cell(where / method, {**same, **extra, "seconds": time.perf_counter() - start},
+            same = next((m for m, c in cells.items() if c is not None and c["weights"] == learned.weights), None)
+            if same is not None:
+                columns = _predictions(where / same)  # the same model: its evaluation, not another
+                cells[method] = _write_cell(where / method,
+                                            {**cells[same], **extra, "seconds": time.perf_counter() - start},
                                             columns, extra=_run_files(learned))
                 continue
             result, options = self._eval_merged(learned.model, learned.tokenizer, test, where / method)
             cell = _cell(result, time.perf_counter() - start, options, **extra)
             cells[method] = _write_cell(where / method, cell, result.predictions, extra=_run_files(learned))
-        return cells["select_cv"], cells["select_cv_answers"]
+        return cells
 
 
 class _KeptFolds:
