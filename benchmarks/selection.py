@@ -6,8 +6,9 @@ each seed, side by side in one run, with one base model and the K stacked module
 * zero-shot: the base model alone;
 * LoraHub: the reference search (NGOpt, budget 40, from 0, loss + 0.05·mean|w|) on the 5 examples;
 * best single: the one module with the lowest loss on the 5 examples (weight 1);
-* cv (loss) and cv (generate): ``select="cv"`` scored by the held-out loss, and by exact match of
-  greedy generations on the held-out example (the folds' searches are run once and ranked both ways).
+* cv (loss) and cv (generate): ``select="cv"`` scored by the held-out loss, under each rule of
+  ``lorahub_ray.core.selection_rules`` (one-SE, paired against LoraHub, lowest), and by exact match of
+  greedy generations on the held-out example (the folds' searches are run once and ranked every way).
 
 Held-out accuracy is exact match on the task's 200 test examples. The cost of cv is its searches
 (candidate searches x folds, plus the refit of a search winner), its objective evaluations and
