@@ -65,10 +65,11 @@ def _same_folds(a, b) -> bool:
                for ra, rb in zip(a, b))
 
 
-ARMS = {"one-se": ("loss", "one-se"), "paired": ("loss", "paired"), "min": ("loss", "min"),
-        "generate": ("generate", "one-se")}  # cv's rankings of the same folds
-LABELS = {"one-se": "cv, loss, one-SE rule", "paired": "cv, loss, paired vs LoraHub", "min": "cv, loss, lowest",
-          "generate": "cv, generate"}
+# cv's rankings of the same folds: arm -> (score, rule, column label)
+ARMS = {"one-se": ("loss", "one-se", "cv, loss, one-SE rule"),
+        "paired": ("loss", "paired", "cv, loss, paired vs LoraHub"),
+        "min": ("loss", "min", "cv, loss, lowest"),
+        "generate": ("generate", "one-se", "cv, generate")}
 
 
 def run(seeds, budget: int, warm_starts: int, workers: int = 0, draws: int = 1) -> dict:
@@ -120,7 +121,7 @@ def run(seeds, budget: int, warm_starts: int, workers: int = 0, draws: int = 1) 
                 on_ray = {"workers": workers, "seconds": time.perf_counter() - start,
                           "same_folds": _same_folds(folds, ray_results)}
             arms = {}
-            for arm, (score, rule) in ARMS.items():
+            for arm, (score, rule, _) in ARMS.items():
                 context.config = dataclasses.replace(config, score=score, rule=rule)
                 start = time.perf_counter()
                 chosen = choose(context, folds, fold_seconds=fold_seconds)
@@ -156,7 +157,7 @@ def print_table(report: dict) -> None:
           f"{report['draws']} few-shot draw(s) per task (task-d: the d-th other draw); held-out exact match % on the "
           "test examples")
     print("| task | seed | zero-shot | LoraHub | best single (few-shot loss) | "
-          + " | ".join(f"{LABELS[a]} (winner)" for a in ARMS) + " |")
+          + " | ".join(f"{label} (winner)" for _, _, label in ARMS.values()) + " |")
     print("|---|---|---|---|---|" + "---|" * len(ARMS))
     for r in report["rows"]:
         cv = r["cv"]

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from lorahub_ray.core.answer_loss import answer_losses
 from lorahub_ray.core.compose import LoraComposer
 from lorahub_ray.core.objective import FewShotObjective, LossFn, l1_regularization
-from lorahub_ray.core.selection_rules import RULES, rank_keys, reason, standard_error
+from lorahub_ray.core.selection_rules import DEFAULT, RULES, rank_keys, reason, standard_error
 from lorahub_ray.core.search import (DEFAULT_BUDGET, DEFAULT_OPTIMIZER, Evaluation, SearchResult, make_optimizer,
                                      minimize)
 from lorahub_ray.errors import LoraHubError
@@ -104,7 +104,7 @@ class SelectionConfig:
         out = []
         for alpha in (None, *self.l1):
             for start in starts:
-                name = "lorahub" if start == 0 else f"from-best-{start}"
+                name = DEFAULT if start == 0 else f"from-best-{start}"
                 out.append(SearchSetting(name if alpha is None else f"{name} l1={alpha:g}", start,
                                          None if alpha is None else float(alpha)))
         return out

@@ -57,7 +57,9 @@ def paired_gain(row: dict, anchor: dict) -> tuple[float, float]:
 
 
 def rank_keys(config: RankingConfig, rows: list[dict]) -> tuple[list[tuple], float | None]:
-    """Each row's sort key (rank 1 is the winner) and, under the one-SE rule, the loss threshold."""
+    """Each row's sort key (rank 1 is the winner) and, under the one-SE rule, the loss threshold. Under the paired
+    rule each row also gets its ``paired_gain`` and ``paired_gain_se`` against the reference search (for the report
+    and :func:`reason`)."""
     if config.score == "generate":
         return [(-r["cv_accuracy"], r["cv_loss"], i) for i, r in enumerate(rows)], None
     if config.rule == "min":

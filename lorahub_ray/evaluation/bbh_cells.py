@@ -173,7 +173,7 @@ class TaskCells:
         select = {method: _read_cell(where / method) for method, _ in SELECT_CELLS}
         if any(cell is None for cell in select.values()):
             select = self._select_cv(where, fewshot, test, select)
-        for method in METHODS[METHODS.index("select_cv"):]:
+        for method in (m for m in METHODS if m in select):  # in the table's order
             cells[method] = select[method]
             advance(info=f"{name} {method}")
         return cells
