@@ -1,9 +1,11 @@
 """Progress displays for long work (rich), on standard error: one bar per phase (:func:`progress_bar`), or one
 line per restart of a search (:class:`RestartsDisplay`).
 
-They are silent when disabled or when standard error is not an interactive terminal (a pipe, a file, CI):
-rich draws a live display there only once, when it stops, so a phase that ran for minutes printed nothing until
-it ended. ``TTY_INTERACTIVE=1`` (rich's own switch) forces them on, ``TTY_INTERACTIVE=0`` off.
+They are silent when disabled. When standard error is not an interactive terminal (a pipe, a file, CI), rich
+draws a live display only once, when it stops, so a phase that ran for minutes printed nothing until it ended:
+there a bar becomes plain lines instead (:func:`_plain_lines`), one every :data:`PLAIN_INTERVAL` seconds of a
+long phase and one when it ends, none for a phase shorter than that. ``TTY_INTERACTIVE=1`` (rich's own switch)
+forces the bars on, ``TTY_INTERACTIVE=0`` off (to plain lines).
 
 A bar opened while another is live joins the same display as a line below it (rich allows one live display at
 a time) and goes away when its phase ends; the outermost bar stays on screen with its final count and time.
@@ -14,6 +16,7 @@ caller turns into ``advance`` calls; only this module imports rich's progress.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import time
 from collections.abc import Callable, Iterator
 
@@ -25,6 +28,9 @@ from rich.text import Text
 Advance = Callable[..., None]  # advance(n=1, *, info=None, description=None)
 
 _live: list[Progress] = []  # the live display that nested bars join (at most one)
+
+PLAIN_INTERVAL = 60.0  # seconds between the plain lines of a long phase off a terminal
+_plain_last = [0.0]  # when the last plain line was printed, shared by nested phases: one line per interval in all
 
 
 def console() -> Console:
@@ -68,8 +74,12 @@ def progress_bar(description: str, total: float | None, *, enabled: bool = True)
     """Yield ``advance(n=1, *, info=None, description=None)``: ``n`` more done (a fraction is fine), ``info``
     the text after the bar (kept until replaced), ``description`` a new label. ``total=None`` is a phase of
     unknown length: its bar pulses, with the count alone."""
-    if not shown(enabled):
+    if not enabled:
         yield _noop
+        return
+    if not shown(enabled):
+        with _plain_lines(description, total) as advance:
+            yield advance
         return
     nested = bool(_live)
     if nested:
@@ -95,6 +105,42 @@ def progress_bar(description: str, total: float | None, *, enabled: bool = True)
             yield advance
     finally:
         _live.remove(bar)
+
+
+def _clock(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+@contextlib.contextmanager
+def _plain_lines(description: str, total: float | None) -> Iterator[Advance]:
+    """A bar off a terminal: a line on standard error (``BBH table: 12/40 (30%), 0:14:05 elapsed, ~0:32:52 left:
+    info``) when the phase advances :data:`PLAIN_INTERVAL` seconds or more after the last line, and one when a
+    phase that ran that long ends; nothing for a shorter phase."""
+    start = time.monotonic()
+    state = {"done": 0.0, "info": "", "description": description}
+
+    def line(now: float, end: str = "") -> None:
+        done, elapsed = state["done"], now - start
+        count = f"{done:g}/{total:g} ({100 * done / total:.0f}%)" if total else f"{done:g}"
+        left = f", ~{_clock(elapsed * (total - done) / done)} left" if total and 0 < done < total and not end else ""
+        info = f": {state['info']}" if state["info"] else ""
+        out = console().file
+        out.write(f"{state['description']}: {count}, {_clock(elapsed)} elapsed{left}{end}{info}\n")
+        out.flush()
+        _plain_last[0] = now
+
+    def advance(n: float = 1, *, info: str | None = None, description: str | None = None) -> None:
+        state["done"] += n
+        state["info"] = info if info is not None else state["info"]
+        state["description"] = description or state["description"]
+        now = time.monotonic()
+        if now - max(start, _plain_last[0]) >= PLAIN_INTERVAL:
+            line(now)
+
+    yield advance
+    now = time.monotonic()
+    if now - start >= PLAIN_INTERVAL:
+        line(now, end=", done")
 
 
 class RestartsDisplay:

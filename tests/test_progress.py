@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import types
 
 import pytest
 from rich.console import Console
@@ -47,6 +48,35 @@ def test_no_progress_when_disabled_or_when_standard_error_is_not_a_terminal(monk
     with progress.progress_bar("phase", 3, enabled=False) as advance:
         advance()
     assert buffer.getvalue() == ""  # disabled stays off on a terminal too
+
+
+def test_off_a_terminal_a_long_phase_prints_a_plain_line_a_minute_and_one_when_it_ends(monkeypatch):
+    buffer, now = io.StringIO(), [1000.0]
+    monkeypatch.setattr(progress, "console", lambda: Console(file=buffer))  # a log file
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(progress, "_plain_last", [0.0])
+    with progress.progress_bar("BBH table", 40) as advance:
+        for step in range(1, 41):
+            now[0] += 20.0  # a cell every 20 s: a line every third cell, when a minute has passed
+            advance(info=f"cell {step}")
+            if step == 2:
+                with progress.progress_bar("generating", 100) as inner:  # nested: shares the minute
+                    now[0] += 70.0
+                    inner(100)
+    lines = buffer.getvalue().splitlines()
+    assert lines[0] == "generating: 100/100 (100%), 0:01:10 elapsed"
+    assert lines[1] == "generating: 100/100 (100%), 0:01:10 elapsed, done"
+    assert lines[2] == "BBH table: 5/40 (12%), 0:02:50 elapsed, ~0:19:50 left: cell 5"  # a minute after the last line
+    assert lines[-1] == "BBH table: 40/40 (100%), 0:14:30 elapsed, done: cell 40"
+    assert len(lines) == 2 + 12 + 1  # one a minute over the 12 minutes that follow, and the end
+    buffer.truncate(0), buffer.seek(0)
+    with progress.progress_bar("short phase", 3) as advance:  # under a minute: nothing
+        now[0] += 59.0
+        advance(3)
+    with progress.progress_bar("silenced", 3, enabled=False) as advance:
+        now[0] += 600.0
+        advance(3)
+    assert buffer.getvalue() == ""
 
 
 def test_a_bar_shows_its_phase_count_and_info_and_nested_bars_join_it(terminal):

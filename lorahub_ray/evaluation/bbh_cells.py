@@ -160,7 +160,10 @@ class TaskCells:
             advance(info=f"{name} {method}")
         mean, best = _read_cell(where / "lorahub_mean"), _read_cell(where / "lorahub_best")
         if mean is None or best is None:  # the runs themselves are cells too, each written once
-            runs = [self._run(name, fewshot, test, seed) for seed in range(len(self.subsets))]
+            runs = []
+            for seed in range(len(self.subsets)):
+                runs.append(self._run(name, fewshot, test, seed))
+                advance(0, info=f"{name} lorahub run {seed + 1}/{len(self.subsets)}")  # the longest cells
             mean = mean or self._mean(where, runs)
             top = max(range(len(runs)), key=lambda s: (runs[s]["accuracy"], -s))
             best = best or self._copy_run(where, top, runs[top])
