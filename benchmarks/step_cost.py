@@ -7,6 +7,9 @@ forward pass, and the kinds run interleaved, 15 rounds, medians.
 
 Prints, per shape: both times at each row count, the cost per element each moves (rows·(in + 2·out) for the update,
 2·in·out for the merge), the measured break-even rows and the rule's, (2·in·out − CALL_ELEMENTS) / (in + 2·out).
+Then a path not built, measured at the step's row count (a few examples' tokens): the down-projection folded into
+the base product (one ``F.linear`` on a ``[out + r, in]`` weight, ``[W₀; A]``, then the up-projection from its last
+``r`` columns), against the base product alone and the base product plus the unmerged update.
 
 Usage: python benchmarks/step_cost.py [--threads N] [--clock wall|cpu]
 """
@@ -24,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {"SmolLM2 q_proj": (576, 576, 8), "SmolLM2 v_proj": (576, 192, 8), "Flan-T5-base q, v": (768, 768, 16)}
 ROWS = (1, 8, 40, 128, 270, 320, 512, 1024)
+STEP_ROWS = {"SmolLM2 q_proj": 270, "SmolLM2 v_proj": 270, "Flan-T5-base q, v": 320}  # the benchmarks' steps
 COPIES, ROUNDS = 40, 15
 
 
@@ -59,6 +63,46 @@ def measure(d_in: int, d_out: int, r: int, clock) -> dict[int, tuple[float, floa
     return out
 
 
+def measure_fold(d_in: int, d_out: int, r: int, rows: int, clock) -> dict[str, float]:
+    """Seconds per layer of the base product alone, with the unmerged update, and with the down-projection folded
+    into it; checks that the fold gives the unmerged path's values."""
+    import torch
+    import torch.nn.functional as F
+
+    weights = [torch.randn(d_out, d_in) for _ in range(COPIES)]
+    a = [torch.randn(r, d_in) * 0.02 for _ in range(COPIES)]
+    b = [torch.randn(d_out, r) * 0.02 for _ in range(COPIES)]
+    folded = [torch.cat([w, a_]) for w, a_ in zip(weights, a)]
+    x = [torch.randn(rows, d_in) for _ in range(COPIES)]
+
+    def base():
+        return [F.linear(x[i], weights[i]) for i in range(COPIES)]
+
+    def unmerged():
+        out = base()
+        for i in range(COPIES):
+            out[i].addmm_(x[i] @ a[i].T, b[i].T, alpha=2.0)
+        return out
+
+    def fold():
+        out = []
+        for i in range(COPIES):
+            both = F.linear(x[i], folded[i])
+            out.append(both[:, :d_out].addmm_(both[:, d_out:], b[i].T, alpha=2.0))
+        return out
+
+    times = {base: [], unmerged: [], fold: []}
+    with torch.inference_mode():
+        if not all(torch.allclose(u, f, atol=1e-5) for u, f in zip(unmerged(), fold())):
+            raise AssertionError("the folded path does not give the unmerged path's values")
+        for _ in range(ROUNDS):
+            for fn, seconds in times.items():
+                start = clock()
+                fn()
+                seconds.append((clock() - start) / COPIES)
+    return {fn.__name__: statistics.median(seconds) for fn, seconds in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -88,6 +132,12 @@ def main() -> None:
         rule = max(0, (merge_elements - CALL_ELEMENTS)) / per_row
         print(f"    break-even: measured, the first row count above where merging is cheaper: {measured}; "
               f"the rule merges from {rule:.0f} rows on (all calls of one composition together)")
+    print("\nthe down-projection folded into the base product ([W0; A], then the up-projection), at the step's rows:")
+    for name, (d_in, d_out, r) in SHAPES.items():
+        rows = STEP_ROWS[name]
+        t = measure_fold(d_in, d_out, r, rows, clock)
+        print(f"    {name}, {rows} rows: base product {t['base'] * 1e6:.0f} us; with the unmerged update "
+              f"{t['unmerged'] / t['base']:.3f}x, folded {t['fold'] / t['base']:.3f}x of it")
     print("\nload average (1, 5, 15 min): " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
 
 
