@@ -8,7 +8,8 @@ model and the K stacked modules shared by all arms (budget 40 per search, seed 4
 * ``LoraHub``: the paper's search from 0 (``lorahub_learning``, ``select="reference"``);
 * ``portfolio``: 2 restarts, the lowest objective wins: what ``--workers 2`` runs on Ray, here one after the other
   (``core.portfolio.plan_restarts``, as ``core.protocol.LocalRunner`` runs them: the same plans, so the same restarts; Ray's lockstep does not change them);
-* ``cv``: ``select="cv"`` with its defaults (leave-one-out, base / single modules / 3 searches, the one-SE rule);
+* ``cv``: ``select="cv"`` with its defaults (leave-one-out, base / single modules / 3 searches, the default rule:
+  ``paired``; the one-SE rule's figures on the same draws are ``benchmarks/selection.py``'s);
 * ``cv + portfolio`` (both): ``select="cv"`` whose every search (in the folds and the refit) is that portfolio of 2.
 
 Accuracy is exact match on the held-out test examples (greedy, 8 new tokens); seconds are each arm's own search

@@ -81,8 +81,10 @@ def test_table_has_every_task_method_and_column(table_dir):
     for cells in (choice, generative):
         winner = cells["select_cv"]["winner"]
         assert winner == "base" or winner.startswith(("single:", "lorahub", "from-best-"))
-        paired = cells["select_cv_paired"]  # the same folds, ranked against the reference search
+        paired = cells["select_cv"]  # ranked against the reference search, the default rule
         assert "fold by fold" in paired["reason"] and paired["reason"].startswith(paired["winner"] + " has")
+        one_se = cells["select_cv_one_se"]  # the same folds, ranked by the one-SE rule
+        assert "standard error" in one_se["reason"] and "fold by fold" not in one_se["reason"]
 
 
 def test_saved_runs_are_run_directories_with_the_adapter_of_their_cell(table_dir):
@@ -117,6 +119,27 @@ def test_rerun_resumes_and_skips_written_cells(world, table_dir):
     assert not (table_dir / "tiny_reverse" / "lorahub_runs" / "seed_1").exists()
     redone = json.loads(cell.read_text())
     assert redone["accuracy"] == json.loads(before)["accuracy"]  # the same cell again
+
+
+def test_a_select_cell_of_another_ranking_is_refused_by_name_before_any_model(world, table_dir, tmp_path,
+                                                                              monkeypatch):
+    """A column whose ranking changed (select_cv was the one-SE rule's before it was the paired rule's) never mixes
+    cells of both rankings: the rerun names the cell and where it belongs, before it loads any module."""
+    import shutil
+
+    import lorahub_ray.evaluation.bbh as bbh
+
+    table = tmp_path / "table"
+    shutil.copytree(table_dir, table)
+    task = table / "tiny_reverse"
+    (task / "select_cv").rename(task / "kept")  # the cells of the two rankings swapped, as an old table holds them
+    (task / "select_cv_one_se").rename(task / "select_cv")
+    (task / "kept").rename(task / "select_cv_one_se")
+    monkeypatch.setattr(bbh, "load_hub", lambda *a: pytest.fail("loaded the hub before refusing"))
+    result = run_bbh(world, table)
+    assert result.exit_code == 2, result.output
+    assert f"{task / 'select_cv'} holds select cv ranked by" in result.output.replace("\n", "")
+    assert "it belongs in" in result.output and "select_cv_one_se" in result.output
 
 
 def test_other_settings_or_foreign_directory_refused(world, table_dir, tmp_path):

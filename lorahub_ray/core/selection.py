@@ -22,7 +22,7 @@ A held-out example is scored by its token-mean cross-entropy; with ``answers=Tru
 holds its mean held-out cross-entropy (``cv_ce``) and log-probability of the answer set (``cv_answer_mass``).
 
 The winner is picked from the candidates' fold scores by a rule chosen by name
-(:mod:`lorahub_ray.core.selection_rules`: ``one-se``, the default, ``paired`` or ``min``).
+(:mod:`lorahub_ray.core.selection_rules`: ``paired``, the default, ``one-se`` or ``min``).
 The winner is refit on all examples.
 
 The folds are independent: :func:`select` runs them through ``map_folds(context, tasks)``, which
@@ -80,10 +80,10 @@ class SelectionConfig:
     l1: tuple[float, ...] = ()  # stronger L1 strengths, each tried with every start
     folds: int = K_FOLDS  # k of k-fold, above LEAVE_ONE_OUT_MAX examples
     max_new_tokens: int = 64  # with score="generate"
-    # with score="loss": "one-se", the simplest candidate within one standard error of the lowest mean held-out
-    # loss; "paired", the reference search unless a candidate beats it fold by fold by more than the noise;
-    # "min", the lowest mean held-out loss
-    rule: str = "one-se"
+    # with score="loss": "paired", the reference search unless a candidate beats it fold by fold by more than the
+    # noise; "one-se", the simplest candidate within one standard error of the lowest mean held-out loss; "min",
+    # the lowest mean held-out loss (selection_rules)
+    rule: str = "paired"
     answers: bool = False  # True: an example with an answer set is scored by its right answer among them
 
     def check(self) -> None:

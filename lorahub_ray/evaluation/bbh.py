@@ -19,16 +19,19 @@ the paper's draw, :data:`lorahub_ray.io.bbh.PAPER_SEED`). Then, one *cell* per m
 ``lorahub_best``  the best of those runs on the test set (the paper's "best", an oracle over seeds);
 ``best_single``   the one module (weight 1) with the lowest few-shot loss (the reference's loss);
 ``select_cv``     ``lorahub_learning(select="cv")`` over the whole hub, seed 0: the base model, each
-                  module alone and three searches, chosen by leave-one-out loss on the few-shot
-                  examples and refit on all of them (:mod:`lorahub_ray.core.selection`); the cell
-                  records the winner and its reason;
-``select_cv_paired``   the same folds ranked by ``rule="paired"``: the reference search (``lorahub``)
+                  module alone and three searches, scored by leave-one-out loss on the few-shot
+                  examples, ranked by the default rule (``paired``: the reference search, ``lorahub``,
                   unless a candidate's held-out loss beats it fold by fold by more than one standard
-                  error of the differences (docs/bbh.md);
-``select_cv_answers``  the same folds ranked with each example that has an answer set scored by its
-                  right answer among them (``answers=True``, not the default: see docs/bbh.md), to show
-                  what that scoring does on each task; the three share one run of the folds, and one
-                  evaluation where they pick the same weights.
+                  error of the differences) and refit on all of them (:mod:`lorahub_ray.core.selection`);
+                  the cell records the winner and its reason;
+``select_cv_one_se``   the same folds ranked by ``rule="one-se"`` (the simplest candidate within one
+                  standard error of the lowest loss; the default until the real tasks showed it below
+                  ``paired``, docs/bbh.md);
+``select_cv_answers``  the same folds ranked by ``rule="one-se"`` with each example that has an answer
+                  set scored by its right answer among them (``answers=True``, not the default: see
+                  docs/bbh.md), to show what that scoring does on each task; the three share one run of
+                  the folds, and one evaluation where they pick the same weights. A rerun refuses a select
+                  cell written under another ranking (a column whose meaning changed), naming it.
 
 Two baselines need no model: ``chance`` (the mean of 1/options over the test set; 0 for a generative
 task) and ``majority`` (always the test set's most common answer: the best any constant answer does).
@@ -61,7 +64,7 @@ from pathlib import Path
 from lorahub_ray.core.learning import load_module_list
 from lorahub_ray.core.templates import check_template
 from lorahub_ray.errors import LoraHubError, did_you_mean
-from lorahub_ray.evaluation.bbh_cells import BASELINES, METHODS, Evaluate, TaskCells
+from lorahub_ray.evaluation.bbh_cells import BASELINES, METHODS, Evaluate, TaskCells, check_select_cells
 from lorahub_ray.evaluation.evaluate import evaluate_local
 from lorahub_ray.io import bbh, bigbench, catalogue, sources, storage
 from lorahub_ray.io.examples import read_examples
@@ -196,6 +199,7 @@ def bbh_table(model: str, hub: str, output: str | Path, *, tasks: Sequence[str] 
         split = dict(seed=split_seed, shots=shots, size=test_size)
         fewshot = read_examples(sources.with_split(source, "fewshot", **split))
         test = str(sources.materialize(sources.with_split(source, "test", **split)))
+        check_select_cells(output / name)  # a cell written under another ranking: before any model loads
         plan.append((name, fewshot, test))
     modules = load_hub(hub, progress)
     subsets = run_subsets(len(modules), seeds, modules_per_run)

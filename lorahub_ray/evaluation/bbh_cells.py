@@ -20,6 +20,7 @@ from lorahub_ray.core.model import load_base_model, load_model
 from lorahub_ray.core.objective import FewShotObjective
 from lorahub_ray.core.preselect import screen
 from lorahub_ray.core.selection import SelectionConfig, sequential
+from lorahub_ray.errors import LoraHubError
 from lorahub_ray.evaluation.compare import InContextPrompt
 from lorahub_ray.evaluation.evaluate import EvaluationResult
 from lorahub_ray.evaluation.generate import normalize
@@ -28,10 +29,11 @@ from lorahub_ray.io import storage
 from lorahub_ray.io.examples import Examples, read_examples
 
 # select cv's cells: one set of folds ranked by each config, computed in this order (the folds run with answer sets
-# first: their results also hold the token-mean cross-entropy that the other rankings use)
-SELECT_CELLS = (("select_cv_answers", SelectionConfig(answers=True)), ("select_cv", SelectionConfig()),
-                ("select_cv_paired", SelectionConfig(rule="paired")))
-METHODS = ("zero_shot", "icl", "lorahub_mean", "lorahub_best", "best_single", "select_cv", "select_cv_paired",
+# first: their results also hold the token-mean cross-entropy that the other rankings use). The answer-set column
+# keeps the rule it was measured with since it was added, the one-SE rule.
+SELECT_CELLS = (("select_cv_answers", SelectionConfig(answers=True, rule="one-se")), ("select_cv", SelectionConfig()),
+                ("select_cv_one_se", SelectionConfig(rule="one-se")))
+METHODS = ("zero_shot", "icl", "lorahub_mean", "lorahub_best", "best_single", "select_cv", "select_cv_one_se",
            "select_cv_answers")
 BASELINES = ("chance", "majority")
 CELL_FILE = "cell.json"
@@ -100,6 +102,31 @@ def _read_cell(folder: Path) -> dict | None:
     path = folder / CELL_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
+
+
+def _read_select_cell(folder: Path, config: SelectionConfig) -> dict | None:
+    """A select cell written before, if its recipe was ranked as ``config`` ranks (rule, score, answer sets). One
+    ranked otherwise, written when the column meant another config, is an error that names it, never a silent mix
+    in the table."""
+    cell = _read_cell(folder)
+    if cell is None:
+        return None
+    recipe = folder / "recipe.json"
+    ranked = json.loads(recipe.read_text())["search"]["selection"]["config"] if recipe.is_file() else {}
+    want = {"rule": config.rule, "score": config.score, "answers": config.answers}
+    got = {key: ranked.get(key) for key in want}
+    if got != want:
+        column = next((m for m, c in SELECT_CELLS if {k: getattr(c, k) for k in want} == got), None)
+        where = f"it belongs in {folder.parent / column}" if column else "no column holds that ranking now"
+        raise LoraHubError(f"{folder} holds select cv ranked by {got}, but this column is ranked by {want} ({where}): "
+                           "move it there or delete it, and rerun")
+    return cell
+
+
+def check_select_cells(task: Path) -> None:
+    """Refuse, naming it, a select cell of ``task`` that another ranking wrote (see :func:`_read_select_cell`)."""
+    for method, config in SELECT_CELLS:
+        _read_select_cell(task / method, config)
 
 
 class TaskCells:
@@ -173,7 +200,7 @@ class TaskCells:
         advance(info=f"{name} lorahub_best")
         cells["best_single"] = _read_cell(where / "best_single") or self._best_single(where, fewshot, test)
         advance(info=f"{name} best_single")
-        select = {method: _read_cell(where / method) for method, _ in SELECT_CELLS}
+        select = {method: _read_select_cell(where / method, config) for method, config in SELECT_CELLS}
         if any(cell is None for cell in select.values()):
             select = self._select_cv(where, fewshot, test, select)
         for method in (m for m in METHODS if m in select):  # in the table's order
