@@ -102,7 +102,7 @@ def test_saved_runs_are_run_directories_with_the_adapter_of_their_cell(table_dir
         assert generate(model, tok, preds["input"], batch_size=8, max_new_tokens=6) == preds["prediction"], run
 
 
-def test_rerun_resumes_and_skips_written_cells(world, table_dir):
+def test_rerun_resumes_and_skips_written_cells(world, table_dir, monkeypatch):
     cell = table_dir / "tiny_reverse" / "icl" / "cell.json"
     kept = table_dir / "tiny_first_letter" / "best_single" / "cell.json"
     before, kept_before = cell.read_text(), kept.stat().st_mtime_ns
@@ -112,8 +112,10 @@ def test_rerun_resumes_and_skips_written_cells(world, table_dir):
     mean = table_dir / "tiny_reverse" / "lorahub_mean" / "cell.json"
     mean_before = mean.stat().st_mtime_ns
     shutil.rmtree(table_dir / "tiny_reverse" / "lorahub_runs" / "seed_1")
+    monkeypatch.delenv("COLUMNS", raising=False)
     result = run_bbh(world, table_dir)
     assert result.exit_code == 0, result.output
+    assert "select_cv_one_se" in result.output and "…" not in result.output  # off a terminal: no column cut
     assert kept.stat().st_mtime_ns == kept_before  # not recomputed
     assert mean.stat().st_mtime_ns == mean_before  # its cells written: the LoraHub runs are not redone
     assert not (table_dir / "tiny_reverse" / "lorahub_runs" / "seed_1").exists()

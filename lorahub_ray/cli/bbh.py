@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from lorahub_ray.cli.app import BudgetOpt, DeviceOpt, OptimizerOpt, app, console, fail_cleanly, quiet_libraries
+from lorahub_ray.cli.app import (BudgetOpt, DeviceOpt, OptimizerOpt, app, console, fail_cleanly, quiet_libraries,
+                                 results_console)
 from lorahub_ray.cli.evaluate import AddressOpt, GenerateBatchOpt, MaxNewTokensOpt
 
 
@@ -71,5 +71,5 @@ def bbh(
 
     for name, cells in list(table["tasks"].items()) + [("macro", table["macro"])]:
         view.add_row(name, *(show(cells.get(m), m in METHODS) for m in BASELINES + METHODS))
-    Console().print(view)
+    results_console().print(view)
     console.print(f"wrote {output}/table.json, {output}/table.png and per-task predictions")

@@ -5,11 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from lorahub_ray.cli.app import (DeviceOpt, InputFieldOpt, OutputFieldOpt, SplitOpt, SplitSeedOpt, TemplateOpt, app,
-                                 console,
-                                 fail_cleanly, quiet_libraries)
+                                 console, fail_cleanly, quiet_libraries, results_console)
 from lorahub_ray.io.sources import with_split
 
 
@@ -112,6 +110,6 @@ def compare(
                          gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, input_field=input_field, output_field=output_field,
                          device=device, template=template)
-    Console().print(format_table(report))
+    results_console().print(format_table(report))
     if output is not None:
         console.print(f"wrote {output}/compare.json and {output}/compare.png")

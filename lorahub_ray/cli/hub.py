@@ -7,9 +7,8 @@ import json
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-from lorahub_ray.cli.app import DeviceOpt, app, console, fail_cleanly, quiet_libraries
+from lorahub_ray.cli.app import DeviceOpt, app, console, fail_cleanly, quiet_libraries, results_console
 
 
 # --- the module hub ------------------------------------------------------------------------------
@@ -68,7 +67,7 @@ def hub_list(
         for r in rows:
             typer.echo(json.dumps({**r, "created": r["created"].isoformat()}))
     else:
-        Console().print(_hub_table(rows, f"{catalogue}: {len(rows)} module(s)"))
+        results_console().print(_hub_table(rows, f"{catalogue}: {len(rows)} module(s)"))
 
 
 @hub_app.command("validate")
@@ -131,6 +130,6 @@ def hub_build(
         view.add_row(name, str(m["train_examples"]), str(m["test_examples"]), f"{m['train_seconds']:.0f}",
                      f"{m['loss_first']:.2f} -> {m['loss_last']:.2f}", f"{m['base_accuracy']:.0f}",
                      f"{m['module_accuracy']:.0f}")
-    Console().print(view)
+    results_console().print(view)
     console.print(f"{len(manifest['modules'])} module(s) in {output}/catalogue.parquet; {manifest['seconds']:.0f} s "
                   f"in all", highlight=False)
