@@ -111,6 +111,11 @@ def _clock(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(seconds)))
 
 
+def _amount(n: float) -> str:
+    """A count as a bar shows it: whole, or with one decimal where a phase advances by fractions (cv's folds)."""
+    return f"{n:.0f}" if abs(n - round(n)) < 1e-9 else f"{n:.1f}"
+
+
 @contextlib.contextmanager
 def _plain_lines(description: str, total: float | None) -> Iterator[Advance]:
     """A bar off a terminal: a line on standard error (``BBH table: 12/40 (30%), 0:14:05 elapsed, ~0:32:52 left:
@@ -121,7 +126,7 @@ def _plain_lines(description: str, total: float | None) -> Iterator[Advance]:
 
     def line(now: float, end: str = "") -> None:
         done, elapsed = state["done"], now - start
-        count = f"{done:g}/{total:g} ({100 * done / total:.0f}%)" if total else f"{done:g}"
+        count = _amount(done) + (f"/{_amount(total)} ({100 * done / total:.0f}%)" if total else "")
         left = f", ~{_clock(elapsed * (total - done) / done)} left" if total and 0 < done < total and not end else ""
         info = f": {state['info']}" if state["info"] else ""
         out = console().file

@@ -70,6 +70,13 @@ def test_off_a_terminal_a_long_phase_prints_a_plain_line_a_minute_and_one_when_i
     assert lines[-1] == "BBH table: 40/40 (100%), 0:14:30 elapsed, done: cell 40"
     assert len(lines) == 2 + 12 + 1  # one a minute over the 12 minutes that follow, and the end
     buffer.truncate(0), buffer.seek(0)
+    with progress.progress_bar("cv: 5 folds × 14 candidates", 71) as advance:  # fractions: one decimal
+        now[0] += 61.0
+        advance(12 + 1 / 40)
+    assert buffer.getvalue().splitlines() == ["cv: 5 folds × 14 candidates: 12.0/71 (17%), 0:01:01 elapsed, "
+                                              "~0:04:59 left", "cv: 5 folds × 14 candidates: 12.0/71 (17%), "
+                                              "0:01:01 elapsed, done"]
+    buffer.truncate(0), buffer.seek(0)
     with progress.progress_bar("short phase", 3) as advance:  # under a minute: nothing
         now[0] += 59.0
         advance(3)
