@@ -104,29 +104,24 @@ def _read_cell(folder: Path) -> dict | None:
 
 
 
-def _read_select_cell(folder: Path, config: SelectionConfig) -> dict | None:
-    """A select cell written before, if its recipe was ranked as ``config`` ranks (rule, score, answer sets). One
-    ranked otherwise, written when the column meant another config, is an error that names it, never a silent mix
-    in the table."""
-    cell = _read_cell(folder)
-    if cell is None:
-        return None
-    recipe = folder / "recipe.json"
-    ranked = json.loads(recipe.read_text())["search"]["selection"]["config"] if recipe.is_file() else {}
-    want = {"rule": config.rule, "score": config.score, "answers": config.answers}
-    got = {key: ranked.get(key) for key in want}
-    if got != want:
-        column = next((m for m, c in SELECT_CELLS if {k: getattr(c, k) for k in want} == got), None)
-        where = f"it belongs in {folder.parent / column}" if column else "no column holds that ranking now"
-        raise LoraHubError(f"{folder} holds select cv ranked by {got}, but this column is ranked by {want} ({where}): "
-                           "move it there or delete it, and rerun")
-    return cell
-
-
 def check_select_cells(task: Path) -> None:
-    """Refuse, naming it, a select cell of ``task`` that another ranking wrote (see :func:`_read_select_cell`)."""
+    """Refuse, naming it, a select cell of ``task`` written before whose recipe was not ranked as its column ranks
+    now (rule, score, answer sets): one written when the column meant another config, never a silent mix in the
+    table. The BBH table calls it for every task before any model loads; the cells then read as any other."""
+    want_keys = ("rule", "score", "answers")
     for method, config in SELECT_CELLS:
-        _read_select_cell(task / method, config)
+        folder = task / method
+        if _read_cell(folder) is None:
+            continue
+        recipe = folder / "recipe.json"
+        ranked = json.loads(recipe.read_text())["search"]["selection"]["config"] if recipe.is_file() else {}
+        want = {key: getattr(config, key) for key in want_keys}
+        got = {key: ranked.get(key) for key in want_keys}
+        if got != want:
+            column = next((m for m, c in SELECT_CELLS if {k: getattr(c, k) for k in want_keys} == got), None)
+            where = f"it belongs in {task / column}" if column else "no column holds that ranking now"
+            raise LoraHubError(f"{folder} holds select cv ranked by {got}, but this column is ranked by {want} "
+                               f"({where}): move it there or delete it, and rerun")
 
 
 class TaskCells:
@@ -200,7 +195,7 @@ class TaskCells:
         advance(info=f"{name} lorahub_best")
         cells["best_single"] = _read_cell(where / "best_single") or self._best_single(where, fewshot, test)
         advance(info=f"{name} best_single")
-        select = {method: _read_select_cell(where / method, config) for method, config in SELECT_CELLS}
+        select = {method: _read_cell(where / method) for method, _ in SELECT_CELLS}  # checked up front
         if any(cell is None for cell in select.values()):
             select = self._select_cv(where, fewshot, test, select)
         for method in (m for m in METHODS if m in select):  # in the table's order
