@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Optional
 
 import typer
 
 from lorahub_ray.cli.app import (app, console, fail_cleanly)
 from lorahub_ray.serving.auth import ENV_VAR
+
+# Serve's controller checks that a new HTTP proxy is ready within 5 s, three times, then kills it, and
+# `serve.start` fails with ActorDiedError: on a loaded machine a proxy's start (imports, uvicorn) takes longer
+# (measured: 3 busy processes on 2 cores). A Ray that `serve` starts gives the proxy these limits instead; a
+# value already in the environment, and a cluster started elsewhere (its own environment), keep theirs.
+PROXY_CHECK_S = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
 
 
 @app.command("serve")
@@ -61,6 +68,8 @@ def serve_command(
     from lorahub_ray.cluster.connect import connect
     from lorahub_ray.cluster.serve_app import app as build_app
 
+    for name, seconds in PROXY_CHECK_S.items():
+        os.environ.setdefault(name, seconds)  # read by Serve's controller, in a Ray this process starts
     started_ray = connect(address, dashboard=True, log_to_driver=True)  # `serve status` asks the dashboard
     ray_serve.start(http_options={"host": host, "port": port})
     ray_serve.run(build_app(args, api_key=api_key), name="lorahub", route_prefix="/")
