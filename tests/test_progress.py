@@ -86,6 +86,38 @@ def test_off_a_terminal_a_long_phase_prints_a_plain_line_a_minute_and_one_when_i
     assert buffer.getvalue() == ""
 
 
+def test_off_a_terminal_a_long_search_prints_its_restarts_a_minute_and_when_it_ends(monkeypatch):
+    buffer, now = io.StringIO(), [1000.0]
+    monkeypatch.setattr(progress, "console", lambda: Console(file=buffer))  # a Ray job's log
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(progress, "_plain_last", [0.0])
+    plans = [types.SimpleNamespace(restart=r, optimizer="NGOpt", seed=r) for r in range(2)]
+    with progress.RestartsDisplay(plans, 40) as display:
+        for step in range(1, 41):
+            now[0] += 4.0  # both restarts step every 4 s: a line every 15 steps
+            display.update(0, step, 2.0 - step / 100)
+            display.update(1, step, 1.9 - step / 200)
+    lines = buffer.getvalue().splitlines()
+    assert lines[0] == ("search: 29/80 evaluations (36%), 0:01:00 elapsed, ~0:01:45 left, best 1.8300 (restart 1); "
+                        "restarts 0: 15/40 1.8500, 1: 14/40 1.8300")  # at restart 0's 15th step
+    assert lines[-1] == ("search: 80/80 evaluations (100%), 0:02:40 elapsed, done, best 1.6000 (restart 0); "
+                         "restarts 0: 40/40 1.6000, 1: 40/40 1.7000")
+    assert len(lines) == 3
+    buffer.truncate(0), buffer.seek(0)
+    with progress.RestartsDisplay(plans[:1], 40) as display:  # one restart (a Tune searcher): no list
+        now[0] += 61.0
+        display.update(0, 10, 1.5)
+    assert buffer.getvalue().splitlines() == ["search: 10/40 evaluations (25%), 0:01:01 elapsed, ~0:03:03 left, best "
+                                              "1.5000", "search: 10/40 evaluations (25%), 0:01:01 elapsed, done, "
+                                              "best 1.5000"]
+    buffer.truncate(0), buffer.seek(0)
+    for enabled, seconds in ((True, 59.0), (False, 600.0)):  # a short search, a silenced one: nothing
+        with progress.RestartsDisplay(plans, 40, enabled=enabled) as display:
+            now[0] += seconds
+            display.update(0, 40, 1.0)
+    assert buffer.getvalue() == ""
+
+
 def test_a_bar_shows_its_phase_count_and_info_and_nested_bars_join_it(terminal):
     with progress.progress_bar("outer phase", 2) as outer:
         outer(info="first half")

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import lorahub_ray as lr
+from lorahub_ray import progress
 from helpers import assert_same_weights
 from lorahub_ray.cluster.ray_search import ResourceError, SearchFailed, SearchInterrupted, lorahub_learning_ray
 from lorahub_ray.core.portfolio import halving_rungs, halving_stops, plan_restarts
@@ -327,9 +328,14 @@ def test_s3_output_keeps_the_experiment_on_s3_and_resumes_from_there(world, ray_
 # --- subsets, schedulers, searchers -------------------------------------------------------------
 
 
-def test_restarts_on_module_subsets_pick_the_best_restart(world, ray_cluster, tmp_path):
+def test_restarts_on_module_subsets_pick_the_best_restart(world, ray_cluster, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL", 0.0)  # a job's log (not a terminal): a line at every report
     result = run(world, tmp_path / "out", ray_cluster=ray_cluster, workers=2, restarts=2, modules_per_restart=2,
-                 budget=6)
+                 budget=6, progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("search: ")]
+    assert len(lines) > 2 and "12/12 evaluations (100%)" in lines[-1] and ", done, " in lines[-1]
+    best_line = f"best {result.recipe.objective:.4f} (restart {result.best.restart}); restarts 0: 6/6 "
+    assert best_line in lines[-1], lines[-1]
     assert [o.plan.seed for o in result.restarts] == [42, 43]
     assert result.recipe.objective == min(o.objective for o in result.restarts)
     assert len(result.recipe.modules) == 2
