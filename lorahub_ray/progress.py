@@ -198,7 +198,7 @@ class RestartsDisplay:
         total = self.budget * max(len(self.plans), len(self.latest))
         done, elapsed = sum(n for n, _ in self.latest.values()), now - self.start
         left = f", ~{_clock(elapsed * (total - done) / done)} left" if 0 < done < total and not end else ""
-        winner = min(self.latest, key=lambda r: self.latest[r][1])
+        winner = min(sorted(self.latest), key=lambda r: self.latest[r][1])  # a tie: the first restart, as the result
         text = (f"search: {done}/{total} evaluations ({100 * done / total:.0f}%), {_clock(elapsed)} elapsed{left}{end}, "
                 f"best {self.latest[winner][1]:.4f}")
         if len(self.plans) > 1:
