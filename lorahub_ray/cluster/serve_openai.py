@@ -11,7 +11,6 @@ and the same load metering for autoscaling. Request and protocol shapes: ``lorah
 
 # no `from __future__ import annotations`: FastAPI resolves the route annotations at runtime
 import logging
-import time
 import uuid
 
 from fastapi import APIRouter
