@@ -3,9 +3,9 @@ line per restart of a search (:class:`RestartsDisplay`).
 
 They are silent when disabled. When standard error is not an interactive terminal (a pipe, a file, CI), rich
 draws a live display only once, when it stops, so a phase that ran for minutes printed nothing until it ended:
-there a bar, or a search's restarts, becomes plain lines instead (:func:`_plain_lines`), one every :data:`PLAIN_INTERVAL` seconds of a
-long phase and one when it ends, none for a phase shorter than that. ``TTY_INTERACTIVE=1`` (rich's own switch)
-forces the bars on, ``TTY_INTERACTIVE=0`` off (to plain lines).
+there a bar, or a search's restarts, becomes plain lines instead (:func:`_plain_lines`), one every
+:data:`PLAIN_INTERVAL` seconds of a long phase and one when it ends, none for a phase shorter than that.
+``TTY_INTERACTIVE=1`` (rich's own switch) forces the bars on, ``TTY_INTERACTIVE=0`` off (to plain lines).
 
 A bar opened while another is live joins the same display as a line below it (rich allows one live display at
 a time) and goes away when its phase ends; the outermost bar stays on screen with its final count and time.
@@ -198,9 +198,9 @@ class RestartsDisplay:
         total = self.budget * max(len(self.plans), len(self.latest))
         done, elapsed = sum(n for n, _ in self.latest.values()), now - self.start
         left = f", ~{_clock(elapsed * (total - done) / done)} left" if 0 < done < total and not end else ""
-        winner = min(sorted(self.latest), key=lambda r: self.latest[r][1])  # a tie: the first restart, as the result
-        text = (f"search: {done}/{total} evaluations ({100 * done / total:.0f}%), {_clock(elapsed)} elapsed{left}{end}, "
-                f"best {self.latest[winner][1]:.4f}")
+        winner = min(sorted(self.latest), key=lambda r: self.latest[r][1])  # a tie: the lower, as the result
+        text = (f"search: {done}/{total} evaluations ({100 * done / total:.0f}%), {_clock(elapsed)} elapsed"
+                f"{left}{end}, best {self.latest[winner][1]:.4f}")
         if len(self.plans) > 1:
             text += f" (restart {winner}); restarts " + ", ".join(
                 f"{r}: {n}/{self.budget} {b:.4f}" for r, (n, b) in sorted(self.latest.items()))

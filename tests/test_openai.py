@@ -419,9 +419,12 @@ def test_serve_gives_the_proxy_time_to_start_on_a_busy_machine(server):
     from lorahub_ray.cli.serve import PROXY_CHECK_S
 
     logs = server["ray_dir"] / "ray" / "session_latest" / "logs"
-    pids = {int(m.group(1)) for p in logs.rglob("controller_*.log") if (m := re.fullmatch(r"controller_(\d+)\.log", p.name))}
-    assert pids, sorted(p.name for p in logs.rglob("*"))
-    environ = dict(item.split(b"=", 1) for item in Path(f"/proc/{max(pids)}/environ").read_bytes().split(b"\0") if b"=" in item)
+    pids = {int(m.group(1)) for p in logs.rglob("controller_*.log")
+            if (m := re.fullmatch(r"controller_(\d+)\.log", p.name))}
+    live = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    assert live, (pids, sorted(p.name for p in logs.rglob("*")))
+    raw = Path(f"/proc/{live[0]}/environ").read_bytes()
+    environ = dict(item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
     for name, seconds in PROXY_CHECK_S.items():
         assert environ.get(name.encode()) == seconds.encode(), name
 
