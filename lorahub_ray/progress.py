@@ -125,27 +125,40 @@ def _plain_lines(description: str, total: float | None) -> Iterator[Advance]:
     state = {"done": 0.0, "info": "", "description": description}
 
     def line(now: float, end: str = "") -> None:
-        done, elapsed = state["done"], now - start
-        count = _amount(done) + (f"/{_amount(total)} ({100 * done / total:.0f}%)" if total else "")
-        left = f", ~{_clock(elapsed * (total - done) / done)} left" if total and 0 < done < total and not end else ""
         info = f": {state['info']}" if state["info"] else ""
-        out = console().file
-        out.write(f"{state['description']}: {count}, {_clock(elapsed)} elapsed{left}{end}{info}\n")
-        out.flush()
-        _plain_last[0] = now
+        _plain_write(f"{state['description']}: {_plain_status(state['done'], total, now - start, end)}{info}", now)
 
     def advance(n: float = 1, *, info: str | None = None, description: str | None = None) -> None:
         state["done"] += n
         state["info"] = info if info is not None else state["info"]
         state["description"] = description or state["description"]
         now = time.monotonic()
-        if now - max(start, _plain_last[0]) >= PLAIN_INTERVAL:
+        if _plain_due(start, now):
             line(now)
 
     yield advance
     now = time.monotonic()
     if now - start >= PLAIN_INTERVAL:
         line(now, end=", done")
+
+
+def _plain_status(done: float, total: float | None, elapsed: float, end: str = "", unit: str = "") -> str:
+    """``12/40 (30%), 0:14:05 elapsed, ~0:32:52 left`` (``unit`` after the count; ``end`` instead of the time left)."""
+    count = _amount(done) + (f"/{_amount(total)}{unit} ({100 * done / total:.0f}%)" if total else unit)
+    left = f", ~{_clock(elapsed * (total - done) / done)} left" if total and 0 < done < total and not end else ""
+    return f"{count}, {_clock(elapsed)} elapsed{left}{end}"
+
+
+def _plain_due(start: float, now: float) -> bool:
+    """Whether a plain line is due: :data:`PLAIN_INTERVAL` since the phase began and since the last line printed."""
+    return now - max(start, _plain_last[0]) >= PLAIN_INTERVAL
+
+
+def _plain_write(text: str, now: float) -> None:
+    out = console().file
+    out.write(text + "\n")
+    out.flush()
+    _plain_last[0] = now
 
 
 class RestartsDisplay:
@@ -179,7 +192,7 @@ class RestartsDisplay:
         if self.plain:
             self.latest[restart] = (evaluations, best)
             now = time.monotonic()
-            if now - max(self.start, _plain_last[0]) >= PLAIN_INTERVAL:
+            if _plain_due(self.start, now):
                 self._line(now)
             return
         if self.bar is None:
@@ -196,15 +209,11 @@ class RestartsDisplay:
 
     def _line(self, now: float, end: str = "") -> None:
         total = self.budget * max(len(self.plans), len(self.latest))
-        done, elapsed = sum(n for n, _ in self.latest.values()), now - self.start
-        left = f", ~{_clock(elapsed * (total - done) / done)} left" if 0 < done < total and not end else ""
+        done = sum(n for n, _ in self.latest.values())
         winner = min(sorted(self.latest), key=lambda r: self.latest[r][1])  # a tie: the lower, as the result
-        text = (f"search: {done}/{total} evaluations ({100 * done / total:.0f}%), {_clock(elapsed)} elapsed"
-                f"{left}{end}, best {self.latest[winner][1]:.4f}")
+        text = (f"search: {_plain_status(done, total, now - self.start, end, unit=' evaluations')}, "
+                f"best {self.latest[winner][1]:.4f}")
         if len(self.plans) > 1:
             text += f" (restart {winner}); restarts " + ", ".join(
                 f"{r}: {n}/{self.budget} {b:.4f}" for r, (n, b) in sorted(self.latest.items()))
-        out = console().file
-        out.write(text + "\n")
-        out.flush()
-        _plain_last[0] = now
+        _plain_write(text, now)
