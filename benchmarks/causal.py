@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
-from common import parts_line, step_runs  # noqa: E402
+from common import parts_line, randomize_lora, step_runs  # noqa: E402
 
 K, RANK, STEPS = 20, 8, 10
 PROMPT = "Read the two sentences and name the colour they mention, in one word. "
@@ -94,10 +94,7 @@ def build(root: Path) -> dict:
         peft = get_peft_model(base, config)
         for i, m in enumerate(modules):
             torch.manual_seed(i)
-            with torch.no_grad():
-                for name, p in peft.named_parameters():
-                    if "lora_" in name:
-                        p.copy_(torch.randn_like(p) * 0.02)
+            randomize_lora(peft)
             peft.save_pretrained(m)
     return {"model": model_dir, "modules": [str(m) for m in modules]}
 

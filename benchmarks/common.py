@@ -40,14 +40,20 @@ def build_world(root: Path, *, k: int = 20, r: int = 16, seed: int = 0) -> dict:
                             init_lora_weights=False)
         peft_model = get_peft_model(model, config)
         for i in range(k):
-            with torch.no_grad():
-                for name, p in peft_model.named_parameters():
-                    if "lora_" in name:
-                        p.copy_(torch.randn_like(p) * 0.02)
+            randomize_lora(peft_model)
             peft_model.save_pretrained(hub / f"module-{i:02d}")
         examples.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
         (root / "done").touch()
     return {"base": base, "modules": sorted(str(p) for p in hub.iterdir()), "examples": examples}
+
+
+def randomize_lora(peft_model, std: float = 0.02) -> None:
+    """Fill every LoRA matrix of ``peft_model`` with N(0, std²) draws from torch's generator: one random module,
+    to be saved with ``save_pretrained``."""
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * std)
 
 
 def timeit(fn, *, repeat: int, warmup: int = 1) -> float:

@@ -37,16 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
-from common import EXAMPLES, parts_line, step_runs  # noqa: E402
+from common import EXAMPLES, FLAN_T5_BASE, parts_line, randomize_lora, step_runs  # noqa: E402
 
 K = 20
-T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12)
-T5_LARGE = dict(vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24,
-                num_heads=16)
+T5_LARGE = {**FLAN_T5_BASE, "d_model": 1024, "d_ff": 2816, "num_layers": 24, "num_decoder_layers": 24, "num_heads": 16}
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True)
 WORLDS = {  # name: (family, shape, rank, targets, bytes an input is cut to)
-    "flan-t5-base": ("t5", T5_BASE, 16, ["q", "v"], 64),
+    "flan-t5-base": ("t5", FLAN_T5_BASE, 16, ["q", "v"], 64),
     "smollm2": ("llama", SMOLLM2, 8, ["q_proj", "v_proj"], 48),
     "flan-t5-large": ("t5", T5_LARGE, 16, ["q", "v"], 64),
 }
@@ -62,8 +60,7 @@ def build(name: str, root: Path, device: str):
     family, shape, rank, targets, _ = WORLDS[name]
     torch.manual_seed(0)
     if family == "t5":
-        model = T5ForConditionalGeneration(T5Config(**shape, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                                                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+        model = T5ForConditionalGeneration(T5Config(**shape))
         task = "SEQ_2_SEQ_LM"
     else:
         model = LlamaForCausalLM(LlamaConfig(**shape, bos_token_id=0, eos_token_id=1, pad_token_id=0))
@@ -73,10 +70,7 @@ def build(name: str, root: Path, device: str):
                                                   init_lora_weights=False))
     folders = []
     for i in range(K):
-        with torch.no_grad():
-            for param_name, p in peft_model.named_parameters():
-                if "lora_" in param_name:
-                    p.copy_(torch.randn_like(p) * 0.02)
+        randomize_lora(peft_model)
         folders.append(str(root / name / f"module-{i:02d}"))
         peft_model.save_pretrained(folders[-1])
     model = peft_model.unload().to(device)  # the base model again, without the LoRA layers
