@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column
 from rich.text import Text
 
-Advance = Callable[..., None]  # advance(n=1, *, info=None, description=None)
+Advance = Callable[..., None]  # advance(n=1, *, info=None, description=None, skip=0)
 
 _live: list[Progress] = []  # the live display that nested bars join (at most one)
 
@@ -71,9 +71,11 @@ def _columns(width: int) -> list:
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: float | None, *, enabled: bool = True) -> Iterator[Advance]:
-    """Yield ``advance(n=1, *, info=None, description=None)``: ``n`` more done (a fraction is fine), ``info``
-    the text after the bar (kept until replaced), ``description`` a new label. ``total=None`` is a phase of
-    unknown length: its bar pulses, with the count alone."""
+    """Yield ``advance(n=1, *, info=None, description=None, skip=0)``: ``n`` more done (a fraction is fine),
+    ``info`` the text after the bar (kept until replaced), ``description`` a new label, ``skip`` units that need
+    no work this time (a resumed run's finished cells): they leave the total, so that the count and the time left
+    are those of the work that runs. ``total=None`` is a phase of unknown length: its bar pulses, with the count
+    alone."""
     if not enabled:
         yield _noop
         return
@@ -89,8 +91,10 @@ def progress_bar(description: str, total: float | None, *, enabled: bool = True)
         bar = Progress(*_columns(out.width), console=out, transient=False)
     task = bar.add_task(description, total=total, info="")
 
-    def advance(n: float = 1, *, info: str | None = None, description: str | None = None) -> None:
+    def advance(n: float = 1, *, info: str | None = None, description: str | None = None, skip: float = 0) -> None:
         fields = {"info": info} if info is not None else {}
+        if skip and total is not None:
+            fields["total"] = next(t.total for t in bar.tasks if t.id == task) - skip
         bar.update(task, advance=n, **fields, **({"description": description} if description else {}))
 
     if nested:
@@ -122,14 +126,16 @@ def _plain_lines(description: str, total: float | None) -> Iterator[Advance]:
     info``) when the phase advances :data:`PLAIN_INTERVAL` seconds or more after the last line, and one when a
     phase that ran that long ends; nothing for a shorter phase."""
     start = time.monotonic()
-    state = {"done": 0.0, "info": "", "description": description}
+    state = {"done": 0.0, "total": total, "info": "", "description": description}
 
     def line(now: float, end: str = "") -> None:
         info = f": {state['info']}" if state["info"] else ""
-        _plain_write(f"{state['description']}: {_plain_status(state['done'], total, now - start, end)}{info}", now)
+        status = _plain_status(state["done"], state["total"], now - start, end)
+        _plain_write(f"{state['description']}: {status}{info}", now)
 
-    def advance(n: float = 1, *, info: str | None = None, description: str | None = None) -> None:
+    def advance(n: float = 1, *, info: str | None = None, description: str | None = None, skip: float = 0) -> None:
         state["done"] += n
+        state["total"] = state["total"] - skip if state["total"] is not None else None
         state["info"] = info if info is not None else state["info"]
         state["description"] = description or state["description"]
         now = time.monotonic()

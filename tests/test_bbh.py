@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lorahub_ray.cli import app
+from lorahub_ray.evaluation import bbh as bbh_module
 from lorahub_ray.evaluation.bbh import BASELINES, METHODS, run_subsets
 
 DATA = Path(__file__).parent / "data" / "bigbench"
@@ -113,8 +115,24 @@ def test_rerun_resumes_and_skips_written_cells(world, table_dir, monkeypatch):
     mean_before = mean.stat().st_mtime_ns
     shutil.rmtree(table_dir / "tiny_reverse" / "lorahub_runs" / "seed_1")
     monkeypatch.delenv("COLUMNS", raising=False)
+    counted = []  # what the table's bar is told: the rerun's work, not the cells read back
+    real_bar = bbh_module.progress_bar
+
+    @contextlib.contextmanager
+    def recording_bar(description, total, **options):
+        with real_bar(description, total, **options) as advance:
+            def record(n=1, *, skip=0, **fields):
+                counted.append((n, skip))
+                advance(n, skip=skip, **fields)
+            yield record
+        counted.append(("total", total))
+
+    monkeypatch.setattr(bbh_module, "progress_bar", recording_bar)
     result = run_bbh(world, table_dir)
     assert result.exit_code == 0, result.output
+    total = counted.pop()[1]
+    assert total == 2 * len(METHODS)
+    assert sum(n for n, _ in counted) == 1 and total - sum(skip for _, skip in counted) == 1  # the icl cell alone
     assert "select_cv_one_se" in result.output and "…" not in result.output  # off a terminal: no column cut
     assert kept.stat().st_mtime_ns == kept_before  # not recomputed
     assert mean.stat().st_mtime_ns == mean_before  # its cells written: the LoraHub runs are not redone

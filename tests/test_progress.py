@@ -77,6 +77,12 @@ def test_off_a_terminal_a_long_phase_prints_a_plain_line_a_minute_and_one_when_i
                                               "~0:04:59 left", "cv: 5 folds × 14 candidates: 12.0/71 (17%), "
                                               "0:01:01 elapsed, done"]
     buffer.truncate(0), buffer.seek(0)
+    with progress.progress_bar("BBH table", 40) as advance:  # a resumed run: 30 cells written before
+        advance(0, skip=30)
+        now[0] += 61.0
+        advance(2)
+    assert buffer.getvalue().splitlines()[0] == "BBH table: 2/10 (20%), 0:01:01 elapsed, ~0:04:04 left"
+    buffer.truncate(0), buffer.seek(0)
     with progress.progress_bar("short phase", 3) as advance:  # under a minute: nothing
         now[0] += 59.0
         advance(3)
@@ -136,6 +142,13 @@ def test_a_bar_shows_its_phase_count_and_info_and_nested_bars_join_it(terminal):
     with progress.progress_bar("loading", None) as advance:
         advance(3, info="the third")
     assert terminal().rstrip().splitlines()[-1].split()[-5:] == ["━" * 20, "3", "0:00:00", "the", "third"]
+
+
+def test_skipped_units_leave_a_bars_total(terminal):
+    with progress.progress_bar("BBH table", 40) as advance:
+        advance(0, skip=30, info="resumed")
+        advance(2, info="computed")
+    assert re.search(r"BBH table\s.*\s2/10\s.*computed", terminal())
 
 
 @pytest.mark.parametrize("width", [80, 100, 160])

@@ -174,14 +174,21 @@ class TaskCells:
             shutil.rmtree(saved, ignore_errors=True)
 
     def task(self, name: str, fewshot: Examples, test: str, advance) -> dict:
+        """The task's cells, each read from ``output/name`` when a run wrote it before, else computed and
+        written; ``advance`` counts a computed cell as done and a read one as skipped (see ``progress_bar``)."""
         where = self.output / name
         cells: dict[str, dict] = baselines(test)
+
+        def done(method: str, read: bool) -> None:
+            advance(0 if read else 1, skip=1 if read else 0, info=f"{name} {method}")
+
         for method, transform in (("zero_shot", None), ("icl", InContextPrompt.from_examples(fewshot))):
-            cells[method] = _read_cell(where / method) or self._timed(
-                where / method, lambda: self._eval_base(test, transform))
-            advance(info=f"{name} {method}")
+            cell = _read_cell(where / method)
+            cells[method] = cell or self._timed(where / method, lambda: self._eval_base(test, transform))
+            done(method, cell is not None)
         mean, best = _read_cell(where / "lorahub_mean"), _read_cell(where / "lorahub_best")
-        if mean is None or best is None:  # the runs themselves are cells too, each written once
+        read = mean is not None and best is not None
+        if not read:  # the runs themselves are cells too, each written once
             runs = []
             for seed in range(len(self.subsets)):
                 runs.append(self._run(name, fewshot, test, seed))
@@ -190,17 +197,19 @@ class TaskCells:
             top = max(range(len(runs)), key=lambda s: (runs[s]["accuracy"], -s))
             best = best or self._copy_run(where, top, runs[top])
         cells["lorahub_mean"] = mean
-        advance(info=f"{name} lorahub_mean")
+        done("lorahub_mean", read)
         cells["lorahub_best"] = best
-        advance(info=f"{name} lorahub_best")
-        cells["best_single"] = _read_cell(where / "best_single") or self._best_single(where, fewshot, test)
-        advance(info=f"{name} best_single")
+        done("lorahub_best", read)
+        cell = _read_cell(where / "best_single")
+        cells["best_single"] = cell or self._best_single(where, fewshot, test)
+        done("best_single", cell is not None)
         select = {method: _read_cell(where / method) for method, _ in SELECT_CELLS}  # checked up front
-        if any(cell is None for cell in select.values()):
+        read = all(cell is not None for cell in select.values())
+        if not read:
             select = self._select_cv(where, fewshot, test, select)
         for method in (m for m in METHODS if m in select):  # in the table's order
             cells[method] = select[method]
-            advance(info=f"{name} {method}")
+            done(method, read)
         return cells
 
     def _timed(self, folder: Path, fn) -> dict:
