@@ -170,6 +170,19 @@ def test_composed_tensors_equal_reference_formula(world):
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_modules_loaded_on_the_cpu_compose_into_a_model_on_another_device(world):
+    # a GPU's case (modules load on the CPU, the model sits on "cuda"), with the meta device standing in for the
+    # GPU: the stack is built on the model's device, and the modules' tensors stay where they were loaded
+    base, _, _ = load_base_model(str(world["base"]))
+    modules = lr.load_modules([str(world["hub"])])
+    composer = LoraComposer(base.to("meta"), modules)
+    assert composer.stacked.device.type == "meta" and composer.buffer.device.type == "meta"
+    assert all(t.device.type == "cpu" for m in modules for t in m.state_dict.values())
+    composer.compose([0.3, -1.2, 0.7, 1.5])
+    lora = [p for name, p in composer.peft_model.named_parameters() if "lora_" in name]
+    assert lora and all(p.device.type == "meta" for p in lora)
+
+
 def test_lean_lora_forward_equals_peft_forward(world):
     from peft.tuners.lora.layer import Linear
 

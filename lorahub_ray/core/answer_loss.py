@@ -40,7 +40,8 @@ def answer_losses(composer: LoraComposer, tokenizer, inputs: Sequence[str], outp
             parts = [token_losses(composer.model, batch, count) for batch in batches]
         nll.append(torch.cat([p[0] for p in parts], dim=1))
         tokens.append(torch.cat([p[1] for p in parts], dim=1))
-    nll, tokens = torch.cat(nll), torch.cat(tokens)  # [candidates, rows]: each row's summed token cross-entropy
+    # [candidates, rows]: each row's summed token cross-entropy, on the CPU (the sums below are small)
+    nll, tokens = torch.cat(nll).cpu(), torch.cat(tokens).cpu()
     loss = torch.zeros(len(candidates), dtype=torch.float64)
     ce, masses = torch.zeros_like(loss), []
     for k, answers in enumerate(answer_sets):

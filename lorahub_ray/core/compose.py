@@ -262,13 +262,15 @@ class LoraComposer:
         total = sum(sizes)
         self.stacked = torch.empty(len(self.modules), total, dtype=self.dtype, device=self.device)
         for i, module in enumerate(self.modules):
-            torch.cat([module.state_dict[k].reshape(-1).to(self.dtype) for k in keys], out=self.stacked[i])
-            if module.state_dict[keys[0]].dtype == self.dtype and module.state_dict[keys[0]].device == self.device:
-                # the module's tensors become views of its row: same values, stored once
-                offset = 0
-                for key, size in zip(keys, sizes):
-                    module.state_dict[key] = self.stacked[i, offset : offset + size].view(module.state_dict[key].shape)
-                    offset += size
+            # copy_ converts the dtype and crosses devices (modules load on the CPU; the model may be on a GPU)
+            shared = module.state_dict[keys[0]].dtype == self.dtype and module.state_dict[keys[0]].device == self.device
+            offset = 0
+            for key, size in zip(keys, sizes):
+                row = self.stacked[i, offset : offset + size]
+                row.copy_(module.state_dict[key].reshape(-1))
+                if shared:  # the module's tensors become views of its row: same values, stored once
+                    module.state_dict[key] = row.view(module.state_dict[key].shape)
+                offset += size
         self.buffer = torch.zeros(total, dtype=self.dtype, device=self.device)
         self.offsets, offset = {}, 0
         for key, size in zip(keys, sizes):
