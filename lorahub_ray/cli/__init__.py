@@ -10,6 +10,8 @@ from lorahub_ray.cli import hub  # noqa: F401  (the hub command group)
 from lorahub_ray.cli import train  # noqa: F401
 from lorahub_ray.cli import jobs  # noqa: F401  (submit)
 from lorahub_ray.cli import bbh  # noqa: F401  (the BBH table)
-from lorahub_ray.cli.app import app
+from lorahub_ray.cli.app import app, one_line_summaries
+
+one_line_summaries(app)
 
 __all__ = ["app"]

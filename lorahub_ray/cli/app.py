@@ -5,6 +5,7 @@ of this package and registers itself on :data:`app`."""
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import warnings
 from typing import Annotated, Optional
@@ -24,6 +25,19 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
+
+
+def one_line_summaries(group: typer.Typer) -> None:
+    """In ``--help``'s lists of commands, each command's summary is its help's first paragraph as one line of
+    prose, wrapped to the terminal, as the command's own ``--help`` prints it (typer keeps the docstring's line
+    breaks in the lists: a summary broke off mid-sentence). Applies to the groups below too; an explicit
+    ``short_help`` is kept."""
+    for info in group.registered_commands:
+        doc = info.help or (info.callback.__doc__ if info.callback else None)
+        if info.short_help is None and doc:
+            info.short_help = " ".join(inspect.cleandoc(doc).partition("\f")[0].split("\n\n")[0].split())
+    for sub in group.registered_groups:
+        one_line_summaries(sub.typer_instance)
 WIDE = 240  # columns of a result table written to a file or a pipe
 
 
