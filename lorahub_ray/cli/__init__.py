@@ -10,8 +10,8 @@ from lorahub_ray.cli import hub  # noqa: F401  (the hub command group)
 from lorahub_ray.cli import train  # noqa: F401
 from lorahub_ray.cli import jobs  # noqa: F401  (submit)
 from lorahub_ray.cli import bbh  # noqa: F401  (the BBH table)
-from lorahub_ray.cli.app import app, one_line_summaries
+from lorahub_ray.cli.app import app, reflow_help
 
-one_line_summaries(app)
+reflow_help(app)
 
 __all__ = ["app"]

@@ -27,17 +27,24 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
-def one_line_summaries(group: typer.Typer) -> None:
-    """In ``--help``'s lists of commands, each command's summary is its help's first paragraph as one line of
-    prose, wrapped to the terminal, as the command's own ``--help`` prints it (typer keeps the docstring's line
-    breaks in the lists: a summary broke off mid-sentence). Applies to the groups below too; an explicit
-    ``short_help`` is kept."""
+def reflow_help(group: typer.Typer) -> None:
+    """Each command's help as ``--help`` prints it: prose paragraphs as one line each, which rich wraps to the
+    terminal, and example paragraphs (command lines) as written; in the lists of commands, the first paragraph.
+    Typer keeps a docstring's line breaks in rich mode, so prose broke off mid-sentence where the source did.
+    Applies to the groups below too; an explicit ``help`` or ``short_help`` is kept."""
     for info in group.registered_commands:
-        doc = info.help or (info.callback.__doc__ if info.callback else None)
-        if info.short_help is None and doc:
-            info.short_help = " ".join(inspect.cleandoc(doc).partition("\f")[0].split("\n\n")[0].split())
+        doc = info.callback.__doc__ if info.callback else None
+        if info.help is None and doc:
+            paragraphs = inspect.cleandoc(doc).split("\n\n")
+            info.help = "\n\n".join(p if _is_example(p) else " ".join(p.split()) for p in paragraphs)
+        if info.short_help is None and info.help:
+            info.short_help = " ".join(info.help.split("\n\n")[0].split())
     for sub in group.registered_groups:
-        one_line_summaries(sub.typer_instance)
+        reflow_help(sub.typer_instance)
+
+
+def _is_example(paragraph: str) -> bool:
+    return any(line.startswith(("lorahub-ray ", "LORAHUB_RAY_", " ")) for line in paragraph.splitlines())
 WIDE = 240  # columns of a result table written to a file or a pipe
 
 

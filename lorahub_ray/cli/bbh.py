@@ -42,8 +42,10 @@ def bbh(
 
     Example:
 
-        lorahub-ray bbh --model google/flan-t5-large --hub hub/ --output runs/bbh --tasks date_understanding,navigate
-        lorahub-ray bbh --model SmolLM2-135M-Instruct.Q4_1.gguf --hub hubs/smollm2 --template chat --tasks transfer
+        lorahub-ray bbh --model google/flan-t5-large --hub hub/ --output runs/bbh \\
+            --tasks date_understanding,navigate
+        lorahub-ray bbh --model SmolLM2-135M-Instruct.Q4_1.gguf --hub hubs/smollm2 \\
+            --template chat --tasks transfer
     """
     quiet_libraries()
     from lorahub_ray.api import bbh_table  # torch and transformers load with the command, not with the CLI

@@ -43,9 +43,11 @@ def evaluate(
 
     Examples:
 
-        lorahub-ray evaluate --model runs/task --data test.jsonl --output runs/task/eval
+        lorahub-ray evaluate --model runs/task --data test.jsonl \\
+            --output runs/task/eval
 
-        lorahub-ray evaluate --model runs/task --data s3://bucket/bbh/ --workers 4 --gpus-per-worker 0.5 -o eval
+        lorahub-ray evaluate --model runs/task --data s3://bucket/bbh/ \\
+            --workers 4 --gpus-per-worker 0.5 -o eval
     """
     quiet_libraries()
     from lorahub_ray.api import evaluate_data
@@ -98,7 +100,8 @@ def compare(
 
     Example:
 
-        lorahub-ray compare --model google/flan-t5-large --recipe runs/task --examples fewshot.jsonl --data test.jsonl -o runs/task/compare
+        lorahub-ray compare --model google/flan-t5-large --recipe runs/task \\
+            --examples fewshot.jsonl --data test.jsonl -o runs/task/compare
     """
     quiet_libraries()
     from lorahub_ray.api import compare as run_compare

@@ -112,7 +112,8 @@ def hub_build(
 
     Example:
 
-        lorahub-ray hub build -m SmolLM2-135M-Instruct.Q4_1.gguf -o hubs/smollm2 --template chat
+        lorahub-ray hub build -m SmolLM2-135M-Instruct.Q4_1.gguf -o hubs/smollm2 \\
+            --template chat
     """
     from rich.table import Table
 

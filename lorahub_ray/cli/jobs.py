@@ -35,8 +35,11 @@ def submit(
 
     Example:
 
-        lorahub-ray submit --address http://head:8265 --working-dir . --env AWS_ENDPOINT_URL --wait \\
-            -- search --model s3://models/flan-t5-large --hub s3://hub/catalogue.parquet --examples s3://data/fewshot.jsonl --output s3://runs/task
+        lorahub-ray submit --address http://head:8265 --working-dir . \\
+            --env AWS_ENDPOINT_URL --wait -- \\
+            search --model s3://models/flan-t5-large \\
+            --hub s3://hub/catalogue.parquet --examples s3://data/fewshot.jsonl \\
+            --output s3://runs/task
     """
     import sys
 

@@ -64,11 +64,13 @@ def search(
 
     Example:
 
-        lorahub-ray search --model google/flan-t5-large --modules hub/ --examples fewshot.jsonl --output runs/task
+        lorahub-ray search --model google/flan-t5-large --modules hub/ \\
+            --examples fewshot.jsonl --output runs/task
 
     On Ray (a local one, or a cluster with --address), a portfolio of 5 restarts over 2 model-holding actors:
 
-        lorahub-ray search -m google/flan-t5-large --modules hub/ -e fewshot.jsonl -o runs/task --workers 2 --restarts 5
+        lorahub-ray search -m google/flan-t5-large --modules hub/ \\
+            -e fewshot.jsonl -o runs/task --workers 2 --restarts 5
     """
     quiet_libraries()
     from lorahub_ray.api import lorahub_learning

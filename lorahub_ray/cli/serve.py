@@ -39,7 +39,8 @@ def serve_command(
 
     Example:
 
-        LORAHUB_RAY_API_KEY=secret lorahub-ray serve --recipe runs/task --recipe other=runs/task2 --port 8000
+        LORAHUB_RAY_API_KEY=secret lorahub-ray serve --recipe runs/task \\
+            --recipe other=runs/task2 --port 8000
     """
     from lorahub_ray.cluster.serve_app import parse_args
     from lorahub_ray.serving.auth import AuthConfigError, key_digest

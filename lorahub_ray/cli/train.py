@@ -34,7 +34,8 @@ def train(
 
     Example:
 
-        lorahub-ray train -m SmolLM2-135M-Instruct.Q4_1.gguf -d task.jsonl -o hub/task --steps 150 --hub hub.parquet
+        lorahub-ray train -m SmolLM2-135M-Instruct.Q4_1.gguf -d task.jsonl \\
+            -o hub/task --steps 150 --hub hub.parquet
     """
     quiet_libraries()
     from lorahub_ray.core.train import train_module
