@@ -25,6 +25,15 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
+WIDE = 240  # columns of a result table written to a file or a pipe
+
+
+def results_console() -> Console:
+    """Standard output for a command's result table: the terminal's width on a terminal, and off one (a file, a
+    pipe, a job's log) wide enough that no column is cut to an ellipsis, as rich's default of 80 would (``COLUMNS``
+    still decides when set)."""
+    out = Console()
+    return out if out.is_terminal or "COLUMNS" in os.environ else Console(width=WIDE)
 
 
 def reflow_help(group: typer.Typer) -> None:
@@ -45,15 +54,6 @@ def reflow_help(group: typer.Typer) -> None:
 
 def _is_example(paragraph: str) -> bool:
     return any(line.startswith(("lorahub-ray ", "LORAHUB_RAY_", " ")) for line in paragraph.splitlines())
-WIDE = 240  # columns of a result table written to a file or a pipe
-
-
-def results_console() -> Console:
-    """Standard output for a command's result table: the terminal's width on a terminal, and off one (a file, a
-    pipe, a job's log) wide enough that no column is cut to an ellipsis, as rich's default of 80 would (``COLUMNS``
-    still decides when set)."""
-    out = Console()
-    return out if out.is_terminal or "COLUMNS" in os.environ else Console(width=WIDE)
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
