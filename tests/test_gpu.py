@@ -9,6 +9,7 @@ nevergrad, and nevergrad's NGOpt needs numpy < 2.4 (pyproject.toml)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import torch
 import lorahub_ray as lr
 from helpers import EXAMPLES, make_llama_base, make_llama_module, write_jsonl
 from lorahub_ray.core.compose import LoraComposer
-from lorahub_ray.core.model import load_base_model
+from lorahub_ray.core.model import build_model, load_base_model
 from lorahub_ray.core.objective import FewShotObjective
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -92,11 +93,13 @@ def test_a_search_on_the_gpu_writes_a_recipe_adapter_and_merged_model_that_the_c
     recipe = json.loads((out / "recipe.json").read_text())
     on_cpu, _ = _objective(world["base"], [m["uri"] for m in recipe["modules"]], "cpu")
     assert on_cpu(recipe["weights"]) == pytest.approx(recipe["objective"], rel=RTOL)
-    predictions = {}
-    for device, where in (("cuda", out / "model"), ("cpu", out)):  # the merged model; the adapter on the base
-        model, tok = lr.load_model(where, device=device)
-        predictions[device] = generate(model, tok, INPUTS, max_new_tokens=6)
-    assert predictions["cuda"] == predictions["cpu"]
+    adapter_only = tmp_path / "adapter-only"  # the run without model/: its adapter/ goes onto the base at load
+    shutil.copytree(out, adapter_only, ignore=shutil.ignore_patterns("model"))
+    predictions = [generate(*loaded, INPUTS, max_new_tokens=6) for loaded in (
+        lr.load_model(out / "model", device="cuda"),  # the merged model, written from the GPU
+        lr.load_model(adapter_only, device="cuda"),  # the adapter, merged into the base on the GPU
+        build_model(out / "recipe.json", device="cpu"))]  # the recipe's modules composed again, on the CPU
+    assert predictions[0] == predictions[1] == predictions[2]
 
 
 @pytest.mark.parametrize("family", ["seq2seq", "causal"])
