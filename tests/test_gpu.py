@@ -1,7 +1,7 @@
 """On a GPU (skipped without one): every path a run takes there gives what it gives on the CPU. As in every run,
 the modules load on the CPU and the model sits on the GPU: compose, the objective on each layer path, shared passes,
-the answer-set losses, a whole search (with its written adapter and merged model), generation, training a module and
-serving a recipe composed.
+the answer-set losses, a whole search (with its written adapter and merged model), generation, option likelihoods,
+training a module and serving a recipe composed.
 
 No GPU in CI; on a lent one (docs/testing.md): ``python3 -m pytest -q tests/test_gpu.py``. The search needs
 nevergrad, and nevergrad's NGOpt needs numpy < 2.4 (pyproject.toml)."""
@@ -112,6 +112,20 @@ def test_generation_on_the_gpu_equals_the_cpu(world, llama, family):
         model, tok, _ = load_base_model(str(base), device=device)
         outputs[device] = generate(model, tok, INPUTS, batch_size=2, max_new_tokens=6)
     assert outputs["cuda"] == outputs["cpu"]
+
+
+@pytest.mark.parametrize("family", ["seq2seq", "causal"])
+def test_option_likelihoods_on_the_gpu_equal_the_cpu(world, llama, family):
+    from lorahub_ray.evaluation.options import option_log_likelihoods
+
+    base = world["base"] if family == "seq2seq" else llama["base"]
+    prompts = [f"{x}\nOptions:\n(A) {y}\n(B) {y}s\n(C) no" for x, y in zip(INPUTS, OUTPUTS)]
+    scores = {}
+    for device in ("cpu", "cuda"):
+        model, tok, _ = load_base_model(str(base), device=device)
+        scores[device] = option_log_likelihoods(model, tok, prompts, batch_size=4)
+    for cpu, gpu in zip(scores["cpu"], scores["cuda"]):
+        assert gpu == pytest.approx(cpu, rel=RTOL)
 
 
 def test_training_a_module_on_the_gpu(llama, tmp_path):
