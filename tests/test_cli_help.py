@@ -1,4 +1,5 @@
-"""``lorahub-ray --help``: the lists of commands give each command's summary as prose wrapped to the terminal."""
+"""``lorahub-ray --help``: the lists of commands give each command's summary as prose wrapped to the terminal, and
+each command's page prints its example command lines whole at 80 columns."""
 
 import inspect
 
